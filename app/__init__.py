@@ -1,0 +1,1 @@
+"""The Run data layer: models, schemas, database setup, repositories and errors."""

@@ -1,0 +1,161 @@
+"""Database setup: engines for SQLite and PostgreSQL, and the request session.
+
+Configuration (environment):
+
+* ``DATABASE_URL``: where the data lives. Default ``sqlite:///./runs.db``.
+  ``postgres://`` and ``postgresql://`` URLs as managed hosts hand them out are
+  accepted and use psycopg 3.
+* ``DB_POOL_SIZE`` (default 5), ``DB_MAX_OVERFLOW`` (default 5),
+  ``DB_POOL_TIMEOUT`` seconds (default 30): PostgreSQL connection pool. Small
+  managed plans allow about 20 connections for *all* app instances together.
+* ``SQLITE_BUSY_TIMEOUT_MS`` (default 5000): how long a SQLite writer waits for
+  the write lock before it fails with "database is locked".
+
+SQLite transactions. Python's ``sqlite3`` module (3.11) neither emits BEGIN
+before DDL nor takes the write lock when a write transaction starts: it begins
+a deferred transaction at the first DML statement, and a reader that later
+writes can fail with "database is locked" without waiting. Following
+SQLAlchemy's documented recipe, the driver's own transaction handling is
+switched off and SQLAlchemy's ``begin`` emits ``BEGIN IMMEDIATE``: DDL is
+transactional and every transaction holds the write lock from its first
+statement, so writers queue on the busy timeout instead of failing. A
+read-only connection may ask for a deferred transaction with the execution
+option ``sqlite_begin="DEFERRED"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlmodel import Session as DbSession
+from sqlmodel import create_engine
+
+DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
+SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def resolve_database_url(url: str | URL | None = None) -> URL:
+    """The URL to use: the argument, else ``DATABASE_URL``, else the embedded SQLite file.
+
+    Plain ``postgres://`` / ``postgresql://`` URLs are given the psycopg 3 driver.
+    """
+    raw = url if url is not None else os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+    parsed = make_url(raw)
+    if parsed.drivername in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"unsupported database {parsed.get_backend_name()!r} in "
+            f"{parsed.render_as_string(hide_password=True)}: expected sqlite or postgresql"
+        )
+    return parsed
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    busy_timeout_ms = _env_int("SQLITE_BUSY_TIMEOUT_MS", 5000)
+    in_memory = engine.url.database in (None, "", ":memory:")
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy (see module docstring).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                # WAL + NORMAL: durable against application crashes; a power
+                # loss may drop the last transactions but never corrupts.
+                cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = str(connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")).upper()
+        if mode not in SQLITE_BEGIN_MODES:
+            raise ValueError(
+                f"sqlite_begin must be one of {sorted(SQLITE_BEGIN_MODES)}, got {mode!r}"
+            )
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Naive timestamps in raw SQL and legacy columns mean UTC, whatever the
+        # server's TimeZone setting.
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
+
+
+def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
+    """An engine for ``url`` (see ``resolve_database_url``), configured for this layer.
+
+    Extra keyword arguments go to ``sqlalchemy.create_engine`` and win over
+    the defaults chosen here.
+    """
+    resolved = resolve_database_url(url)
+    options: dict[str, Any] = {}
+    if resolved.get_backend_name() == "postgresql":
+        options["pool_pre_ping"] = True
+        if "poolclass" not in engine_kwargs:  # sizes apply to the default queue pool only
+            options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
+            options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)
+            options["pool_timeout"] = _env_int("DB_POOL_TIMEOUT", 30)
+    options.update(engine_kwargs)
+    engine = create_engine(resolved, **options)
+    if resolved.get_backend_name() == "sqlite":
+        _configure_sqlite(engine)
+    else:
+        _configure_postgresql(engine)
+    return engine
+
+
+@cache
+def get_engine() -> Engine:
+    """The process-wide engine for ``DATABASE_URL``, created on first use."""
+    return create_db_engine()
+
+
+def get_session() -> Iterator[DbSession]:
+    """FastAPI dependency: one ``sqlmodel.Session`` per request.
+
+    Commits when the request handler returns, rolls back when it raises.
+    Objects stay readable after the commit (``expire_on_commit=False``), so a
+    handler may return a model it loaded.
+    """
+    with DbSession(get_engine(), expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+__all__ = [
+    "DEFAULT_DATABASE_URL",
+    "DbSession",
+    "create_db_engine",
+    "get_engine",
+    "get_session",
+    "resolve_database_url",
+]

@@ -1,0 +1,114 @@
+"""Domain errors of the Run data layer.
+
+Each error names what was wrong and what was expected, and carries the HTTP
+status the Run API answers with (``status_code``) and a stable machine code
+(``code``). ``app.api.errors.install_error_handlers`` maps them for FastAPI.
+
+    DataLayerError (500)
+    ├── NotFoundError (404): RunNotFoundError, SessionNotFoundError
+    ├── ConflictError (409): InvalidTransitionError, ActiveRunExistsError
+    ├── BadParameterError (400): a parameter out of range, a bad resume payload
+    └── ValidationFailedError (422): a body that does not validate
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+
+class DataLayerError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message}
+
+
+class NotFoundError(DataLayerError):
+    status_code = 404
+    code = "not_found"
+
+
+class RunNotFoundError(NotFoundError):
+    code = "run_not_found"
+
+    def __init__(self, run_id: str, *, session_id: str | None = None) -> None:
+        where = f" in session {session_id}" if session_id is not None else ""
+        super().__init__(f"run {run_id!r} not found{where}")
+        self.run_id = run_id
+        self.session_id = session_id
+
+
+class SessionNotFoundError(NotFoundError):
+    code = "session_not_found"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} not found")
+        self.session_id = session_id
+
+
+class ConflictError(DataLayerError):
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidTransitionError(ConflictError):
+    code = "invalid_transition"
+
+    def __init__(
+        self, run_id: str, current: str, target: str, allowed_from: Iterable[str] = ()
+    ) -> None:
+        allowed = sorted(str(status) for status in allowed_from)
+        expected = f" (allowed from: {', '.join(allowed)})" if allowed else ""
+        super().__init__(f"run {run_id} is {current}; cannot move to {target}{expected}")
+        self.run_id = run_id
+        self.current = str(current)
+        self.target = str(target)
+        self.allowed_from = tuple(allowed)
+
+
+class ActiveRunExistsError(ConflictError):
+    code = "active_run_exists"
+
+    def __init__(self, session_id: str, run_id: str, active_run_id: str | None = None) -> None:
+        other = f" (run {active_run_id})" if active_run_id else ""
+        super().__init__(
+            f"session {session_id} already has a running run{other}; "
+            f"run {run_id} cannot run until it stops"
+        )
+        self.session_id = session_id
+        self.run_id = run_id
+        self.active_run_id = active_run_id
+
+
+class BadParameterError(DataLayerError):
+    status_code = 400
+    code = "bad_parameter"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name}: {problem}")
+        self.name = name
+        self.problem = problem
+
+
+class ValidationFailedError(DataLayerError):
+    status_code = 422
+    code = "validation_failed"
+
+
+__all__ = [
+    "ActiveRunExistsError",
+    "BadParameterError",
+    "ConflictError",
+    "DataLayerError",
+    "InvalidTransitionError",
+    "NotFoundError",
+    "RunNotFoundError",
+    "SessionNotFoundError",
+    "ValidationFailedError",
+]

@@ -1,0 +1,236 @@
+"""Tables and shared field sets of the Run data layer.
+
+One set of SQLModel declarations serves the tables and the API schemas
+(``app.schemas``): ``RunOptions`` and ``RunState`` are plain field sets that
+both a table model and a schema inherit. Every constraint and index the
+migrations build is declared here too; ``tests/test_schema_drift.py`` proves
+the two agree.
+
+Conventions (see ``app.types``): timestamps are aware UTC; ``RunStatus`` and
+``TriggerSource`` are stored by value in ``VARCHAR(20)`` behind CHECK
+constraints; JSON columns are JSONB on PostgreSQL.
+
+``session_events.source`` keeps the v0.7 definition: ``VARCHAR(7)`` on SQLite
+and the native PostgreSQL enum ``session_event_source``, so that databases
+created by older versions and new ones are the same.
+"""
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import CheckConstraint, Enum, Index, Text, text
+from sqlmodel import Field, Relationship, SQLModel
+
+from app.types import MutableJSONDict, StrEnumType, UTCDateTime, check_in, enum_values, utc_now
+
+
+class RunStatus(StrEnum):
+    """Stored status of a run; the transitions live in ``app.state_machine``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    WAITING_INPUT = "waiting_input"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TriggerSource(StrEnum):
+    CHAT = "chat"
+    RESUME = "resume"
+    RETRY = "retry"
+    SYSTEM = "system"
+
+
+class EventSource(StrEnum):
+    SESSION = "session"
+    PLAN = "plan"
+    TASK = "task"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+# --------------------------------------------------------------------------
+# sessions
+
+
+class Session(SQLModel, table=True):
+    """A chat session (v0.7 table; this layer uses only these columns).
+
+    Databases adopted from v0.7 carry more nullable metadata columns; they are
+    left as they are. Not to be confused with ``sqlmodel.Session``.
+    """
+
+    __tablename__ = "sessions"
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    title: str
+    created_at: datetime | None = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    updated_at: datetime | None = Field(
+        default_factory=utc_now, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utc_now}
+    )
+    current_version: int | None = None
+
+    runs: list["SessionRun"] = Relationship(
+        back_populates="session", cascade_delete=True, passive_deletes=True
+    )
+    events: list["SessionEvent"] = Relationship(
+        back_populates="session", cascade_delete=True, passive_deletes=True
+    )
+
+
+# --------------------------------------------------------------------------
+# session_runs
+
+
+class RunOptions(SQLModel):
+    """Options given when a run is created; a worker that starts the run later needs them.
+
+    Stored together in the ``session_runs.options`` JSON column (an extension
+    of the phase document's table).
+    """
+
+    generate_now: bool = False
+    style_reference: dict[str, Any] | None = None
+    target_pages: list[str] = Field(default_factory=list)
+
+
+class RunState(SQLModel):
+    """The stored fields of a run that the Run API returns as they are."""
+
+    session_id: str = Field(foreign_key="sessions.id", ondelete="CASCADE")
+    status: RunStatus = Field(
+        default=RunStatus.QUEUED,
+        sa_type=StrEnumType(RunStatus),
+        sa_column_kwargs={"server_default": RunStatus.QUEUED.value},
+    )
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    latest_error: dict[str, Any] | None = Field(default=None, sa_type=MutableJSONDict)
+    metrics: dict[str, Any] | None = Field(default=None, sa_type=MutableJSONDict)
+    checkpoint_thread: str | None = None
+    checkpoint_ns: str | None = None
+    waiting_reason: str | None = Field(default=None, sa_type=Text)
+
+
+class SessionRun(RunState, table=True):
+    """One execution of the agent inside a session (table ``session_runs``).
+
+    Build rows through ``RunRepository.create``: a ``table=True`` model does
+    not validate its constructor arguments.
+    """
+
+    __tablename__ = "session_runs"
+    __table_args__ = (
+        CheckConstraint(check_in("status", RunStatus), name="ck_session_runs_status"),
+        CheckConstraint(
+            check_in("trigger_source", TriggerSource), name="ck_session_runs_trigger_source"
+        ),
+        Index("idx_session_runs_session_created", "session_id", "created_at"),
+        Index("idx_session_runs_status", "status"),
+        Index("idx_session_runs_parent", "parent_run_id"),
+        # At most one running run per session (extension).
+        Index(
+            "uq_session_runs_one_running",
+            "session_id",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True)
+    parent_run_id: str | None = Field(
+        default=None, foreign_key="session_runs.id", ondelete="SET NULL"
+    )
+    trigger_source: TriggerSource = Field(
+        default=TriggerSource.CHAT, sa_type=StrEnumType(TriggerSource)
+    )
+    input_message: str | None = Field(default=None, sa_type=Text)
+    resume_payload: dict[str, Any] | None = Field(default=None, sa_type=MutableJSONDict)
+    options: dict[str, Any] | None = Field(default=None, sa_type=MutableJSONDict)
+    created_at: datetime = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    updated_at: datetime = Field(
+        default_factory=utc_now, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utc_now}
+    )
+
+    session: Session = Relationship(back_populates="runs")
+
+
+# --------------------------------------------------------------------------
+# session_events
+
+
+class SessionEvent(SQLModel, table=True):
+    """An entry of a session's event log (v0.7 table plus ``run_id`` and ``event_id``).
+
+    ``seq`` is per session and increasing; write through ``EventRepository.append``,
+    which allocates it. Events written before v0.8 have ``run_id = NULL``.
+    """
+
+    __tablename__ = "session_events"
+    __table_args__ = (
+        Index("idx_session_event_seq", "session_id", "seq"),
+        Index("idx_session_event_run_seq", "session_id", "run_id", "seq"),
+        # Extensions. The first is created only where legacy rows allow it.
+        Index("uq_session_events_session_seq", "session_id", "seq", unique=True),
+        Index(
+            "uq_session_events_session_event_id",
+            "session_id",
+            "event_id",
+            unique=True,
+            sqlite_where=text("event_id IS NOT NULL"),
+            postgresql_where=text("event_id IS NOT NULL"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(foreign_key="sessions.id", ondelete="CASCADE")
+    seq: int
+    type: str = Field(max_length=100)
+    payload: dict[str, Any] | None = Field(default=None, sa_type=MutableJSONDict)
+    source: EventSource = Field(
+        default=EventSource.SESSION,
+        sa_type=Enum(
+            EventSource,
+            name="session_event_source",
+            values_callable=enum_values,
+            length=7,
+            validate_strings=True,
+        ),
+    )
+    created_at: datetime | None = Field(default_factory=utc_now, sa_type=UTCDateTime)
+    run_id: str | None = Field(default=None, foreign_key="session_runs.id", ondelete="CASCADE")
+    event_id: str | None = None
+
+    session: Session = Relationship(back_populates="events")
+
+
+class SessionEventSequence(SQLModel, table=True):
+    """The next ``seq`` to hand out per session (v0.7 table, kept true by new writers)."""
+
+    __tablename__ = "session_event_sequences"
+
+    session_id: str = Field(primary_key=True, foreign_key="sessions.id", ondelete="CASCADE")
+    next_seq: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    updated_at: datetime | None = Field(
+        default_factory=utc_now, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utc_now}
+    )
+
+
+__all__ = [
+    "EventSource",
+    "RunOptions",
+    "RunState",
+    "RunStatus",
+    "Session",
+    "SessionEvent",
+    "SessionEventSequence",
+    "SessionRun",
+    "TriggerSource",
+    "new_id",
+]

@@ -1,0 +1,257 @@
+"""Models on both backends: CRUD, defaults, cascades, constraints, time and JSON."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import Engine, func, inspect, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+from sqlmodel import Session as DbSession
+
+from app.models import (
+    EventSource,
+    RunStatus,
+    Session,
+    SessionEvent,
+    SessionRun,
+    TriggerSource,
+)
+from tests.factories import SessionEventFactory, SessionFactory, SessionRunFactory
+
+
+def test_session_run_crud(session: DbSession) -> None:
+    chat = SessionFactory()
+    run = SessionRun(session_id=chat.id, trigger_source=TriggerSource.CHAT, input_message="hi")
+    session.add(run)
+    session.commit()
+
+    loaded = session.get(SessionRun, run.id)
+    assert loaded is not None
+    assert loaded.input_message == "hi"
+    assert loaded.session.id == chat.id
+    assert [r.id for r in chat.runs] == [run.id]
+
+    loaded.checkpoint_ns = "ns-1"
+    session.commit()
+    session.expire_all()
+    assert session.get(SessionRun, run.id).checkpoint_ns == "ns-1"
+
+    session.delete(loaded)
+    session.commit()
+    assert session.get(SessionRun, run.id) is None
+
+
+def test_session_run_defaults(session: DbSession) -> None:
+    chat = SessionFactory()
+    before = datetime.now(UTC)
+    run = SessionRun(session_id=chat.id, trigger_source=TriggerSource.SYSTEM)
+    session.add(run)
+    session.commit()
+    session.expire_all()
+
+    loaded = session.get(SessionRun, run.id)
+    assert loaded.status is RunStatus.QUEUED
+    assert len(loaded.id) == 32 and int(loaded.id, 16) >= 0
+    assert before <= loaded.created_at <= datetime.now(UTC)
+    assert loaded.updated_at >= loaded.created_at
+    assert loaded.started_at is None and loaded.finished_at is None
+    assert loaded.metrics is None and loaded.latest_error is None
+
+
+def test_status_server_default_applies_to_raw_inserts(session: DbSession) -> None:
+    chat = SessionFactory()
+    session.commit()
+    session.execute(
+        text(
+            "INSERT INTO session_runs (id, session_id, trigger_source, created_at, updated_at) "
+            "VALUES ('r1', :sid, 'chat', :now, :now)"
+        ),
+        {"sid": chat.id, "now": datetime(2026, 1, 1)},
+    )
+    assert session.scalar(text("SELECT status FROM session_runs WHERE id = 'r1'")) == "queued"
+
+
+def test_updated_at_moves_on_every_change(session: DbSession) -> None:
+    run = SessionRunFactory()
+    session.commit()
+    first = run.updated_at
+    run.checkpoint_ns = "changed"
+    session.commit()
+    session.refresh(run)
+    assert run.updated_at > first
+
+
+def test_ids_are_unique_uuid_hex(session: DbSession) -> None:
+    ids = {SessionRunFactory().id for _ in range(20)}
+    assert len(ids) == 20
+
+
+def test_deleting_a_session_cascades_to_runs_and_events(session: DbSession) -> None:
+    chat = SessionFactory()
+    other = SessionFactory()
+    run = SessionRunFactory(session=chat)
+    SessionEventFactory(session=chat, run_id=run.id)
+    SessionEventFactory(session=chat)
+    kept = SessionRunFactory(session=other)
+    session.commit()
+
+    session.execute(text("DELETE FROM sessions WHERE id = :id"), {"id": chat.id})
+    session.commit()
+
+    assert session.scalar(select(func.count()).select_from(SessionRun)) == 1
+    assert session.scalar(select(func.count()).select_from(SessionEvent)) == 0
+    assert session.get(SessionRun, kept.id) is not None
+
+
+def test_orm_delete_of_session_relies_on_database_cascade(session: DbSession) -> None:
+    chat = SessionFactory()
+    SessionRunFactory(session=chat)
+    session.commit()
+    session.expire_all()
+    session.delete(session.get(Session, chat.id))
+    session.commit()
+    assert session.scalar(select(func.count()).select_from(SessionRun)) == 0
+
+
+def test_run_requires_an_existing_session(session: DbSession) -> None:
+    session.add(SessionRun(session_id="missing", trigger_source=TriggerSource.CHAT))
+    with pytest.raises(IntegrityError):
+        session.flush()
+
+
+def test_deleting_a_parent_run_keeps_the_child(session: DbSession) -> None:
+    parent = SessionRunFactory(status=RunStatus.FAILED)
+    child = SessionRunFactory(
+        session=parent.session, parent_run_id=parent.id, trigger_source=TriggerSource.RETRY
+    )
+    session.commit()
+    session.execute(text("DELETE FROM session_runs WHERE id = :id"), {"id": parent.id})
+    session.commit()
+    session.expire_all()
+    assert session.get(SessionRun, child.id).parent_run_id is None
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("status", "paused"), ("status", "QUEUED"), ("trigger_source", "webhook")],
+)
+def test_check_constraints_reject_raw_sql(session: DbSession, column: str, value: str) -> None:
+    run = SessionRunFactory()
+    session.commit()
+    with pytest.raises(IntegrityError):
+        session.execute(
+            # the column name is one of the parametrize constants above
+            text(f"UPDATE session_runs SET {column} = :value WHERE id = :id"),  # noqa: S608
+            {"value": value, "id": run.id},
+        )
+    session.rollback()
+    session.expire_all()
+    assert session.get(SessionRun, run.id).status is RunStatus.QUEUED
+
+
+def test_enums_are_stored_by_value(session: DbSession) -> None:
+    run = SessionRunFactory(status=RunStatus.WAITING_INPUT, trigger_source=TriggerSource.RETRY)
+    SessionEventFactory(session=run.session, source=EventSource.PLAN)
+    session.commit()
+    row = session.execute(
+        text("SELECT status, trigger_source FROM session_runs WHERE id = :id"), {"id": run.id}
+    ).one()
+    assert tuple(row) == ("waiting_input", "retry")
+    assert session.scalar(text("SELECT CAST(source AS VARCHAR) FROM session_events")) == "plan"
+
+
+def test_an_unknown_enum_value_is_refused_before_the_database(session: DbSession) -> None:
+    chat = SessionFactory()
+    session.add(SessionRun(session_id=chat.id, status="paused"))
+    with pytest.raises(StatementError, match="'paused' is not a valid RunStatus"):
+        session.flush()
+
+
+def test_timestamps_are_aware_utc_after_a_round_trip(session: DbSession) -> None:
+    plus_two = timezone(timedelta(hours=2))
+    started = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=plus_two)
+    run = SessionRunFactory(started_at=started)
+    session.commit()
+    session.expire_all()
+
+    loaded = session.get(SessionRun, run.id)
+    for value in (loaded.started_at, loaded.created_at, loaded.updated_at):
+        assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
+    assert loaded.started_at == started
+    assert loaded.started_at.hour == 12
+
+
+def test_a_naive_datetime_is_taken_as_utc(session: DbSession) -> None:
+    run = SessionRunFactory(started_at=datetime(2026, 3, 1, 12, 0))
+    session.commit()
+    session.expire_all()
+    assert session.get(SessionRun, run.id).started_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_naive_legacy_timestamps_read_as_utc(session: DbSession) -> None:
+    session.execute(
+        text("INSERT INTO sessions (id, title, created_at) VALUES ('legacy', 't', :at)"),
+        {"at": datetime(2025, 6, 1, 8, 0)},
+    )
+    session.commit()
+    assert session.get(Session, "legacy").created_at == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
+
+
+def test_json_columns_round_trip_and_track_top_level_changes(session: DbSession) -> None:
+    nested = {"tokens": {"in": 10, "out": 20}, "cost": 0.25, "tags": ["a", "ü"], "ok": True}
+    run = SessionRunFactory(metrics=nested, latest_error=None)
+    session.commit()
+    session.expire_all()
+
+    loaded = session.get(SessionRun, run.id)
+    assert loaded.metrics == nested
+    loaded.metrics["duration_ms"] = 1500
+    session.commit()
+    session.expire_all()
+    assert session.get(SessionRun, run.id).metrics["duration_ms"] == 1500
+    assert session.scalar(text("SELECT COUNT(*) FROM session_runs WHERE latest_error IS NULL")) == 1
+
+
+def test_event_run_and_event_ids_are_nullable(session: DbSession) -> None:
+    event = SessionEventFactory(run_id=None, event_id=None)
+    session.commit()
+    session.expire_all()
+    loaded = session.get(SessionEvent, event.id)
+    assert loaded.run_id is None and loaded.event_id is None
+    assert loaded.source is EventSource.SESSION
+
+
+def test_models_declare_the_phase_document_indexes(engine: Engine) -> None:
+    inspector = inspect(engine)
+    run_indexes = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("session_runs")}
+    event_indexes = {
+        ix["name"]: ix["column_names"] for ix in inspector.get_indexes("session_events")
+    }
+    assert run_indexes["idx_session_runs_session_created"] == ["session_id", "created_at"]
+    assert run_indexes["idx_session_runs_status"] == ["status"]
+    assert run_indexes["idx_session_runs_parent"] == ["parent_run_id"]
+    assert event_indexes["idx_session_event_run_seq"] == ["session_id", "run_id", "seq"]
+    assert event_indexes["idx_session_event_seq"] == ["session_id", "seq"]
+
+
+def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
+    columns = {c["name"]: c for c in inspect(engine).get_columns("session_runs")}
+    required = {"id", "session_id", "trigger_source", "status", "created_at", "updated_at"}
+    optional = {
+        "parent_run_id",
+        "input_message",
+        "resume_payload",
+        "checkpoint_thread",
+        "checkpoint_ns",
+        "latest_error",
+        "metrics",
+        "started_at",
+        "finished_at",
+        "waiting_reason",
+        "options",
+    }
+    assert set(columns) == required | optional
+    assert {name for name, c in columns.items() if not c["nullable"]} == required
+    assert columns["status"]["type"].length == 20
+    assert columns["trigger_source"]["type"].length == 20
