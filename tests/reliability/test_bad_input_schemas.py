@@ -1,0 +1,101 @@
+"""Property tests: the API schemas accept exactly the storable input and say why not.
+
+The database is not involved here; ``test_bad_input_repositories.py`` drives the
+same kind of input through the repositories and checks the database is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from app.schemas import RunCreate, RunResumeRequest
+from tests.reliability.figures import record
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+anything = json_values | st.binary() | st.tuples(st.integers())
+
+
+def _storable(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
+
+
+@SETTINGS
+@given(
+    session_id=st.text(max_size=300) | anything,
+    message=st.text(max_size=2000) | anything,
+    style_reference=json_values,
+    target_pages=st.lists(st.text(max_size=50), max_size=5) | anything,
+    extra=st.dictionaries(
+        st.text(min_size=1).filter(lambda k: k not in RunCreate.model_fields), anything, max_size=2
+    ),
+)
+def test_run_create_accepts_exactly_storable_input(
+    session_id: Any, message: Any, style_reference: Any, target_pages: Any, extra: dict
+) -> None:
+    body = {
+        "session_id": session_id,
+        "message": message,
+        "style_reference": style_reference,
+        "target_pages": target_pages,
+        **extra,
+    }
+    valid = (
+        not extra
+        and isinstance(session_id, str)
+        and session_id != ""
+        and isinstance(message, str)
+        and message != ""
+        and (style_reference is None or isinstance(style_reference, dict))
+        and isinstance(target_pages, list)
+        and all(isinstance(p, str) for p in target_pages)
+        and _storable([session_id, message, style_reference, target_pages])
+    )
+    record("bad inputs tried", 0 if valid else 1, "schemas")
+    try:
+        parsed = RunCreate.model_validate(body)
+    except ValidationError as error:
+        assert not valid, f"valid body refused: {error}"
+        assert error.errors(), "a refusal names at least one field"
+        return
+    assert valid, f"invalid body accepted: {body!r}"
+    assert parsed.session_id == session_id and parsed.message == message
+    again = RunCreate.model_validate_json(parsed.model_dump_json())
+    assert again == parsed
+    json.loads(parsed.model_dump_json())
+
+
+@SETTINGS
+@given(resume=anything)
+def test_resume_request_accepts_only_storable_objects(resume: Any) -> None:
+    valid = isinstance(resume, dict) and _storable(resume)
+    record("bad inputs tried", 0 if valid else 1, "schemas")
+    try:
+        parsed = RunResumeRequest.model_validate({"resume": resume})
+    except ValidationError:
+        assert not valid
+        return
+    assert valid
+    assert parsed.resume == resume
