@@ -1,0 +1,121 @@
+"""Command line: ``python -m migrations upgrade|status|sql [--url URL]``.
+
+The database is ``--url``, else ``DATABASE_URL``, else the embedded SQLite
+file ``./runs.db`` (``app.db.resolve_database_url``).
+
+Exit codes: 0 success / up to date; 1 ``status`` found pending or changed
+migrations, or ``upgrade`` failed or refused; 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.db import create_db_engine, resolve_database_url
+from migrations.runner import DEFAULT_LOCK_TIMEOUT, pending_sql, status, upgrade
+from migrations.steps import MigrationError
+
+
+def _upgrade(engine: Engine, args: argparse.Namespace) -> int:
+    applied = upgrade(engine, allow_changed=args.allow_changed, lock_timeout=args.lock_timeout)
+    for migration in applied:
+        print(f"applied {migration.version:04d}_{migration.name} in {migration.duration_ms} ms")
+        for note in migration.notes:
+            print(f"  note: {note}")
+    total = len(status(engine))
+    if applied:
+        print(f"up to date: {len(applied)} applied now, {total} in all")
+    else:
+        print(f"nothing to do: all {total} migrations already applied")
+    return 0
+
+
+def _status(engine: Engine, _args: argparse.Namespace) -> int:
+    problems = 0
+    for state in status(engine):
+        label = f"{state.version:04d}_{state.name}"
+        record = state.recorded
+        if record is None:
+            print(f"pending  {label}")
+            problems += 1
+            continue
+        when = f"applied {record.applied_at:%Y-%m-%d %H:%M:%S} UTC in {record.duration_ms} ms"
+        if state.state == "changed":
+            problems += 1
+            print(
+                f"CHANGED  {label} ({when}): code checksum {(state.checksum or '')[:12]} "
+                f"!= recorded {record.checksum[:12]}; upgrade refuses it without --allow-changed"
+            )
+        elif state.state == "unknown":
+            print(f"unknown  {label} ({when}): recorded by a newer version of this layer")
+        else:
+            print(f"applied  {label} ({when})")
+        for note in record.notes:
+            print(f"  note: {note}")
+    print("up to date" if problems == 0 else f"{problems} pending or changed")
+    return 0 if problems == 0 else 1
+
+
+def _sql(engine: Engine, _args: argparse.Namespace) -> int:
+    print(pending_sql(engine))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m migrations", description="Schema migrations of the Run data layer."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "upgrade": "apply pending migrations, printing each with its duration",
+        "status": "list applied, pending and changed migrations (exit 1 unless up to date)",
+        "sql": "print the SQL upgrade would run, without running it",
+    }
+    for name, help_text in helps.items():
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument(
+            "--url", help="database URL (default: $DATABASE_URL, else sqlite:///./runs.db)"
+        )
+        if name == "upgrade":
+            command.add_argument(
+                "--allow-changed",
+                action="store_true",
+                help="accept applied migrations whose code changed (records the new checksum)",
+            )
+            command.add_argument(
+                "--lock-timeout",
+                type=float,
+                default=DEFAULT_LOCK_TIMEOUT,
+                help="seconds to wait for another process's upgrade (default %(default)s)",
+            )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Notes are printed below; the log would repeat them on stderr.
+    logging.basicConfig(level=logging.ERROR)
+    url = resolve_database_url(args.url)
+    print(f"database: {url.render_as_string(hide_password=True)}")
+    engine = create_db_engine(url)
+    try:
+        return {"upgrade": _upgrade, "status": _status, "sql": _sql}[args.command](engine, args)
+    except MigrationError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip()
+        print(f"{args.command} failed: {type(exc).__name__}: {detail}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Building blocks of a migration: plain SQL per dialect, guarded where SQL cannot guard itself.
+
+A migration declares, per dialect, the full list of what it may do: ``Step``
+(statements to execute) and ``Probe`` (a query whose rows become a note in the
+upgrade report, or an error). Either may carry a ``Check``: a condition on the
+database decided when the runner reaches it, because SQLite has no
+``ADD COLUMN IF NOT EXISTS`` and neither dialect has ``ADD CONSTRAINT IF NOT
+EXISTS``. The declared list, checks included, is what the checksum covers and
+what ``python -m migrations sql`` prints, so both stay the same whatever state
+the target database is in.
+
+Every value in a statement is a bound parameter; identifiers are constants of
+the migration modules. DDL cannot take parameters, so the few literals in DDL
+(enum labels, CHECK lists, index predicates) are constants written out in full.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, Row, inspect, text
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError, NoSuchTableError
+
+DIALECTS = ("sqlite", "postgresql")
+
+
+class MigrationError(Exception):
+    """A migration could not be applied; nothing of it was kept."""
+
+
+class StatementFailedError(MigrationError):
+    """A statement of a migration failed; names both so the operator can find it."""
+
+    def __init__(self, migration: str, statement: str, cause: BaseException) -> None:
+        detail = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+        super().__init__(
+            f"migration {migration} failed (rolled back, nothing recorded) at statement:\n"
+            f"  {statement}\n"
+            f"  error: {detail}"
+        )
+        self.migration = migration
+        self.statement = statement
+
+
+@dataclass(frozen=True)
+class Check:
+    """A condition decided on the database when the runner reaches the guarded item."""
+
+    description: str
+    holds: Callable[[Connection], bool]
+
+
+Params = Callable[[], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Statements executed in order, or all skipped when ``only_if`` does not hold.
+
+    Grouping matters for multi-statement changes such as a SQLite table
+    rebuild: the check is decided once, before the first statement changes
+    what it looks at. ``params`` is called at execution time (for values such
+    as "now"); each statement takes the parameters it names.
+    """
+
+    statements: tuple[str, ...]
+    only_if: Check | None = None
+    params: Params | None = None
+
+    def render(self) -> str:
+        body = ";\n".join(self.statements) + ";"
+        if self.only_if is None:
+            return body
+        return f"-- only if {self.only_if.description}:\n{body}"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A read-only query; rows mean something to report (``fatal``: refuse to go on)."""
+
+    query: str
+    explain: Callable[[Sequence[Row[Any]]], str]
+    fatal: bool = False
+    only_if: Check | None = None
+    params: Params | None = None
+
+    def render(self) -> str:
+        purpose = "refuse to migrate" if self.fatal else "report"
+        guard = f" (only if {self.only_if.description})" if self.only_if else ""
+        return f"-- {purpose} the rows of{guard}:\n-- " + self.query.replace("\n", "\n-- ") + ";"
+
+
+Item = Step | Probe
+
+
+def step(*statements: str, only_if: Check | None = None, params: Params | None = None) -> Step:
+    return Step(tuple(statements), only_if, params)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One numbered migration: per dialect, the items it declares.
+
+    ``apply`` runs the items on a connection inside the caller's transaction
+    and returns the notes its probes produced. Every module exposes
+    ``apply`` under the migration's function name (``migrate_v08_run_model``).
+    """
+
+    version: int
+    name: str
+    summary: str
+    declare: Callable[[str], Sequence[Item]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.version:04d}_{self.name}"
+
+    def items(self, dialect: str) -> Sequence[Item]:
+        if dialect not in DIALECTS:
+            raise ValueError(f"unsupported dialect {dialect!r}: expected one of {DIALECTS}")
+        return self.declare(dialect)
+
+    def render_sql(self, dialect: str) -> str:
+        rendered = [item.render() for item in self.items(dialect)]
+        return "\n\n".join(rendered) if rendered else f"-- nothing to do on {dialect}"
+
+    def checksum(self, dialect: str) -> str:
+        """SHA-256 of everything the migration declares for ``dialect``, checks included."""
+        return hashlib.sha256(self.render_sql(dialect).encode()).hexdigest()
+
+    def apply(self, conn: Connection) -> list[str]:
+        notes: list[str] = []
+        for item in self.items(conn.dialect.name):
+            if item.only_if is not None and not item.only_if.holds(conn):
+                continue
+            params = dict(item.params()) if item.params else {}
+            if isinstance(item, Probe):
+                rows = self._execute(conn, item.query, params).all()
+                if rows and item.fatal:
+                    raise MigrationError(f"migration {self.label} refused: {item.explain(rows)}")
+                if rows:
+                    notes.append(item.explain(rows))
+                continue
+            for statement in item.statements:
+                self._execute(conn, statement, params)
+        return notes
+
+    def _execute(self, conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
+        try:
+            return conn.execute(text(statement), params)
+        except DBAPIError as exc:
+            raise StatementFailedError(self.label, statement, exc) from exc
+
+
+# --------------------------------------------------------------------------
+# Checks. Each inspects afresh: an earlier item may just have changed the schema.
+
+
+def _columns(conn: Connection, table: str) -> dict[str, dict[str, Any]]:
+    try:
+        return {col["name"]: dict(col) for col in inspect(conn).get_columns(table)}
+    except NoSuchTableError:
+        return {}
+
+
+def column_missing(table: str, column: str) -> Check:
+    return Check(
+        f"{table}.{column} does not exist",
+        lambda conn: column not in _columns(conn, table),
+    )
+
+
+def enum_type_missing(name: str) -> Check:
+    return Check(
+        f"the enum type {name} does not exist",
+        lambda conn: name not in {enum["name"] for enum in inspect(conn).get_enums()},
+    )
+
+
+def check_constraint_missing(table: str, name: str) -> Check:
+    return Check(
+        f"{table} has no CHECK constraint {name}",
+        lambda conn: name not in {ck["name"] for ck in inspect(conn).get_check_constraints(table)},
+    )
+
+
+def has_foreign_key(
+    conn: Connection, table: str, column: str, referred_table: str, ondelete: str
+) -> bool:
+    """Whether ``table.column`` references ``referred_table`` with this ON DELETE action.
+
+    SQLite is asked directly (``pragma_foreign_key_list``): SQLAlchemy's
+    reflection misses the action of a column-level ``REFERENCES``, which is
+    what ``ALTER TABLE ... ADD COLUMN`` creates there.
+    """
+    if conn.dialect.name == "sqlite":
+        rows = conn.execute(
+            text('SELECT "from", "table", on_delete FROM pragma_foreign_key_list(:table)'),
+            {"table": table},
+        )
+        return (column, referred_table, ondelete) in {tuple(row) for row in rows}
+    return any(
+        fk["constrained_columns"] == [column]
+        and fk["referred_table"] == referred_table
+        and (fk.get("options", {}).get("ondelete") or "").upper() == ondelete
+        for fk in inspect(conn).get_foreign_keys(table)
+    )
+
+
+def foreign_key_missing(table: str, column: str, referred_table: str, ondelete: str) -> Check:
+    return Check(
+        f"{table}.{column} has no foreign key to {referred_table} ON DELETE {ondelete}",
+        lambda conn: not has_foreign_key(conn, table, column, referred_table, ondelete),
+    )
+
+
+def pg_column_is(table: str, column: str, type_class: type[Any], description: str) -> Check:
+    """``table.column`` has exactly this reflected PostgreSQL type class (not a subclass)."""
+
+    def holds(conn: Connection) -> bool:
+        col = _columns(conn, table).get(column)
+        if col is None:
+            return False
+        reflected = col["type"]
+        if type_class is postgresql.TIMESTAMP:
+            return type(reflected) is postgresql.TIMESTAMP and not reflected.timezone
+        return type(reflected) is type_class
+
+    return Check(f"{table}.{column} is {description}", holds)
+
+
+def no_rows(description: str, query: str, params: Params | None = None) -> Check:
+    """Holds when ``query`` returns nothing (e.g. no duplicates block a unique index)."""
+
+    def holds(conn: Connection) -> bool:
+        return conn.execute(text(query), dict(params()) if params else {}).first() is None
+
+    return Check(f"{description} ({' '.join(query.split())})", holds)
+
+
+def all_of(*checks: Check) -> Check:
+    return Check(
+        " and ".join(check.description for check in checks),
+        lambda conn: all(check.holds(conn) for check in checks),
+    )
+
+
+def sample(rows: Sequence[Row[Any]], limit: int = 10) -> str:
+    """The first rows of a probe, readable in a log line."""
+    shown = ", ".join("(" + ", ".join(repr(value) for value in row) + ")" for row in rows[:limit])
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return shown + more
+
+
+def unique_index_unless_duplicates(
+    dialect: str, *, table: str, index: str, ddl: str, duplicates_query: str, key: str
+) -> Sequence[Item]:
+    """A unique index on data that may already break it: create it, or report why not.
+
+    Legacy rows are never changed or deleted to make room for an index; the
+    duplicates are listed in the report and in the version row, and the
+    index is skipped. On PostgreSQL the table is locked against writers (not
+    readers) first, so no duplicate can appear between the check and the
+    index.
+    """
+
+    def explain(rows: Sequence[Row[Any]]) -> str:
+        return (
+            f"{index} was NOT created: {len(rows)} {key} values occur more than once in "
+            f"{table} ({key}, rows): {sample(rows)}. No row was changed. Resolve the "
+            f"duplicates, then run: {ddl}"
+        )
+
+    lock = (step(f"LOCK TABLE {table} IN SHARE MODE"),) if dialect == "postgresql" else ()
+    return (
+        *lock,
+        Probe(duplicates_query, explain),
+        step(ddl, only_if=no_rows(f"no {key} value occurs twice", duplicates_query)),
+    )
