@@ -9,6 +9,7 @@ Fixtures (all function-scoped unless said otherwise):
   database created for this test run (the URL pins ``search_path``), dropped
   at teardown; the database is dropped when the run ends. The URL is a plain
   string, so subprocesses can open it too.
+* ``make_database_url``: a factory of such databases, for tests that need two.
 * ``empty_engine``: an engine on that empty database (migration tests).
 * ``engine``: an engine on a database with the schema built.
 * ``session``: a ``sqlmodel.Session`` on ``engine``; the factories in
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -101,24 +102,47 @@ def postgres_run_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database for this test (see module docstring)."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path / 'runs.db'}"
-        return
-    run_url = make_url(request.getfixturevalue("postgres_run_url"))
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_db_engine(run_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield run_url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+def make_database_url(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[], str]]:
+    """A factory of fresh, empty databases for this test (see module docstring).
+
+    For tests that need more than one, e.g. to compare two ways of building a schema.
+    """
+    schemas: list[str] = []
+    sqlite_files: list[Path] = []
+    admin: Engine | None = None
+    run_url = None
+    if backend == "postgresql":
+        run_url = make_url(request.getfixturevalue("postgres_run_url"))
+        admin = create_db_engine(run_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+
+    def make() -> str:
+        if admin is None or run_url is None:
+            sqlite_files.append(tmp_path / f"runs{len(sqlite_files) or ''}.db")
+            return f"sqlite:///{sqlite_files[-1]}"
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        schemas.append(schema)
+        return run_url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
             hide_password=False
         )
+
+    try:
+        yield make
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+        if admin is not None:
+            with admin.connect() as conn:
+                for schema in schemas:
+                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            admin.dispose()
+
+
+@pytest.fixture
+def database_url(make_database_url: Callable[[], str]) -> str:
+    """A fresh, empty database for this test (see module docstring)."""
+    return make_database_url()
 
 
 @pytest.fixture
