@@ -7,7 +7,7 @@ Creates the table with its 15 columns, the CHECK constraints on ``status`` and
 Some databases carry a hand-made ``session_runs`` from an early v0.8 build
 with only some of the columns. Existing rows are kept; missing NOT NULL columns
 are filled as documented: ``trigger_source = 'chat'``, ``status = 'queued'``,
-``created_at`` = the migration's time, ``updated_at`` = ``created_at``.
+``created_at`` and ``updated_at`` = the migration's time.
 
 * PostgreSQL: missing columns are added (``ADD COLUMN IF NOT EXISTS``), then
   the missing constraints. A row that breaks a constraint makes the migration
@@ -60,6 +60,12 @@ _INDEXES = (
     step("CREATE INDEX IF NOT EXISTS idx_session_runs_status ON session_runs (status)"),
     step("CREATE INDEX IF NOT EXISTS idx_session_runs_parent ON session_runs (parent_run_id)"),
 )
+
+
+def _fill_values() -> dict[str, str]:
+    """Values for NOT NULL columns a hand-made table lacked or left empty."""
+    return {"trigger_source": "chat", "status": "queued"}
+
 
 # --------------------------------------------------------------------------
 # SQLite
@@ -182,12 +188,12 @@ _SQLITE: Sequence[Item] = (
         "COALESCE(status, :status), input_message, resume_payload, checkpoint_thread, "
         "checkpoint_ns, latest_error, metrics, started_at, finished_at, "
         "COALESCE(created_at, CURRENT_TIMESTAMP), "
-        "COALESCE(updated_at, created_at, CURRENT_TIMESTAMP), waiting_reason, options "
+        "COALESCE(updated_at, CURRENT_TIMESTAMP), waiting_reason, options "
         "FROM session_runs",
         "DROP TABLE session_runs",
         "ALTER TABLE session_runs_new RENAME TO session_runs",
         only_if=_NEEDS_REBUILD,
-        params=lambda: {"trigger_source": "chat", "status": "queued"},
+        params=_fill_values,
     ),
     Probe(
         "SELECT id, session_id FROM session_runs "
@@ -245,7 +251,22 @@ _POSTGRESQL: Sequence[Item] = (
         """ALTER TABLE session_runs
     ALTER COLUMN trigger_source DROP DEFAULT,
     ALTER COLUMN created_at DROP DEFAULT,
-    ALTER COLUMN updated_at DROP DEFAULT""",
+    ALTER COLUMN updated_at DROP DEFAULT,
+    ALTER COLUMN status SET DEFAULT 'queued'""",
+        # Columns it had, but nullable: fill, then enforce.
+        """UPDATE session_runs
+SET trigger_source = COALESCE(trigger_source, :trigger_source),
+    status = COALESCE(status, :status),
+    created_at = COALESCE(created_at, now()),
+    updated_at = COALESCE(updated_at, now())
+WHERE trigger_source IS NULL OR status IS NULL OR created_at IS NULL OR updated_at IS NULL""",
+        """ALTER TABLE session_runs
+    ALTER COLUMN session_id SET NOT NULL,
+    ALTER COLUMN trigger_source SET NOT NULL,
+    ALTER COLUMN status SET NOT NULL,
+    ALTER COLUMN created_at SET NOT NULL,
+    ALTER COLUMN updated_at SET NOT NULL""",
+        params=_fill_values,
     ),
     step(
         f"ALTER TABLE session_runs ADD {_STATUS_CHECK}",

@@ -38,6 +38,7 @@ from datetime import datetime
 from typing import Literal
 
 from sqlalchemy import Connection, Engine, bindparam, inspect, text
+from sqlalchemy.exc import OperationalError
 
 from app.types import UTCDateTime, utc_now
 from migrations import (
@@ -250,11 +251,11 @@ def upgrade(
     dialect = engine.dialect.name
     applied: list[AppliedMigration] = []
     with _upgrade_connection(engine, lock_timeout) as conn:
-        with conn.begin():
+        with _write_transaction(conn, lock_timeout):
             conn.execute(text(_VERSION_TABLE_DDL[dialect]))
             _accept_or_refuse_changes(conn, migrations, allow_changed)
         for migration in migrations:
-            with conn.begin():
+            with _write_transaction(conn, lock_timeout):
                 if conn.execute(
                     text("SELECT 1 FROM schema_migrations WHERE version = :version"),
                     {"version": migration.version},
@@ -342,6 +343,22 @@ def _upgrade_connection(engine: Engine, lock_timeout: float) -> Iterator[Connect
         finally:
             driver.execute(f"PRAGMA foreign_keys = {int(foreign_keys)}")
             driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
+
+
+@contextmanager
+def _write_transaction(conn: Connection, lock_timeout: float) -> Iterator[None]:
+    """A transaction; on SQLite, a busy timeout at BEGIN IMMEDIATE becomes a lock timeout."""
+    try:
+        transaction = conn.begin()
+    except OperationalError as exc:
+        if "locked" not in str(exc.orig):
+            raise
+        raise MigrationLockTimeoutError(
+            f"another process held the SQLite write lock for more than {lock_timeout:g} s; "
+            "is an upgrade or a long transaction stuck? Retry, or raise the timeout."
+        ) from exc
+    with transaction:
+        yield
 
 
 def _advisory_key(conn: Connection) -> int:
