@@ -14,6 +14,8 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, inspect, text
@@ -167,30 +169,45 @@ def _running_problems(runs: Iterable[_Run]) -> list[str]:
 
 
 def _canonical(value: Any) -> Any:
-    """One spelling per value, whichever backend and driver returned it."""
+    """One spelling per value, whichever backend, driver or column type returned it.
+
+    JSON text and parsed JSON compare equal, and so do a naive UTC timestamp and
+    the same instant as an aware one (what 0005 turns legacy columns into)."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
     if isinstance(value, str) and value[:1] in "{[":
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
+        return _parsed_json(value)
     return value
 
 
+@lru_cache(maxsize=4096)
+def _parsed_json(value: str) -> Any:
+    """Parsed once per distinct text: bulk rows repeat their payloads."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def digest(engine: Engine, query: str) -> tuple[int, str]:
+    """(row count, sha256 of the rows in the query's order); ``query`` is a constant of a test."""
+    rows = _rows(engine, query)
+    hashed = hashlib.sha256()
+    for row in rows:
+        canonical = [_canonical(value) for value in row]
+        hashed.update(json.dumps(canonical, sort_keys=True, default=str).encode())
+    return len(rows), hashed.hexdigest()
+
+
 def fingerprint(engine: Engine) -> dict[str, tuple[int, str]]:
-    """(row count, sha256 of every row in primary-key order) per table of the layer."""
+    """``digest`` of every table of the layer, all columns, in primary-key order."""
     present = set(inspect(engine).get_table_names())
-    result = {}
-    for table in TABLES:
-        if table not in present:
-            continue
+    return {
         # Table and column names are the constants above, never input.
-        rows = _rows(engine, f"SELECT * FROM {table} ORDER BY {_ORDER_BY[table]}")  # noqa: S608
-        digest = hashlib.sha256()
-        for row in rows:
-            canonical = [_canonical(value) for value in row]
-            digest.update(json.dumps(canonical, sort_keys=True, default=str).encode())
-        result[table] = (len(rows), digest.hexdigest())
-    return result
+        table: digest(engine, f"SELECT * FROM {table} ORDER BY {_ORDER_BY[table]}")  # noqa: S608
+        for table in TABLES
+        if table in present
+    }
 
 
 def count(engine: Engine, table: str) -> int:
