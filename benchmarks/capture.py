@@ -1,0 +1,198 @@
+"""The SQL a repository call sends to the driver, captured and made replayable.
+
+The raw side of the overhead benchmark must run exactly what the repository
+runs, so it is not written by hand: a warm-up call through the repository is
+recorded with SQLAlchemy's ``before_cursor_execute`` / ``after_cursor_execute``
+events (statement text as the driver gets it, parameters after SQLAlchemy's
+bind processing, their names and types, the result's column names). The
+recording becomes a ``Script``: the same statements with the same parameters,
+except the values that must change per call, each produced the way hand
+written driver code would produce it:
+
+* the run and session ids of the call (also inside strings such as
+  ``checkpoint_thread = "<session>:<run>"``);
+* timestamps: a fresh ``now`` in the driver's representation (text on SQLite,
+  an aware datetime on PostgreSQL);
+* JSON values: serialized again per call (``json.dumps`` / ``psycopg``'s ``Jsonb``);
+* a value the previous statement returned under the same name (SQLite's
+  ``seq``, allocated by one statement and inserted by the next).
+
+``tests/test_query_plans.py`` uses ``capture_statements`` too, to EXPLAIN the
+repository's own queries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+from sqlalchemy import JSON, DateTime, Engine, event
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+"""How SQLAlchemy's SQLite ``DATETIME`` binds a datetime."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedStatement:
+    sql: str
+    parameters: tuple[Any, ...] | dict[str, Any]
+    names: tuple[str, ...]  # one per parameter, in order
+    types: tuple[TypeEngine[Any] | None, ...]
+    result_columns: tuple[str, ...]
+
+
+@dataclass
+class Capture:
+    statements: list[CapturedStatement] = field(default_factory=list)
+
+
+@contextmanager
+def capture_statements(engine: Engine) -> Iterator[Capture]:
+    """Record every statement ``engine`` sends to a cursor while the block runs."""
+    capture = Capture()
+    pending: list[tuple[str, Any, Any]] = []
+
+    def before(_conn: Any, _cursor: Any, sql: str, params: Any, context: Any, _many: bool) -> None:
+        pending.append((sql, params, context))
+
+    def after(_conn: Any, cursor: Any, sql: str, params: Any, context: Any, _many: bool) -> None:
+        sql, params, context = pending.pop()
+        names, types = _parameter_names_and_types(params, context)
+        columns = tuple(column[0] for column in cursor.description or ())
+        captured = CapturedStatement(sql, params, names, types, columns)
+        capture.statements.append(captured)
+
+    event.listen(engine, "before_cursor_execute", before)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        yield capture
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+        event.remove(engine, "after_cursor_execute", after)
+
+
+def _parameter_names_and_types(
+    params: Any, context: Any
+) -> tuple[tuple[str, ...], tuple[TypeEngine[Any] | None, ...]]:
+    compiled = getattr(context, "compiled", None)
+    if isinstance(params, Mapping):
+        names = tuple(params)
+    else:
+        positions = getattr(compiled, "positiontup", None) or ()
+        names = tuple(positions) if len(positions) == len(params) else ("",) * len(params)
+    binds = getattr(compiled, "binds", {}) if compiled is not None else {}
+    types = tuple(binds[name].type if name in binds else None for name in names)
+    return names, types
+
+
+def _is_type(type_: TypeEngine[Any] | None, kind: type[TypeEngine[Any]]) -> bool:
+    if isinstance(type_, TypeDecorator):
+        type_ = type_.impl_instance
+    return isinstance(type_, kind)
+
+
+# --------------------------------------------------------------------------
+# Replay
+
+
+@dataclass(frozen=True, slots=True)
+class Ids:
+    """The ids a recording was made with, to be replaced by each call's own."""
+
+    run: str
+    session: str
+
+
+Slot = Callable[[Ids, Sequence[Any] | None], Any]
+"""Produces one parameter value from the call's ids and the previous statement's first row."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptStatement:
+    sql: str
+    base: tuple[Any, ...]
+    names: tuple[str, ...] | None  # None: positional parameters
+    slots: tuple[tuple[int, Slot], ...]
+    returns_rows: bool
+
+    def parameters(self, ids: Ids, previous: Sequence[Any] | None) -> Any:
+        values = list(self.base)
+        for index, slot in self.slots:
+            values[index] = slot(ids, previous)
+        return values if self.names is None else dict(zip(self.names, values, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """A recorded repository call, replayable on a raw driver connection."""
+
+    statements: tuple[ScriptStatement, ...]
+
+    def describe(self) -> str:
+        return ";\n".join(statement.sql for statement in self.statements)
+
+
+def make_script(captured: Sequence[CapturedStatement], recorded_ids: Ids) -> Script:
+    """The replayable form of ``captured`` (see module docstring for what varies per call)."""
+    statements: list[ScriptStatement] = []
+    previous_columns: tuple[str, ...] = ()
+    for statement in captured:
+        named = isinstance(statement.parameters, Mapping)
+        values = tuple(
+            statement.parameters.values() if named else statement.parameters  # type: ignore[union-attr]
+        )
+        slots: list[tuple[int, Slot]] = []
+        for index, (name, type_, value) in enumerate(
+            zip(statement.names, statement.types, values, strict=True)
+        ):
+            slot = _slot_for(name, type_, value, recorded_ids, previous_columns)
+            if slot is not None:
+                slots.append((index, slot))
+        statements.append(
+            ScriptStatement(
+                sql=statement.sql,
+                base=values,
+                names=statement.names if named else None,
+                slots=tuple(slots),
+                returns_rows=bool(statement.result_columns),
+            )
+        )
+        previous_columns = statement.result_columns
+    return Script(tuple(statements))
+
+
+def _slot_for(
+    name: str,
+    type_: TypeEngine[Any] | None,
+    value: Any,
+    recorded: Ids,
+    previous_columns: tuple[str, ...],
+) -> Slot | None:
+    if isinstance(value, str) and (recorded.run in value or recorded.session in value):
+        pattern = value.replace("{", "{{").replace("}", "}}")
+        pattern = pattern.replace(recorded.run, "{run}").replace(recorded.session, "{session}")
+        if pattern == "{run}":
+            return lambda ids, _previous: ids.run
+        if pattern == "{session}":
+            return lambda ids, _previous: ids.session
+        return lambda ids, _previous: pattern.format(run=ids.run, session=ids.session)
+    if name and name in previous_columns:
+        column = previous_columns.index(name)
+        return lambda _ids, previous: None if previous is None else previous[column]
+    if value is not None and _is_type(type_, DateTime):
+        if isinstance(value, str):
+            return lambda _ids, _previous: datetime.now(UTC).strftime(SQLITE_TIMESTAMP_FORMAT)
+        return lambda _ids, _previous: datetime.now(UTC)
+    if isinstance(value, Jsonb):
+        document = value.obj
+        return lambda _ids, _previous: Jsonb(document)
+    if isinstance(value, str) and _is_type(type_, JSON):
+        document = json.loads(value)
+        return lambda _ids, _previous: json.dumps(document)
+    return None

@@ -1,0 +1,224 @@
+"""The benchmark report: markdown tables, printed and written to ``reports/benchmarks.md``.
+
+Markdown so that the tables can be pasted into the README as they are; each
+section says how it was measured and which target applies, and marks every
+figure that misses its target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from benchmarks.migration import MigrationResult
+from benchmarks.overhead import NAIVE, NAIVE_OPERATION, OPERATIONS, RAW, REPOSITORY, OverheadResult
+from benchmarks.scaling import ScalingResult
+from benchmarks.stats import Summary, format_us
+from benchmarks.throughput import ThroughputResult
+
+RATIO_TARGETS = {"sqlite": 3.0, "postgresql": 1.5}
+FLATNESS_TARGET = 1.5
+MIGRATION_SECONDS_TARGET = 60.0
+MIGRATION_MEMORY_TARGET_MB = 200.0
+BACKEND_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str = "") -> str:
+    """A markdown table; ``align`` holds one ``l``/``r`` per column (default: first left)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = [header, rule, *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def _verdict(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def _median_p95(summary: Summary) -> str:
+    return f"{format_us(summary.median_us)} ({format_us(summary.p95_us)})"
+
+
+def overhead_section(results: Sequence[OverheadResult]) -> str:
+    parts = [
+        "## Overhead: repository versus raw driver",
+        "",
+        "Per operation, one transaction each, median (p95) in microseconds. *repository*: a "
+        "`sqlmodel` Session on `app.db.create_db_engine`'s engine, one repository call, "
+        "`commit`. *raw*: the statements that call sent to the driver, captured once with "
+        "SQLAlchemy's cursor events and replayed with the same SQL and parameters on one "
+        "`sqlite3` / `psycopg` connection (fresh ids, timestamps and JSON per call), in the same "
+        "transaction (SQLite: `BEGIN IMMEDIATE` ... `COMMIT`, WAL, `synchronous=NORMAL` on both "
+        "sides; PostgreSQL: psycopg's implicit `BEGIN` ... `COMMIT`), all rows fetched. Sides "
+        "alternate step by step; the first round is a warm-up.",
+    ]
+    for result in results:
+        target = RATIO_TARGETS[result.backend]
+        samples = result.samples
+        rows = []
+        for operation in OPERATIONS:
+            repository = samples.summary(REPOSITORY, operation)
+            raw = samples.summary(RAW, operation)
+            ratio = repository.median_us / raw.median_us
+            rows.append(
+                [
+                    operation,
+                    _median_p95(repository),
+                    _median_p95(raw),
+                    f"{ratio:.2f}",
+                    _verdict(ratio <= target),
+                ]
+            )
+        naive = samples.summary(NAIVE, NAIVE_OPERATION)
+        raw_start = samples.summary(RAW, NAIVE_OPERATION)
+        rows.append(
+            [
+                f"{NAIVE_OPERATION}, naive ORM (get, set, add event, commit)",
+                _median_p95(naive),
+                _median_p95(raw_start),
+                f"{naive.median_us / raw_start.median_us:.2f}",
+                "(baseline)",
+            ]
+        )
+        count = samples.summary(REPOSITORY, "get run").count
+        parts += [
+            "",
+            f"### {BACKEND_NAMES[result.backend]} ({count} samples per operation and side)",
+            "",
+            table(
+                ["operation", "repository µs", "raw µs", "ratio", f"≤ {target}"],
+                rows,
+                "lrrrl",
+            ),
+        ]
+    return "\n".join(parts)
+
+
+def scaling_section(results: Sequence[ScalingResult]) -> str:
+    parts = [
+        "## Scaling: pages of 100 events as `session_events` grows",
+        "",
+        "Median µs per page through the repositories (one Session per page). A big session "
+        "holds a tenth of all rows, shared by two alternating runs; the other sessions hold "
+        "100 events each. Data loaded in bulk, then `ANALYZE`.",
+    ]
+    for result in results:
+        smallest, largest = result.sizes[0], result.sizes[-1]
+        header = ["page", *(f"{size:,} rows" for size in result.sizes)]
+        header += [f"{_short(largest)} / {_short(smallest)}", f"≤ {FLATNESS_TARGET}"]
+        rows = []
+        for label in result.labels:
+            medians = [result.samples.summary(str(size), label).median_us for size in result.sizes]
+            ratio = medians[-1] / medians[0]
+            rows.append(
+                [
+                    label,
+                    *(format_us(m) for m in medians),
+                    f"{ratio:.2f}",
+                    _verdict(ratio <= FLATNESS_TARGET),
+                ]
+            )
+        builds = ", ".join(
+            f"{_short(size)} in {seconds:.1f} s" for size, seconds in result.build_seconds.items()
+        )
+        parts += [
+            "",
+            f"### {BACKEND_NAMES[result.backend]} (databases built: {builds})",
+            "",
+            table(header, rows, "l" + "r" * (len(header) - 2) + "l"),
+        ]
+    return "\n".join(parts)
+
+
+def _short(size: int) -> str:
+    if size >= 1_000_000 and size % 1_000_000 == 0:
+        return f"{size // 1_000_000}M"
+    if size >= 1000 and size % 1000 == 0:
+        return f"{size // 1000}k"
+    return str(size)
+
+
+def migration_section(results: Sequence[MigrationResult]) -> str:
+    rows = []
+    for result in results:
+        sqlite = result.backend == "sqlite"
+        met = (
+            result.upgrade_seconds <= MIGRATION_SECONDS_TARGET
+            and result.peak_rss_mb < MIGRATION_MEMORY_TARGET_MB
+        )
+        rows.append(
+            [
+                BACKEND_NAMES[result.backend],
+                f"{result.events:,}",
+                f"{result.sessions:,}",
+                f"{result.upgrade_seconds:.1f}",
+                f"{result.peak_rss_mb:.0f}",
+                _verdict(met) if sqlite else "(reported)",
+            ]
+        )
+    steps = []
+    for result in results:
+        slow = ", ".join(
+            f"{entry['migration']} {int(entry['ms']) / 1000:.1f} s"  # type: ignore[call-overload]
+            for entry in result.applied
+            if int(entry["ms"]) >= 100  # type: ignore[call-overload]
+        )
+        steps.append(f"- {BACKEND_NAMES[result.backend]}: {slow or 'every migration under 0.1 s'}")
+    return "\n".join(
+        [
+            "## Migration at scale: a v0.7 database upgraded",
+            "",
+            "The v0.7 schema made by the baseline migration's SQL alone (no version table), rows "
+            "loaded in bulk; `upgrade()` in a child process whose wall time and peak resident "
+            "memory (`VmHWM`, imports included) are shown. Target on SQLite: ≤ "
+            f"{MIGRATION_SECONDS_TARGET:.0f} s and < {MIGRATION_MEMORY_TARGET_MB:.0f} MB.",
+            "",
+            table(
+                ["backend", "events", "sessions", "upgrade s", "peak RSS MB", "target met"],
+                rows,
+                "lrrrrl",
+            ),
+            "",
+            "Migrations taking 0.1 s or more:",
+            "",
+            *steps,
+        ]
+    )
+
+
+def throughput_section(results: Sequence[ThroughputResult], seconds: float) -> str:
+    by_writers: dict[int, dict[str, ThroughputResult]] = {}
+    for result in results:
+        by_writers.setdefault(result.writers, {})[result.target] = result
+    rows = [
+        [
+            str(writers),
+            f"{targets['distinct sessions'].per_second:,.0f}",
+            f"{targets['one session'].per_second:,.0f}",
+        ]
+        for writers, targets in by_writers.items()
+    ]
+    return "\n".join(
+        [
+            "## Throughput: appends per second on PostgreSQL",
+            "",
+            f"Threads, each appending with its own Session and committing every append, for "
+            f"{seconds:g} s; pool size = writers. Afterwards every session's seqs are checked "
+            "to be exactly 1..n.",
+            "",
+            table(["writers", "distinct sessions /s", "one session /s"], rows),
+        ]
+    )
+
+
+def header_section(command: str, facts: dict[str, str], notes: Sequence[str]) -> str:
+    rows = [[key, value] for key, value in facts.items()]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{command}`",
+        "",
+        table(["", ""], rows, "ll"),
+    ]
+    if notes:
+        lines += ["", *(f"- {note}" for note in notes)]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The replay and listing queries use their indexes, on both backends (asserted with EXPLAIN).
+
+The SQL is not copied here: each test calls the repository and captures the
+statement it sends to the driver (``benchmarks.capture``), then asks the
+database for that statement's plan with the same parameters. A change to a
+query's shape that stops it from using its index fails here.
+
+PostgreSQL plans from statistics, so the tables hold a few thousand rows and
+are ANALYZEd, and ``enable_seqscan`` is off for the EXPLAIN: a tiny table
+would otherwise be read sequentially whatever the indexes, and the test is
+about whether an index *can* serve the query. SQLite's planner needs neither.
+This asserts index use, never time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, insert, text
+from sqlmodel import Session as DbSession
+
+from app.models import Session, SessionEvent, SessionRun, new_id
+from app.repositories import EventRepository, RunRepository
+from benchmarks.capture import CapturedStatement, capture_statements
+
+SESSIONS = 20
+RUNS_PER_SESSION = 10
+EVENTS_PER_RUN = 30
+
+
+@dataclass(frozen=True)
+class Population:
+    session_id: str
+    run_ids: list[str]
+
+
+@pytest.fixture
+def population(engine: Engine) -> Population:
+    """Sessions with runs and interleaved events, statistics up to date."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    sessions = [new_id() for _ in range(SESSIONS)]
+    runs = {session_id: [new_id() for _ in range(RUNS_PER_SESSION)] for session_id in sessions}
+    events = [
+        {
+            "session_id": session_id,
+            "seq": seq,
+            "type": "task_progress",
+            "payload": {"seq": seq},
+            "source": "session",
+            "created_at": start,
+            # Every seventh event is a legacy one, without a run.
+            "run_id": None if seq % 7 == 0 else run_ids[seq % RUNS_PER_SESSION],
+        }
+        for session_id, run_ids in runs.items()
+        for seq in range(1, RUNS_PER_SESSION * EVENTS_PER_RUN + 1)
+    ]
+    with engine.begin() as conn:
+        conn.execute(insert(Session.__table__), [{"id": s, "title": "plans"} for s in sessions])
+        conn.execute(
+            insert(SessionRun.__table__),
+            [
+                {
+                    "id": run_id,
+                    "session_id": session_id,
+                    "status": "completed",
+                    "trigger_source": "chat",
+                    "created_at": start + timedelta(seconds=index),
+                    "updated_at": start,
+                }
+                for session_id, run_ids in runs.items()
+                for index, run_id in enumerate(run_ids)
+            ],
+        )
+        conn.execute(insert(SessionEvent.__table__), events)
+        conn.execute(text("ANALYZE"))
+    return Population(sessions[0], runs[sessions[0]])
+
+
+def _repository_query(engine: Engine, call: Callable[[DbSession], Any]) -> CapturedStatement:
+    """The one SELECT the repository call sends (it must return rows, so nothing else runs)."""
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        assert call(db), "the query returned nothing; the population is wrong"
+    selects = [s for s in capture.statements if s.sql.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 1, [s.sql for s in capture.statements]
+    return selects[0]
+
+
+_SQLITE_INDEX_USE = re.compile(
+    r"^(?:SEARCH|SCAN) (\w+)(?: AS \w+)? USING (?:COVERING )?INDEX (\w+)"
+)
+
+
+def _sqlite_plan(engine: Engine, query: CapturedStatement) -> Iterator[tuple[str, str | None]]:
+    """(table, index or None for a full scan) per table access of the plan."""
+    with engine.connect() as conn:
+        details = [
+            row[-1]
+            for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query.sql}", query.parameters)
+        ]
+    for detail in details:
+        if match := _SQLITE_INDEX_USE.match(detail):
+            yield match[1], match[2]
+        elif match := re.match(r"^SCAN (\w+)", detail):
+            yield match[1], None
+
+
+def _postgresql_plan(engine: Engine, query: CapturedStatement) -> Iterator[tuple[str, str | None]]:
+    with engine.connect() as conn, conn.begin():
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        (document,) = conn.exec_driver_sql(
+            f"EXPLAIN (FORMAT JSON) {query.sql}", query.parameters
+        ).one()
+    plan = document if isinstance(document, list) else json.loads(document)
+    yield from _postgresql_accesses(plan[0]["Plan"], parent_relation=None)
+
+
+def _postgresql_accesses(
+    node: dict[str, Any], parent_relation: str | None
+) -> Iterator[tuple[str, str | None]]:
+    relation = node.get("Relation Name")
+    if node["Node Type"] == "Seq Scan":
+        yield relation, None
+    elif "Index Name" in node:
+        # A Bitmap Index Scan names no relation; its Bitmap Heap Scan parent does.
+        yield relation or parent_relation, node["Index Name"]
+    for child in node.get("Plans", ()):
+        yield from _postgresql_accesses(child, relation or parent_relation)
+
+
+def _indexes_on(engine: Engine, query: CapturedStatement, table: str) -> set[str | None]:
+    plan = _sqlite_plan if engine.dialect.name == "sqlite" else _postgresql_plan
+    return {index for accessed, index in plan(engine, query) if accessed == table}
+
+
+def test_list_for_run_uses_idx_session_event_run_seq(
+    engine: Engine, population: Population
+) -> None:
+    query = _repository_query(
+        engine, lambda db: EventRepository(db).list_for_run(population.run_ids[3], since_seq=40)
+    )
+    assert _indexes_on(engine, query, "session_events") == {"idx_session_event_run_seq"}
+
+
+def test_list_for_session_uses_a_session_seq_index(engine: Engine, population: Population) -> None:
+    query = _repository_query(
+        engine, lambda db: EventRepository(db).list_for_session(population.session_id, since_seq=40)
+    )
+    used = _indexes_on(engine, query, "session_events")
+    assert len(used) == 1
+    assert used <= {"idx_session_event_seq", "uq_session_events_session_seq"}
+
+
+@pytest.mark.parametrize("after_cursor", [False, True], ids=["first page", "next page"])
+def test_run_listing_uses_idx_session_runs_session_created(
+    engine: Engine, population: Population, after_cursor: bool
+) -> None:
+    before = population.run_ids[-3] if after_cursor else None
+    query = _repository_query(
+        engine,
+        lambda db: RunRepository(db).list_for_session(
+            population.session_id, limit=5, before=before
+        ),
+    )
+    used = _indexes_on(engine, query, "session_runs")
+    assert "idx_session_runs_session_created" in used
+    assert None not in used, "a full scan of session_runs"
