@@ -72,6 +72,8 @@ SESSIONS = Session.__table__
 RUNS = SessionRun.__table__
 
 TYPE_MAX_LENGTH = EVENTS.c.type.type.length
+EVENT_ID_MAX_LENGTH = 255
+"""``event_id`` is in a unique index; PostgreSQL cannot index an entry over ~2.7 kB."""
 ALLOCATION_ATTEMPTS = 5
 """Retries when v0.7 writers keep taking the number just allocated."""
 
@@ -224,7 +226,7 @@ class EventRepository:
             "payload": json_object_param(payload, "payload"),
             "source": enum_param(EventSource, source, "source").value,
             "run_id": optional_text_param(run_id, "run_id"),
-            "event_id": optional_text_param(event_id, "event_id"),
+            "event_id": optional_text_param(event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH),
         }
         for _attempt in range(ALLOCATION_ATTEMPTS):
             params["now"] = utc_now()

@@ -6,6 +6,7 @@ the Run API answers them with 400.
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -20,18 +21,21 @@ MAX_SEQ = 2**31 - 1
 
 
 def text_param(value: Any, name: str, *, max_length: int | None = None) -> str:
-    """A non-empty string the database can store (PostgreSQL refuses NUL characters)."""
+    """A non-empty string the database can store (PostgreSQL refuses NUL characters;
+    neither driver can encode a lone surrogate, which a decoded JSON body may carry)."""
     if not isinstance(value, str) or not value:
         raise BadParameterError(name, f"expected a non-empty string, got {value!r}")
     if "\x00" in value:
         raise BadParameterError(name, "contains a NUL character")
+    if not _encodable(value):
+        raise BadParameterError(name, "is not valid Unicode text (contains a lone surrogate)")
     if max_length is not None and len(value) > max_length:
         raise BadParameterError(name, f"at most {max_length} characters, got {len(value)}")
     return value
 
 
-def optional_text_param(value: Any, name: str) -> str | None:
-    return None if value is None else text_param(value, name)
+def optional_text_param(value: Any, name: str, *, max_length: int | None = None) -> str | None:
+    return None if value is None else text_param(value, name, max_length=max_length)
 
 
 def json_object_param(value: Any, name: str) -> dict[str, Any]:
@@ -39,9 +43,21 @@ def json_object_param(value: Any, name: str) -> dict[str, Any]:
     if value is None:
         return {}
     try:
-        return ensure_json_object(value, name)
+        checked = ensure_json_object(value, name)
     except ValueError as exc:
         raise BadParameterError(name, str(exc)) from None
+    # PostgreSQL's JSONB refuses an escaped lone surrogate that SQLite would store.
+    if not _encodable(json.dumps(checked, ensure_ascii=False)):
+        raise BadParameterError(name, "contains a lone surrogate, which is not valid Unicode")
+    return checked
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:

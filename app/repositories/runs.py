@@ -400,7 +400,12 @@ class RunRepository:
                 "older_than", f"expected a positive timedelta, got {older_than!r}"
             )
         now = utc_now()
-        cutoff = now - older_than
+        try:
+            cutoff = now - older_than
+        except OverflowError:
+            raise BadParameterError(
+                "older_than", f"reaches before the year 1, got {older_than!r}"
+            ) from None
         error = {
             "code": "stale_run",
             "message": f"no heartbeat since {cutoff.isoformat()} (older than {older_than})",
