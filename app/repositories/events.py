@@ -50,7 +50,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.orm import make_transient_to_detached
 from sqlmodel import Session as DbSession
 
 from app.errors import ConflictError, RunNotFoundError, SessionNotFoundError
@@ -63,6 +62,7 @@ from app.repositories.params import (
     since_seq_param,
     text_param,
 )
+from app.repositories.rows import detached, snapshots
 from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, greatest, insert_for
 from app.types import utc_now
 
@@ -71,6 +71,7 @@ SEQUENCES = SessionEventSequence.__table__
 SESSIONS = Session.__table__
 RUNS = SessionRun.__table__
 
+EVENT_COLUMNS = tuple(column.key for column in EVENTS.c)
 TYPE_MAX_LENGTH = EVENTS.c.type.type.length
 EVENT_ID_MAX_LENGTH = 255
 """``event_id`` is in a unique index; PostgreSQL cannot index an entry over ~2.7 kB."""
@@ -179,24 +180,29 @@ def _statements(dialect: str) -> _Statements:
         by_event_id=select(SessionEvent).where(
             SessionEvent.session_id == SESSION_ID, SessionEvent.event_id == event_id
         ),
-        page_for_session=select(SessionEvent)
-        .where(SessionEvent.session_id == SESSION_ID, SessionEvent.seq > since)
-        .order_by(SessionEvent.seq)
+        # Pages are Core selects read into detached events (``_page``).
+        page_for_session=select(*EVENTS.c)
+        .where(EVENTS.c.session_id == SESSION_ID, EVENTS.c.seq > since)
+        .order_by(EVENTS.c.seq)
         .limit(LIMIT),
         # The session_id term lets idx_session_event_run_seq serve the query.
-        page_for_run=select(SessionEvent)
+        page_for_run=select(*EVENTS.c)
         .where(
-            SessionEvent.session_id == run_session,
-            SessionEvent.run_id == RUN_ID,
-            SessionEvent.seq > since,
+            EVENTS.c.session_id == run_session,
+            EVENTS.c.run_id == RUN_ID,
+            EVENTS.c.seq > since,
         )
-        .order_by(SessionEvent.seq)
+        .order_by(EVENTS.c.seq)
         .limit(LIMIT),
     )
 
 
 class EventRepository:
-    """Appends to and reads the per-session event log; flushes, never commits."""
+    """Appends to and reads the per-session event log; flushes, never commits.
+
+    Pages (``list_for_*``) are snapshots in no session: events never change,
+    and skipping the ORM's loading halves a page's cost (``app.repositories.rows``).
+    """
 
     def __init__(self, session: DbSession) -> None:
         self._session = session
@@ -292,18 +298,20 @@ class EventRepository:
 
     def _stored(self, new_id: int, seq: int, params: dict[str, Any]) -> SessionEvent:
         """The event just inserted, attached to the session as a loaded row."""
-        event = SessionEvent(
-            id=new_id,
-            session_id=params["session_id"],
-            seq=seq,
-            type=params["type"],
-            payload=params["payload"],
-            source=EventSource(params["source"]),
-            created_at=params["now"],
-            run_id=params["run_id"],
-            event_id=params["event_id"],
+        event = detached(
+            SessionEvent,
+            {
+                "id": new_id,
+                "session_id": params["session_id"],
+                "seq": seq,
+                "type": params["type"],
+                "payload": params["payload"],
+                "source": EventSource(params["source"]),
+                "created_at": params["now"],
+                "run_id": params["run_id"],
+                "event_id": params["event_id"],
+            },
         )
-        make_transient_to_detached(event)
         self._session.add(event)
         return event
 
@@ -320,7 +328,8 @@ class EventRepository:
         raise RunNotFoundError(str(run_id), session_id=session_id)
 
     def _page(self, statement: Executable, params: dict[str, Any]) -> list[SessionEvent]:
-        return list(self._session.execute(statement, params).scalars())
+        """Snapshots, not session objects: an event never changes (see ``rows``)."""
+        return snapshots(SessionEvent, EVENT_COLUMNS, self._execute(statement, params))
 
 
 __all__ = ["EventRepository"]
