@@ -62,7 +62,7 @@ from app.repositories.params import (
     since_seq_param,
     text_param,
 )
-from app.repositories.rows import detached, snapshots
+from app.repositories.rows import detached, execute_core, snapshots
 from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, greatest, insert_for
 from app.types import utc_now
 
@@ -277,9 +277,7 @@ class EventRepository:
     # ------------------------------------------------------------------
 
     def _execute(self, statement: Executable, params: dict[str, Any]) -> CursorResult[Any]:
-        """Core statements go straight to the session's connection, after its pending changes."""
-        self._session.flush()
-        return self._session.connection().execute(statement, params)
+        return execute_core(self._session, statement, params)
 
     def _allocate_and_insert(self, params: dict[str, Any]) -> tuple[int | None, int | None]:
         """(allocated seq, new event id); ``(seq, None)`` when the insert collided."""

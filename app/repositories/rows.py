@@ -1,10 +1,16 @@
-"""Model instances from Core rows, without the ORM's per-row loading machinery.
+"""Core statements on the session's connection, and model instances from their rows.
 
-Events are immutable log entries. Loading a page of them through the ORM
-(identity map, row loaders, mutation tracking for the JSON payload) took most
-of the page's time and gives a read-only copy nothing (see ``benchmarks/``).
-The instances here are built as the ORM's loader builds them, without the
-table model's constructor (which validates nothing and was the slowest part).
+The ORM's loading (row loaders, identity map bookkeeping, the table model's
+constructor) cost more than the SQL on the hot paths (see ``benchmarks/``).
+The repositories run prebuilt Core statements and build instances the way
+the ORM's loader builds them:
+
+* ``snapshots``: events are immutable log entries; a page of them is a list
+  of instances in no session, which is all a reader needs;
+* ``detached``: an instance that behaves like a row loaded earlier (identity
+  key, JSON columns tracked), ready to ``session.add`` without an INSERT;
+* ``in_session``: what ``populate_existing`` loading gives: the session's own
+  instance refreshed with the row, or a new one added to the session.
 """
 
 from __future__ import annotations
@@ -13,25 +19,39 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy.orm import class_mapper, make_transient_to_detached
-from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.orm.instrumentation import ClassManager
+from sqlalchemy import CursorResult, Executable
+from sqlalchemy.orm import Mapper, class_mapper, make_transient_to_detached
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlmodel import Session as DbSession
 
 M = TypeVar("M")
 
 
+def execute_core(
+    session: DbSession, statement: Executable, params: dict[str, Any]
+) -> CursorResult[Any]:
+    """A Core statement on the session's connection, after the session's pending changes."""
+    session.flush()
+    return session.connection().execute(statement, params)
+
+
 @cache
-def _class_manager(model: type[Any]) -> ClassManager[Any]:
-    return class_mapper(model).class_manager
+def _mapper(model: type[Any]) -> Mapper[Any]:
+    return class_mapper(model)
+
+
+@cache
+def _primary_key(model: type[Any]) -> tuple[str, ...]:
+    return tuple(column.key for column in _mapper(model).primary_key)
 
 
 def snapshots(model: type[M], columns: tuple[str, ...], rows: Iterable[Any]) -> list[M]:
     """One ``model`` instance per row (values in the order of ``columns``), in no session.
 
-    Transient snapshots: read them, serialize them; do not ``session.add``
-    them (that would insert them again).
+    Read them and serialize them; do not ``session.add`` them (that would
+    insert them again), and changes to them are not tracked.
     """
-    new_instance = _class_manager(model).new_instance
+    new_instance = _mapper(model).class_manager.new_instance
     instances: list[M] = []
     for row in rows:
         instance = new_instance()
@@ -41,10 +61,30 @@ def snapshots(model: type[M], columns: tuple[str, ...], rows: Iterable[Any]) -> 
 
 
 def detached(model: type[M], values: Mapping[str, Any]) -> M:
-    """An instance holding ``values`` (every column) that behaves like a row loaded earlier.
-
-    It carries its identity key, so ``session.add`` attaches it without an INSERT.
-    """
+    """An instance holding ``values`` (every column), as if loaded in an earlier session."""
     (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
     make_transient_to_detached(instance)
+    state = instance_state(instance)
+    state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
     return instance
+
+
+def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row: Any) -> M:
+    """The session's instance for ``row``, refreshed with it; a new one joins the session.
+
+    The session must hold no pending change to it (``execute_core`` flushes).
+    """
+    values = dict(zip(columns, row, strict=True))
+    key = _mapper(model).identity_key_from_primary_key(
+        tuple(values[name] for name in _primary_key(model))
+    )
+    existing = session.identity_map.get(key)
+    if existing is None:
+        instance = detached(model, values)
+        session.add(instance)
+        return instance
+    for name, value in values.items():
+        set_committed_value(existing, name, value)
+    state = instance_state(existing)
+    state.manager.dispatch.refresh(state, None, None)  # re-tracks the JSON columns
+    return existing

@@ -63,6 +63,7 @@ from app.repositories.params import (
     page_size,
     text_param,
 )
+from app.repositories.rows import execute_core, in_session
 from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_ID, merge_metrics
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
@@ -80,6 +81,7 @@ from app.state_machine import (
 from app.types import UTCDateTime, utc_now
 
 RUNS = SessionRun.__table__
+RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 ONE_RUNNING_INDEX = "uq_session_runs_one_running"
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
@@ -114,13 +116,14 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
 
 
 def _loading(statement: Any) -> Executable:
-    """``statement`` returning every column, read back as ``SessionRun`` objects."""
-    return select(SessionRun).from_statement(statement.returning(*RUNS.c))
+    """``statement`` returning every column, for ``RunRepository._run`` to read back."""
+    return statement.returning(*RUNS.c)
 
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
     create: Executable
+    by_id: Executable
     transitions: dict[str, Executable]
     heartbeat: Executable
     fail_stale: Executable
@@ -166,7 +169,7 @@ def _statements(dialect: str) -> _Statements:
     pages: dict[tuple[bool, bool], Executable] = {}
     for filtered in (False, True):
         for after_cursor in (False, True):
-            page = select(SessionRun).where(SessionRun.session_id == SESSION_ID)
+            page = select(*RUNS.c).where(SessionRun.session_id == SESSION_ID)
             if filtered:
                 page = page.where(SessionRun.status == status)
             if after_cursor:
@@ -187,6 +190,7 @@ def _statements(dialect: str) -> _Statements:
     other = RUNS.alias("other")
     return _Statements(
         create=_loading(create),
+        by_id=select(*RUNS.c).where(RUNS.c.id == RUN_ID),
         transitions={
             transition.name: _loading(
                 _transition_update(dialect, transition).where(RUNS.c.id == RUN_ID)
@@ -212,14 +216,14 @@ def _statements(dialect: str) -> _Statements:
         ).where(RUNS.c.id == RUN_ID),
         pages=pages,
         # Oldest first: the order in which a worker should pick queued runs.
-        by_status=select(SessionRun)
+        by_status=select(*RUNS.c)
         .where(SessionRun.status == status)
         .order_by(SessionRun.created_at, SessionRun.id)
         .limit(LIMIT),
-        children=select(SessionRun)
+        children=select(*RUNS.c)
         .where(SessionRun.parent_run_id == RUN_ID)
         .order_by(SessionRun.created_at, SessionRun.id),
-        latest_waiting=select(SessionRun)
+        latest_waiting=select(*RUNS.c)
         .where(SessionRun.session_id == SESSION_ID, SessionRun.status == RunStatus.WAITING_INPUT)
         .order_by(*newest_first)
         .limit(1),
@@ -289,8 +293,7 @@ class RunRepository:
 
     def get_or_none(self, run_id: str) -> SessionRun | None:
         """The run as stored now (the session's copy is refreshed)."""
-        run_id = text_param(run_id, "run_id")
-        return self._session.get(SessionRun, run_id, populate_existing=True)
+        return self._run(self._sql.by_id, {"run_id": text_param(run_id, "run_id")})
 
     def list_for_session(
         self,
@@ -505,16 +508,13 @@ class RunRepository:
         raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
-        return self._session.execute(
-            statement, params, execution_options={"populate_existing": True}
-        ).scalar_one_or_none()
+        row = execute_core(self._session, statement, params).one_or_none()
+        return None if row is None else in_session(self._session, SessionRun, RUN_COLUMNS, row)
 
     def _runs(self, statement: Executable, params: dict[str, Any]) -> list[SessionRun]:
-        return list(
-            self._session.execute(
-                statement, params, execution_options={"populate_existing": True}
-            ).scalars()
-        )
+        """The rows as the session's runs, refreshed (what ``populate_existing`` loading does)."""
+        rows = execute_core(self._session, statement, params).all()
+        return [in_session(self._session, SessionRun, RUN_COLUMNS, row) for row in rows]
 
 
 def _violates_one_running(exc: IntegrityError) -> bool:
