@@ -10,10 +10,10 @@ waits for our row lock. The returned row refreshes the session's object
 (``populate_existing``), so the caller sees what was written.
 
 At most one run per session is ``running`` (the partial unique index
-``uq_session_runs_one_running``). Start and resume run their UPDATE in a
-savepoint: when the index refuses it, even from a concurrent transaction that
-committed first, the caller gets ``ActiveRunExistsError`` and its transaction
-stays usable.
+``uq_session_runs_one_running``). When the index refuses the UPDATE of a
+start or resume, even because of a concurrent transaction that committed
+first, the caller gets ``ActiveRunExistsError`` and its transaction stays
+usable (a savepoint on PostgreSQL; SQLite needs none, see ``_enter_running``).
 
 Locking note for PostgreSQL: a transition locks the run row, then its
 session's event counter. A transaction that appends an event and then moves a
@@ -24,6 +24,7 @@ concurrent transition (PostgreSQL then aborts one of them): move the run first.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -64,7 +65,7 @@ from app.repositories.params import (
     text_param,
 )
 from app.repositories.rows import execute_core, in_session
-from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_ID, merge_metrics
+from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, merge_metrics
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
     CANCEL,
@@ -236,7 +237,8 @@ class RunRepository:
 
     def __init__(self, session: DbSession) -> None:
         self._session = session
-        self._sql = _statements(session.get_bind().dialect.name)
+        self._dialect = session.get_bind().dialect.name
+        self._sql = _statements(self._dialect)
         self._events = EventRepository(session)
 
     # ---------------------------------------------------------------- create
@@ -495,8 +497,15 @@ class RunRepository:
         return run
 
     def _enter_running(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
+        """The UPDATE into ``running``, which ``uq_session_runs_one_running`` may refuse.
+
+        A failed statement aborts a PostgreSQL transaction, so there it runs in
+        a savepoint. SQLite undoes only the failed statement and the
+        transaction stays usable: no savepoint, two statements fewer.
+        """
+        guard = self._session.begin_nested() if self._dialect == POSTGRESQL else nullcontext()
         try:
-            with self._session.begin_nested():
+            with guard:
                 return self._run(statement, params)
         except IntegrityError as exc:
             if not _violates_one_running(exc):
