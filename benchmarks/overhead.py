@@ -82,6 +82,8 @@ OPERATIONS = (
 NAIVE_OPERATION = "start"
 
 REPOSITORY, RAW, NAIVE = "repository", "raw", "naive ORM"
+NO_PING = "repository, no pre-ping"
+"""PostgreSQL only: the engine without ``pool_pre_ping``, to show what the ping costs."""
 
 
 @dataclass
@@ -168,9 +170,14 @@ class Side(Protocol):
 class RepositorySide:
     """One Session per operation, committed, as ``app.db.get_session`` does per request."""
 
-    name = REPOSITORY
-
-    def __init__(self, engine: Engine, overrides: dict[str, Operation] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        overrides: dict[str, Operation] | None = None,
+        *,
+        name: str = REPOSITORY,
+    ) -> None:
+        self.name = name
         self._engine = engine
         self._operations = {**REPOSITORY_OPERATIONS, **(overrides or {})}
 
@@ -178,13 +185,6 @@ class RepositorySide:
         with DbSession(self._engine, expire_on_commit=False) as db:
             self._operations[operation](db, chain)
             db.commit()
-
-
-class NaiveOrmSide(RepositorySide):
-    name = NAIVE
-
-    def __init__(self, engine: Engine) -> None:
-        super().__init__(engine, {NAIVE_OPERATION: naive_start})
 
 
 class RawSide:
@@ -288,12 +288,16 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     engine = create_db_engine(url)
     upgrade(engine)
     repository = RepositorySide(engine)
-    naive = NaiveOrmSide(engine)
+    naive = RepositorySide(engine, {NAIVE_OPERATION: naive_start}, name=NAIVE)
     read_chain = _read_fixture(engine, runs=PAGE_OF_RUNS + 10, events=3 * PAGE_OF_EVENTS)
     scripts = _record_scripts(engine, repository, read_chain)
     connection = raw_sqlite(url) if backend == "sqlite" else raw_postgresql(url)
     raw = RawSide(connection, scripts)
     sides: list[Side] = [repository, raw, naive]
+    unpinged = None
+    if backend == "postgresql":
+        unpinged = create_db_engine(url, pool_pre_ping=False)
+        sides.append(RepositorySide(unpinged, name=NO_PING))
     # Each side has its own sessions; a lifecycle ends in a terminal status, so
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
@@ -315,6 +319,8 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     finally:
         connection.close()
         engine.dispose()
+        if unpinged is not None:
+            unpinged.dispose()
     return OverheadResult(backend, samples, scripts, rounds, batch)
 
 
