@@ -117,7 +117,7 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
 
 
 def _loading(statement: Any) -> Executable:
-    """``statement`` returning every column, for ``RunRepository._run`` to read back."""
+    """``statement`` returning every column, to be read back as the session's runs."""
     return statement.returning(*RUNS.c)
 
 
@@ -170,7 +170,7 @@ def _statements(dialect: str) -> _Statements:
     pages: dict[tuple[bool, bool], Executable] = {}
     for filtered in (False, True):
         for after_cursor in (False, True):
-            page = select(*RUNS.c).where(SessionRun.session_id == SESSION_ID)
+            page = select(SessionRun).where(SessionRun.session_id == SESSION_ID)
             if filtered:
                 page = page.where(SessionRun.status == status)
             if after_cursor:
@@ -203,9 +203,11 @@ def _statements(dialect: str) -> _Statements:
             .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
             .values(updated_at=NOW)
         ),
-        fail_stale=_loading(
-            _transition_update(dialect, FAIL).where(
-                RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime())
+        fail_stale=select(SessionRun).from_statement(
+            _loading(
+                _transition_update(dialect, FAIL).where(
+                    RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime())
+                )
             )
         ),
         active_run=select(
@@ -217,14 +219,14 @@ def _statements(dialect: str) -> _Statements:
         ).where(RUNS.c.id == RUN_ID),
         pages=pages,
         # Oldest first: the order in which a worker should pick queued runs.
-        by_status=select(*RUNS.c)
+        by_status=select(SessionRun)
         .where(SessionRun.status == status)
         .order_by(SessionRun.created_at, SessionRun.id)
         .limit(LIMIT),
-        children=select(*RUNS.c)
+        children=select(SessionRun)
         .where(SessionRun.parent_run_id == RUN_ID)
         .order_by(SessionRun.created_at, SessionRun.id),
-        latest_waiting=select(*RUNS.c)
+        latest_waiting=select(SessionRun)
         .where(SessionRun.session_id == SESSION_ID, SessionRun.status == RunStatus.WAITING_INPUT)
         .order_by(*newest_first)
         .limit(1),
@@ -517,13 +519,20 @@ class RunRepository:
         raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
+        """One row of a Core statement as the session's run (see ``app.repositories.rows``).
+
+        For a single row this is about twice as cheap as the ORM's loading.
+        """
         row = execute_core(self._session, statement, params).one_or_none()
         return None if row is None else in_session(self._session, SessionRun, RUN_COLUMNS, row)
 
     def _runs(self, statement: Executable, params: dict[str, Any]) -> list[SessionRun]:
-        """The rows as the session's runs, refreshed (what ``populate_existing`` loading does)."""
-        rows = execute_core(self._session, statement, params).all()
-        return [in_session(self._session, SessionRun, RUN_COLUMNS, row) for row in rows]
+        """Many rows: the ORM's loader, which is cheaper per row than ``in_session``."""
+        return list(
+            self._session.execute(
+                statement, params, execution_options={"populate_existing": True}
+            ).scalars()
+        )
 
 
 def _violates_one_running(exc: IntegrityError) -> bool:
