@@ -21,6 +21,10 @@ transactional and every transaction holds the write lock from its first
 statement, so writers queue on the busy timeout instead of failing. A
 read-only connection may ask for a deferred transaction with the execution
 option ``sqlite_begin="DEFERRED"``.
+
+Every SQLite connection also gets the SQL function ``json_merge_shallow``
+(``app.types.merge_json_objects``), the counterpart of PostgreSQL's
+``jsonb || jsonb`` that ``RunRepository.complete`` merges metrics with.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
+
+from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
@@ -85,6 +91,9 @@ def _configure_sqlite(engine: Engine) -> None:
                 cursor.execute("PRAGMA synchronous = NORMAL")
         finally:
             cursor.close()
+        dbapi_connection.create_function(
+            "json_merge_shallow", 2, merge_json_objects, deterministic=True
+        )
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -106,20 +107,51 @@ def check_in(column: str, enum_class: type[StrEnum]) -> str:
     return f"{column} IN ({quoted})"
 
 
+FLOAT_EXACT_LIMIT = 1e16
+"""Floats from this magnitude up print in exponent form; PostgreSQL's JSONB keeps
+numbers as ``numeric`` and gives them back as integers, so both backends would
+disagree. Integers of any size are stored exactly on both."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be stored verbatim on both backends, or None.
+
+    PostgreSQL refuses NUL characters in text and JSON; a lone surrogate (which
+    a decoded JSON body may carry) is not UTF-8, so no driver can send it.
+    """
+    if "\x00" in value:
+        return "contains a NUL character"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate, which is not valid Unicode"
+    return None
+
+
 def _find_unstorable(value: Any, path: str) -> str | None:
     """Why ``value`` cannot be stored verbatim as JSON on both backends, or None."""
     if isinstance(value, str):
-        return f"{path} contains a NUL character" if "\x00" in value else None
+        problem = text_problem(value)
+        return f"{path} {problem}" if problem else None
     if isinstance(value, bool) or value is None or isinstance(value, int):
         return None
     if isinstance(value, float):
-        return None if math.isfinite(value) else f"{path} is {value!r}, not a JSON number"
+        if not math.isfinite(value):
+            return f"{path} is {value!r}, not a JSON number"
+        if abs(value) >= FLOAT_EXACT_LIMIT:
+            return (
+                f"{path} is {value!r}: floats of magnitude 1e16 and more are not stored "
+                "exactly by PostgreSQL's JSONB; send an integer or a string"
+            )
+        return None
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
                 return f"{path} has a non-string key {key!r}"
-            if "\x00" in key:
-                return f"{path} has a key containing a NUL character"
+            problem = text_problem(key)
+            if problem:
+                return f"{path} has a key that {problem}"
             problem = _find_unstorable(item, f"{path}.{key}")
             if problem:
                 return problem
@@ -136,10 +168,11 @@ def _find_unstorable(value: Any, path: str) -> str | None:
 def ensure_json_object(value: Any, name: str = "payload") -> dict[str, Any]:
     """Return ``value`` if it is a JSON object both backends store unchanged.
 
-    PostgreSQL's JSONB rejects NUL characters and NaN; SQLite would accept
-    them. Rejecting them here keeps the two backends in agreement and turns a
-    driver error in the middle of a transaction into a clear input error.
-    Raises ``ValueError`` naming the offending place.
+    PostgreSQL's JSONB rejects NUL characters, lone surrogates and NaN, and
+    turns floats from 1e16 up into integers; SQLite would keep them. Rejecting
+    them here keeps the two backends in agreement and turns a driver error in
+    the middle of a transaction into a clear input error. Raises
+    ``ValueError`` naming the offending place.
     """
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
@@ -150,7 +183,24 @@ def ensure_json_object(value: Any, name: str = "payload") -> dict[str, Any]:
 
 
 def ensure_storable_text(value: str, name: str) -> str:
-    """Text that PostgreSQL can store (no NUL character)."""
-    if "\x00" in value:
-        raise ValueError(f"{name} contains a NUL character")
+    """Text that both backends store verbatim; ``ValueError`` naming ``name`` otherwise."""
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(f"{name} {problem}")
     return value
+
+
+def merge_json_objects(stored: str | None, patch: str) -> str:
+    """The JSON text of ``stored`` shallow-merged with ``patch`` (keys of ``patch`` win).
+
+    Registered on SQLite connections as the SQL function ``json_merge_shallow``
+    (``app.db``), the counterpart of PostgreSQL's ``jsonb || jsonb``: SQLite's
+    own ``json_patch`` merges recursively and deletes keys set to null, and its
+    JSON paths cannot name every key. Runs inside the UPDATE, so the merge reads
+    the row it writes.
+    """
+    merged = json.loads(stored) if stored is not None else {}
+    if not isinstance(merged, dict):
+        raise ValueError(f"cannot merge into stored JSON of type {type(merged).__name__}")
+    merged.update(json.loads(patch))
+    return json.dumps(merged)

@@ -6,12 +6,11 @@ the Run API answers them with 400.
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from typing import Any, TypeVar
 
 from app.errors import BadParameterError
-from app.types import ensure_json_object
+from app.types import ensure_json_object, text_problem
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -25,10 +24,9 @@ def text_param(value: Any, name: str, *, max_length: int | None = None) -> str:
     neither driver can encode a lone surrogate, which a decoded JSON body may carry)."""
     if not isinstance(value, str) or not value:
         raise BadParameterError(name, f"expected a non-empty string, got {value!r}")
-    if "\x00" in value:
-        raise BadParameterError(name, "contains a NUL character")
-    if not _encodable(value):
-        raise BadParameterError(name, "is not valid Unicode text (contains a lone surrogate)")
+    problem = text_problem(value)
+    if problem:
+        raise BadParameterError(name, problem)
     if max_length is not None and len(value) > max_length:
         raise BadParameterError(name, f"at most {max_length} characters, got {len(value)}")
     return value
@@ -43,21 +41,9 @@ def json_object_param(value: Any, name: str) -> dict[str, Any]:
     if value is None:
         return {}
     try:
-        checked = ensure_json_object(value, name)
+        return ensure_json_object(value, name)
     except ValueError as exc:
         raise BadParameterError(name, str(exc)) from None
-    # PostgreSQL's JSONB refuses an escaped lone surrogate that SQLite would store.
-    if not _encodable(json.dumps(checked, ensure_ascii=False)):
-        raise BadParameterError(name, "contains a lone surrogate, which is not valid Unicode")
-    return checked
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _int_in(value: Any, low: int, high: int) -> bool:

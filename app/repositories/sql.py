@@ -44,21 +44,11 @@ def greatest(dialect: str, *values: ColumnElement[Any]) -> ColumnElement[Any]:
 
 # Shallow merge of two JSON objects: keys of the patch replace stored ones,
 # values are kept verbatim (nested objects replaced, not merged; null stays
-# null). PostgreSQL's ``||`` on jsonb does exactly that. SQLite's json_patch
-# would merge recursively and delete keys set to null, so the SQLite form
-# rebuilds the object from the stored keys the patch does not name plus the
-# patch's own; ``->`` yields each value as JSON text and ``json()`` keeps it JSON.
+# null). PostgreSQL's ``||`` on jsonb does exactly that; on SQLite the same is
+# the function ``json_merge_shallow`` that ``app.db`` registers on every
+# connection (``app.types.merge_json_objects``).
 _MERGE_METRICS_POSTGRESQL = "COALESCE(session_runs.metrics, '{}'::jsonb) || :metrics"
-_MERGE_METRICS_SQLITE = """(
-    SELECT json_group_object(merged.key, json(merged.value)) FROM (
-        SELECT stored.key AS key, COALESCE(session_runs.metrics, '{}') -> stored.fullkey AS value
-        FROM json_each(COALESCE(session_runs.metrics, '{}')) AS stored
-        WHERE stored.key NOT IN (SELECT patch.key FROM json_each(:metrics) AS patch)
-        UNION ALL
-        SELECT patch.key AS key, :metrics -> patch.fullkey AS value
-        FROM json_each(:metrics) AS patch
-    ) AS merged
-)"""
+_MERGE_METRICS_SQLITE = "json_merge_shallow(session_runs.metrics, :metrics)"
 
 
 def merge_metrics(dialect: str) -> TextClause:

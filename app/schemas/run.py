@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict
+from pydantic import AfterValidator, ConfigDict, Strict, StringConstraints
 from sqlmodel import Field, SQLModel
 
 from app.models import RunOptions, RunState, RunStatus, TriggerSource
@@ -19,8 +19,15 @@ JSONObject = Annotated[dict[str, Any], AfterValidator(lambda v: ensure_json_obje
 """A JSON object that both backends store verbatim (no NUL, no NaN)."""
 
 
-def _storable(name: str) -> AfterValidator:
-    return AfterValidator(lambda v: ensure_storable_text(v, name))
+StorableText = Annotated[
+    str,
+    Strict(),
+    StringConstraints(min_length=1),
+    AfterValidator(lambda v: ensure_storable_text(v, "the text")),
+]
+"""Text given as ``str`` (bytes are refused, not decoded) that both backends store
+verbatim (no NUL, no lone surrogate), not empty. Errors carry the field's name in
+their location."""
 
 
 class RunCreate(RunOptions):
@@ -28,10 +35,10 @@ class RunCreate(RunOptions):
 
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    session_id: Annotated[str, _storable("session_id")] = Field(min_length=1)
-    message: Annotated[str, _storable("message")] = Field(min_length=1)
+    session_id: StorableText
+    message: StorableText
     style_reference: JSONObject | None = None
-    target_pages: list[Annotated[str, _storable("target_pages")]] = Field(default_factory=list)
+    target_pages: list[StorableText] = Field(default_factory=list)
 
 
 class RunResponse(RunState):

@@ -568,65 +568,68 @@ def test_hostile_text_round_trips_verbatim(engine: Engine, text: str, number: fl
     assert invariants.violations(engine) == []
 
 
-# ------------------------------------------------------------ known, not fixed here
+# ------------------------------------------------------------ once-known gaps, now closed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app.types.ensure_json_object (used by RunCreate.style_reference) lets a lone "
-    "surrogate through: SQLite stores it, PostgreSQL's JSONB raises a raw DataError. "
-    "The fix belongs in app/types.py (_find_unstorable), outside the repositories.",
-)
 def test_surrogate_in_style_reference_is_refused(
     engine: Engine, seeded: tuple[Seeded, Any], backend: str
 ) -> None:
     state, before = seeded
     body = {"session_id": state.session_id, "message": "m", "style_reference": {"k": "\ud800"}}
-    # Not through _refused: a known failure must not count in the suite's figures.
     with DbSession(engine) as db, pytest.raises(DataLayerError, match="style_reference"):
         RunRepository(db).create(body)
     assert invariants.fingerprint(engine) == before
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="PostgreSQL's JSONB keeps numbers as numeric and prints 1.7976931348623157e308 "
-    "as a 309-digit integer: it comes back as a different int, not the float stored. "
-    "SQLite keeps it. Refusing or encoding such floats belongs in app/types.py.",
-)
-def test_large_float_in_a_payload_round_trips(engine: Engine, backend: str) -> None:
-    stored = {"big": 1.7976931348623157e308, "also": 1.2345678901234567e25}
+def test_floats_that_jsonb_would_change_are_refused(
+    engine: Engine, seeded: tuple[Seeded, Any], backend: str
+) -> None:
+    """JSONB keeps numbers as ``numeric``: 1.7976931348623157e308 would come back as a
+    309-digit integer on PostgreSQL while SQLite keeps the float. Both refuse it."""
+    state, before = seeded
+    for too_big in (1.7976931348623157e308, -1.2345678901234567e25, 1e16):
+        with DbSession(engine) as db, pytest.raises(DataLayerError, match=r"payload\.big"):
+            EventRepository(db).append(state.session_id, "numbers", {"big": too_big})
+    assert invariants.fingerprint(engine) == before
+
+
+def test_numbers_below_the_limit_round_trip_with_their_type(engine: Engine, backend: str) -> None:
+    kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 10**30}
 
     def write(db: DbSession) -> str:
-        session_id = db.merge(Session(title="floats")).id
-        EventRepository(db).append(session_id, "numbers", stored)
+        session_id = db.merge(Session(title="numbers")).id
+        EventRepository(db).append(session_id, "numbers", kept)
         return session_id
 
     session_id = in_own_transaction(engine, write)
     payload = in_own_transaction(
         engine, lambda db: EventRepository(db).list_for_session(session_id)[0].payload
     )
-    assert payload == stored and all(type(v) is float for v in payload.values())
+    assert payload == kept
+    assert {key: type(value) for key, value in payload.items()} == {
+        "below": float,
+        "tiny": float,
+        "third": float,
+        "int": int,
+    }
 
 
-@pytest.mark.parametrize("backend", ["sqlite"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/repositories/sql.py merges metrics on SQLite with `-> json_each.fullkey`; "
-    "SQLite 3.40 cannot address a key containing a double quote by path, so `->` yields "
-    "NULL and complete() stores null instead of the metric's value.",
-)
-def test_metric_key_with_a_double_quote_is_kept(engine: Engine, backend: str) -> None:
-    metrics = {'say "hi"': 1, '" OR 1=1 --': 0.5}
+def test_metric_keys_with_double_quotes_merge_verbatim(engine: Engine, backend: str) -> None:
+    """``complete`` merges key by key inside the UPDATE; no key or value is mangled."""
+    stored = {'say "hi"': 1, "kept": 0.1 + 0.2, "nested": {"a": None}}
+    patch = {'say "hi"': 2, '" OR 1=1 --': 0.5, "nil": None, "deep": {"x": [1, {"y": None}]}}
 
     def complete(db: DbSession) -> str:
         session_id = db.merge(Session(title="metrics")).id
         runs = RunRepository(db)
         run = runs.create({"session_id": session_id, "message": "m"})
+        run.metrics = stored
+        db.flush()
         runs.start(run.id)
-        runs.complete(run.id, metrics)
+        runs.complete(run.id, patch)
         return run.id
 
     run_id = in_own_transaction(engine, complete)
-    assert in_own_transaction(engine, lambda db: RunRepository(db).get(run_id).metrics) == metrics
+    merged = in_own_transaction(engine, lambda db: RunRepository(db).get(run_id).metrics)
+    assert merged == {**stored, **patch}
+    assert merged["kept"] == 0.30000000000000004
