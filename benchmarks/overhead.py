@@ -7,9 +7,11 @@ Sides, measured in one process on one database per backend:
   pragmas included), one repository call, ``commit``.
 * ``raw``: the statements that repository call sent, captured once
   (``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
-  open connection: the same SQL and parameters in an equivalent transaction
-  (SQLite: the captured ``BEGIN IMMEDIATE`` ... ``COMMIT``; PostgreSQL:
-  psycopg's implicit ``BEGIN`` ... ``COMMIT``), every result row fetched.
+  open connection (made by ``create_db_engine``'s connect hooks, so with the
+  same pragmas, SQL functions and settings, then used without SQLAlchemy):
+  the same SQL and parameters in an equivalent transaction (SQLite: the
+  captured ``BEGIN IMMEDIATE`` ... ``COMMIT``; PostgreSQL: psycopg's implicit
+  ``BEGIN`` ... ``COMMIT``), every result row fetched.
 * ``naive ORM`` (``start`` only): load the run, set attributes, add an event
   object with the next seq from the session's counter row, commit; the usual
   ORM way, for comparison.
@@ -29,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
 from app.db import create_db_engine
@@ -45,7 +48,6 @@ from app.repositories import EventRepository, RunRepository
 from app.state_machine import RunEventType
 from app.types import utc_now
 from benchmarks.capture import Ids, Script, capture_statements, make_script
-from benchmarks.environment import raw_postgresql, raw_sqlite
 from benchmarks.stats import Samples
 from migrations import upgrade
 
@@ -67,7 +69,9 @@ LIFECYCLES: tuple[tuple[str, ...], ...] = (
     ("create run", "start", "fail"),
     ("create run", "start", "cancel"),
 )
-READS = ("get run", "list_for_run (page of 100)", "list_for_session (page of 50 runs)")
+FLOOR = "floor: Session, SELECT 1, commit"
+"""Not a hot path: what any repository call pays before its own SQL (reported as the floor)."""
+READS = ("get run", "list_for_run (page of 100)", "list_for_session (page of 50 runs)", FLOOR)
 OPERATIONS = (
     "create run",
     "start",
@@ -132,6 +136,7 @@ REPOSITORY_OPERATIONS: dict[str, Operation] = {
     "list_for_session (page of 50 runs)": lambda db, chain: RunRepository(db).list_for_session(
         chain.session_id, limit=PAGE_OF_RUNS
     ),
+    FLOOR: lambda db, _chain: db.execute(text("SELECT 1")).all(),
 }
 
 
@@ -291,7 +296,12 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     naive = RepositorySide(engine, {NAIVE_OPERATION: naive_start}, name=NAIVE)
     read_chain = _read_fixture(engine, runs=PAGE_OF_RUNS + 10, events=3 * PAGE_OF_EVENTS)
     scripts = _record_scripts(engine, repository, read_chain)
-    connection = raw_sqlite(url) if backend == "sqlite" else raw_postgresql(url)
+    # The driver connection is made by an engine of the same configuration, so
+    # it has the same pragmas, SQL functions and session settings, and is then
+    # used directly, without SQLAlchemy.
+    raw_engine = create_db_engine(url, poolclass=NullPool)
+    pooled = raw_engine.raw_connection()
+    connection = pooled.driver_connection
     raw = RawSide(connection, scripts)
     sides: list[Side] = [repository, raw, naive]
     unpinged = None
@@ -317,7 +327,8 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
                     _time_batch(samples, side, operation, [read_chain] * batch, counted)
         _check_sides_agree(engine, sessions)
     finally:
-        connection.close()
+        pooled.close()
+        raw_engine.dispose()
         engine.dispose()
         if unpinged is not None:
             unpinged.dispose()
