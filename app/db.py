@@ -30,7 +30,7 @@ Every SQLite connection also gets the SQL function ``json_merge_shallow``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
@@ -144,20 +144,30 @@ def get_engine() -> Engine:
     return create_db_engine()
 
 
-def get_session() -> Iterator[DbSession]:
-    """FastAPI dependency: one ``sqlmodel.Session`` per request.
+def session_dependency(engine: Engine) -> Callable[[], Iterator[DbSession]]:
+    """A FastAPI dependency yielding one ``sqlmodel.Session`` on ``engine`` per request.
 
     Commits when the request handler returns, rolls back when it raises.
     Objects stay readable after the commit (``expire_on_commit=False``), so a
-    handler may return a model it loaded.
+    handler may return a model it loaded. Use it to serve another database, or
+    in tests: ``app.dependency_overrides[get_session] = session_dependency(engine)``.
     """
-    with DbSession(get_engine(), expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+
+    def dependency() -> Iterator[DbSession]:
+        with DbSession(engine, expire_on_commit=False) as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    return dependency
+
+
+def get_session() -> Iterator[DbSession]:
+    """FastAPI dependency: ``session_dependency`` on the process-wide engine (``DATABASE_URL``)."""
+    yield from session_dependency(get_engine())()
 
 
 __all__ = [
@@ -167,4 +177,5 @@ __all__ = [
     "get_engine",
     "get_session",
     "resolve_database_url",
+    "session_dependency",
 ]

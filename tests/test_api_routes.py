@@ -9,12 +9,11 @@ import pytest
 from fastapi import FastAPI, Response
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-from sqlmodel import Session as DbSession
 from sqlmodel import SQLModel
 
 from app.api.deps import EventRepositoryDep, ResumeRequestDep, RunRepositoryDep
 from app.api.errors import install_error_handlers
-from app.db import get_session
+from app.db import get_session, session_dependency
 from app.models import RunStatus, SessionRun
 from app.repositories import RunRepository
 from app.schemas import RunCreate, RunResponse
@@ -82,16 +81,7 @@ def build_app() -> FastAPI:
 def client(engine: Engine) -> TestClient:
     api = build_app()
 
-    def session_on_test_engine():
-        with DbSession(engine, expire_on_commit=False) as db:
-            try:
-                yield db
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-
-    api.dependency_overrides[get_session] = session_on_test_engine
+    api.dependency_overrides[get_session] = session_dependency(engine)
     return TestClient(api)
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 from sqlmodel import func, select
 
-from app.db import get_session
+from app.db import get_session, session_dependency
 from app.models import RunStatus, Session, SessionRun, TriggerSource
 from app.schemas import RunCreate, RunResponse
 
@@ -44,16 +44,7 @@ def build_app() -> FastAPI:
 def client(engine: Engine) -> TestClient:
     api = build_app()
 
-    def session_on_test_engine():
-        with DbSession(engine, expire_on_commit=False) as db:
-            try:
-                yield db
-                db.commit()
-            except BaseException:
-                db.rollback()
-                raise
-
-    api.dependency_overrides[get_session] = session_on_test_engine
+    api.dependency_overrides[get_session] = session_dependency(engine)
     with DbSession(engine) as db:
         db.add(Session(id="s1", title="chat"))
         db.commit()

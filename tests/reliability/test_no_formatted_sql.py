@@ -15,24 +15,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_ruff_finds_no_sql_built_by_string_formatting() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "check",
-            "--select",
-            "S608",
-            "--no-cache",
-            "app",
-            "migrations",
-        ],
+def _ruff_s608(*targets: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "--select", "S608", "--no-cache", *targets],
         cwd=ROOT,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_ruff_finds_no_sql_built_by_string_formatting() -> None:
+    result = _ruff_s608("app", "migrations")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All checks passed" in result.stdout
 
@@ -40,23 +35,5 @@ def test_ruff_finds_no_sql_built_by_string_formatting() -> None:
 def test_ruff_would_see_one() -> None:
     """The check is not blind: the same command flags a formatted query."""
     probe = "def q(name):\n    return f\"SELECT * FROM sessions WHERE id = '{name}'\"\n"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ruff",
-            "check",
-            "--select",
-            "S608",
-            "--no-cache",
-            "--stdin-filename",
-            "probe.py",
-            "-",
-        ],
-        cwd=ROOT,
-        input=probe,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _ruff_s608("--stdin-filename", "probe.py", "-", stdin=probe)
     assert result.returncode == 1 and "S608" in result.stdout, result.stdout + result.stderr
