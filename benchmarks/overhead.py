@@ -199,7 +199,7 @@ class RawSide:
 
     def __init__(
         self, connection: sqlite3.Connection | psycopg.Connection, scripts: dict[str, Script]
-    ):
+    ) -> None:
         self._connection = connection
         self._scripts = scripts
 
@@ -219,14 +219,6 @@ class RawSide:
 
 # --------------------------------------------------------------------------
 # Setup
-
-
-@dataclass
-class Fixture:
-    """Sessions for the lifecycles of each side, and a session to read from."""
-
-    chain_sessions: dict[str, list[str]]
-    read_chain: Chain
 
 
 def add_sessions(engine: Engine, count: int) -> list[str]:

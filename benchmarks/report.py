@@ -101,8 +101,28 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             f"### {BACKEND_NAMES[result.backend]} ({count} samples per operation and side)",
             "",
             table(header, rows, "lrrrlrr"[: len(header)]),
+            "",
+            _replayed_sql(result, "start"),
         ]
     return "\n".join(parts)
+
+
+def _replayed_sql(result: OverheadResult, operation: str) -> str:
+    """The captured statements of one operation, as evidence of what the raw side runs."""
+    postgresql = result.backend == "postgresql"
+    return "\n".join(
+        [
+            f"<details><summary>SQL of <code>{operation}</code> as captured and replayed on "
+            f"{BACKEND_NAMES[result.backend]}</summary>",
+            "",
+            "```sql",
+            *(["-- BEGIN: sent by psycopg before the first statement"] if postgresql else []),
+            result.scripts[operation].describe() + ";",
+            "-- COMMIT: the driver's commit()",
+            "```",
+            "</details>",
+        ]
+    )
 
 
 def scaling_section(results: Sequence[ScalingResult]) -> str:
