@@ -8,6 +8,13 @@ Configuration (environment):
 * ``DB_POOL_SIZE`` (default 5), ``DB_MAX_OVERFLOW`` (default 5),
   ``DB_POOL_TIMEOUT`` seconds (default 30): PostgreSQL connection pool. Small
   managed plans allow about 20 connections for *all* app instances together.
+* ``DB_POOL_PING_AFTER_IDLE`` seconds (default 10): a pooled PostgreSQL
+  connection idle at least this long is pinged when it is checked out, and
+  replaced if the ping fails (servers and proxies drop idle connections).
+  SQLAlchemy's ``pool_pre_ping`` pings on *every* checkout, one round trip per
+  transaction; a connection used a moment ago is almost never dead, and if it
+  is, the statement fails, the pool discards every connection older than the
+  failure, and the next transaction gets a new one. ``0`` pings every time.
 * ``SQLITE_BUSY_TIMEOUT_MS`` (default 5000): how long a SQLite writer waits for
   the write lock before it fails with "database is locked".
 
@@ -30,19 +37,33 @@ Every SQLite connection also gets the SQL function ``json_merge_shallow``
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
 from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
+DEFAULT_PING_AFTER_IDLE = 10.0
+_IDLE_SINCE = "run_layer_idle_since"
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -106,6 +127,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
 
 def _configure_postgresql(engine: Engine) -> None:
+    ping_after_idle = _env_float("DB_POOL_PING_AFTER_IDLE", DEFAULT_PING_AFTER_IDLE)
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Naive timestamps in raw SQL and legacy columns mean UTC, whatever the
@@ -113,6 +136,22 @@ def _configure_postgresql(engine: Engine) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_connection.commit()
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.pop(_IDLE_SINCE, None)
+        if idle_since is None or time.monotonic() - idle_since < ping_after_idle:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            # The pool discards this connection and hands out a new one.
+            raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
 def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
@@ -124,7 +163,6 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
     if resolved.get_backend_name() == "postgresql":
-        options["pool_pre_ping"] = True
         if "poolclass" not in engine_kwargs:  # sizes apply to the default queue pool only
             options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)

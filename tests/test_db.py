@@ -40,11 +40,14 @@ def test_pool_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch
     try:
         assert engine.pool.size() == 3
         assert engine.pool._max_overflow == 7
-        assert engine.pool._pre_ping is True
     finally:
         engine.dispose()
     monkeypatch.setenv("DB_POOL_SIZE", "many")
     with pytest.raises(ValueError, match="DB_POOL_SIZE must be an integer"):
+        create_db_engine("postgresql://u@127.0.0.1:1/none")
+    monkeypatch.setenv("DB_POOL_SIZE", "3")
+    monkeypatch.setenv("DB_POOL_PING_AFTER_IDLE", "soon")
+    with pytest.raises(ValueError, match="DB_POOL_PING_AFTER_IDLE must be a number"):
         create_db_engine("postgresql://u@127.0.0.1:1/none")
 
 

@@ -51,10 +51,9 @@ def test_connection_terminated_mid_transaction(engine: Engine, backend: str) -> 
     record("faults survived", 1, backend)
 
 
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_pool_replaces_connections_killed_while_idle(engine: Engine, backend: str) -> None:
-    """pre-ping: connections killed while idle in the pool are replaced silently."""
-    held = [engine.connect() for _ in range(3)]
+def _kill_pooled_connections(engine: Engine, count: int) -> None:
+    """Check ``count`` connections out and in, then terminate their server processes."""
+    held = [engine.connect() for _ in range(count)]
     pids = [conn.execute(text("SELECT pg_backend_pid()")).scalar_one() for conn in held]
     for conn in held:
         conn.close()
@@ -65,6 +64,36 @@ def test_pool_replaces_connections_killed_while_idle(engine: Engine, backend: st
                 killer.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
     finally:
         killer_engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_connections_killed_while_idle_are_replaced_silently(
+    engine: Engine, database_url: str, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle past DB_POOL_PING_AFTER_IDLE: the checkout ping finds them dead and replaces them."""
+    monkeypatch.setenv("DB_POOL_PING_AFTER_IDLE", "0.2")
+    pinging = create_db_engine(database_url)
+    try:
+        _kill_pooled_connections(pinging, 3)
+        time.sleep(0.3)
+        for _ in range(3):
+            with pinging.begin() as conn:
+                assert conn.execute(text("SELECT 1")).scalar_one() == 1
+    finally:
+        pinging.dispose()
+    record("faults survived", 1, backend)
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_connection_killed_right_after_use_fails_once_then_the_pool_heals(
+    engine: Engine, backend: str
+) -> None:
+    """Without a ping (used a moment ago) the first statement fails; the pool then
+    discards every connection older than the failure, so the next transaction works."""
+    _kill_pooled_connections(engine, 3)
+    with pytest.raises(DBAPIError) as caught, engine.begin() as conn:
+        conn.execute(text("SELECT 1"))
+    assert caught.value.connection_invalidated
     for _ in range(3):
         with engine.begin() as conn:
             assert conn.execute(text("SELECT 1")).scalar_one() == 1
