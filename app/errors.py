@@ -75,11 +75,15 @@ class InvalidTransitionError(ConflictError):
 class ActiveRunExistsError(ConflictError):
     code = "active_run_exists"
 
-    def __init__(self, session_id: str, run_id: str, active_run_id: str | None = None) -> None:
+    def __init__(
+        self, session_id: str | None, run_id: str, active_run_id: str | None = None
+    ) -> None:
+        """``session_id`` is None when a concurrent start won the race (the database's
+        unique index said so and the transaction is aborted; nothing more can be read)."""
         other = f" (run {active_run_id})" if active_run_id else ""
+        whose = f"session {session_id}" if session_id else f"the session of run {run_id}"
         super().__init__(
-            f"session {session_id} already has a running run{other}; "
-            f"run {run_id} cannot run until it stops"
+            f"{whose} already has a running run{other}; run {run_id} cannot run until it stops"
         )
         self.session_id = session_id
         self.run_id = run_id

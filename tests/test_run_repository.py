@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -333,6 +335,53 @@ def test_concurrent_starts_in_one_session_let_exactly_one_win(engine: Engine) ->
         losers = [r for r in results if isinstance(r, ActiveRunExistsError)]
         assert len(winners) == 1 and len(losers) == 2, results
         assert {loser.active_run_id for loser in losers} <= {winners[0].id, None}
+
+
+def test_a_start_that_loses_a_race_gets_active_run_exists(engine: Engine, backend: str) -> None:
+    """The second start waits for the first's uncommitted one and then loses, every time.
+
+    PostgreSQL: both pass the UPDATE's NOT EXISTS guard; the unique index makes the
+    second wait and then refuses it, which aborts its transaction. SQLite: the second
+    waits at BEGIN IMMEDIATE, then the guard sees the committed run.
+    """
+    first_id, second_id = seed(
+        engine,
+        lambda db: [
+            make_run(RunStatus.QUEUED, session=chat).id
+            for chat in [SessionFactory()]
+            for _ in range(2)
+        ],
+    )
+    first_started = threading.Event()
+    outcome: list[BaseException | SessionRun] = []
+
+    def second() -> None:
+        first_started.wait(5)
+        with DbSession(engine) as db:
+            try:
+                outcome.append(RunRepository(db).start(second_id))
+            except ActiveRunExistsError as exc:
+                outcome.append(exc)
+                db.rollback()
+
+    with DbSession(engine) as db:
+        RunRepository(db).start(first_id)
+        thread = threading.Thread(target=second)
+        thread.start()
+        first_started.set()
+        time.sleep(0.3)  # the second is now waiting on the first
+        assert thread.is_alive()
+        db.commit()
+    thread.join(10)
+
+    assert len(outcome) == 1 and isinstance(outcome[0], ActiveRunExistsError), outcome
+    assert outcome[0].run_id == second_id
+    # PostgreSQL: refused by the index (nothing more readable); SQLite: by the guard.
+    assert (outcome[0].session_id is None) is (backend == "postgresql")
+    with DbSession(engine) as db:
+        statuses = dict(db.execute(select(SessionRun.id, SessionRun.status)).all())
+        assert statuses == {first_id: RunStatus.RUNNING, second_id: RunStatus.QUEUED}
+        assert lifecycle(db, second_id) == []  # no run_started for the loser
 
 
 def test_concurrent_resumes_of_one_run_let_exactly_one_win(engine: Engine) -> None:

@@ -10,10 +10,14 @@ waits for our row lock. The returned row refreshes the session's object
 (``populate_existing``), so the caller sees what was written.
 
 At most one run per session is ``running`` (the partial unique index
-``uq_session_runs_one_running``). When the index refuses the UPDATE of a
-start or resume, even because of a concurrent transaction that committed
-first, the caller gets ``ActiveRunExistsError`` and its transaction stays
-usable (a savepoint on PostgreSQL; SQLite needs none, see ``_enter_running``).
+``uq_session_runs_one_running``). The UPDATE of a start or resume carries
+``NOT EXISTS (another running run of the session)``, so a conflict with a
+committed run matches no row and the caller gets ``ActiveRunExistsError`` with
+its transaction usable. Two starts racing in one session on PostgreSQL both
+pass that guard; the index makes the later one wait for the first to commit
+and then fail: ``ActiveRunExistsError`` too, but that transaction is aborted
+and must be rolled back (see ``_enter_running``). SQLite's ``BEGIN IMMEDIATE``
+transactions never race.
 
 Locking note for PostgreSQL: a transition locks the run row, then its
 session's event counter. A transaction that appends an event and then moves a
@@ -24,7 +28,6 @@ concurrent transition (PostgreSQL then aborts one of them): move the run first.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cache
@@ -65,7 +68,7 @@ from app.repositories.params import (
     text_param,
 )
 from app.repositories.rows import execute_core, in_session
-from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, merge_metrics
+from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_ID, merge_metrics
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
     CANCEL,
@@ -113,7 +116,16 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
         values["metrics"] = merge_metrics(dialect)
     if transition is FAIL:
         values["latest_error"] = bindparam("error", type_=RUNS.c.latest_error.type)
-    return update(RUNS).where(_status_in(transition.sources)).values(values)
+    statement = update(RUNS).where(_status_in(transition.sources)).values(values)
+    if transition.target is RunStatus.RUNNING:
+        # The common conflict is a condition, not an error: no savepoint needed.
+        other = RUNS.alias("other_run")
+        statement = statement.where(
+            ~exists().where(
+                other.c.session_id == RUNS.c.session_id, other.c.status == RunStatus.RUNNING
+            )
+        )
+    return statement
 
 
 def _loading(statement: Any) -> Executable:
@@ -239,8 +251,7 @@ class RunRepository:
 
     def __init__(self, session: DbSession) -> None:
         self._session = session
-        self._dialect = session.get_bind().dialect.name
-        self._sql = _statements(self._dialect)
+        self._sql = _statements(session.get_bind().dialect.name)
         self._events = EventRepository(session)
 
     # ---------------------------------------------------------------- create
@@ -472,6 +483,8 @@ class RunRepository:
         run = self._move(run_id, transition, params, event_payload)
         if run is None:
             current = self.get(run_id)
+            if current.status in transition.sources:  # only the one-running guard refuses that
+                self._raise_active_run_exists(run_id)
             raise InvalidTransitionError(
                 run_id, current.status, transition.target, transition.sources
             )
@@ -499,20 +512,20 @@ class RunRepository:
         return run
 
     def _enter_running(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
-        """The UPDATE into ``running``, which ``uq_session_runs_one_running`` may refuse.
+        """The UPDATE into ``running``; its ``NOT EXISTS`` guard sees a running run
+        that is committed, the unique index one that commits meanwhile.
 
-        A failed statement aborts a PostgreSQL transaction, so there it runs in
-        a savepoint. SQLite undoes only the failed statement and the
-        transaction stays usable: no savepoint, two statements fewer.
+        Only the second case is an error, and on PostgreSQL an error aborts the
+        transaction (a savepoint around every start would cost two round trips
+        to keep it usable in a rare race): the caller gets
+        ``ActiveRunExistsError`` and must roll back, as after any database error.
         """
-        guard = self._session.begin_nested() if self._dialect == POSTGRESQL else nullcontext()
         try:
-            with guard:
-                return self._run(statement, params)
+            return self._run(statement, params)
         except IntegrityError as exc:
             if not _violates_one_running(exc):
                 raise
-            self._raise_active_run_exists(params["run_id"])
+            raise ActiveRunExistsError(None, params["run_id"]) from None
 
     def _raise_active_run_exists(self, run_id: str) -> NoReturn:
         row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
