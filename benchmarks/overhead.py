@@ -3,7 +3,7 @@
 Sides, measured in one process on one database per backend:
 
 * ``repository``: what the Run Service does per request: a ``sqlmodel``
-  Session on the engine of ``app.db.create_db_engine`` (pool, pre-ping and
+  Session on the engine of ``app.db.create_db_engine`` (pool, idle ping and
   pragmas included), one repository call, ``commit``.
 * ``raw``: the statements that repository call sent, captured once
   (``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
@@ -86,8 +86,6 @@ OPERATIONS = (
 NAIVE_OPERATION = "start"
 
 REPOSITORY, RAW, NAIVE = "repository", "raw", "naive ORM"
-NO_PING = "repository, no pre-ping"
-"""PostgreSQL only: the engine without ``pool_pre_ping``, to show what the ping costs."""
 
 
 @dataclass
@@ -296,10 +294,6 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     connection = pooled.driver_connection
     raw = RawSide(connection, scripts)
     sides: list[Side] = [repository, raw, naive]
-    unpinged = None
-    if backend == "postgresql":
-        unpinged = create_db_engine(url, pool_pre_ping=False)
-        sides.append(RepositorySide(unpinged, name=NO_PING))
     # Each side has its own sessions; a lifecycle ends in a terminal status, so
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
@@ -322,8 +316,6 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
         pooled.close()
         raw_engine.dispose()
         engine.dispose()
-        if unpinged is not None:
-            unpinged.dispose()
     return OverheadResult(backend, samples, scripts, rounds, batch)
 
 

@@ -14,7 +14,6 @@ from benchmarks.overhead import (
     FLOOR,
     NAIVE,
     NAIVE_OPERATION,
-    NO_PING,
     OPERATIONS,
     RAW,
     REPOSITORY,
@@ -59,15 +58,14 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
         "transaction (SQLite: `BEGIN IMMEDIATE` ... `COMMIT`, WAL, `synchronous=NORMAL` on both "
         "sides; PostgreSQL: psycopg's implicit `BEGIN` ... `COMMIT`), all rows fetched. Sides "
         "alternate step by step; the first round is a warm-up. On PostgreSQL the engine pings "
-        "each connection it hands out (`pool_pre_ping`, one round trip); the last columns show "
-        "the repository on an engine without it. The last operation is no hot path but the "
+        "only connections that sat idle for `DB_POOL_PING_AFTER_IDLE` seconds, so these busy "
+        "connections are not pinged. The last operation is no hot path but the "
         "floor: a Session that runs `SELECT 1` and commits, what every call pays before its "
         "own SQL.",
     ]
     for result in results:
         target = RATIO_TARGETS[result.backend]
         samples = result.samples
-        unpinged = samples.has(NO_PING, NAIVE_OPERATION)
         rows = []
         for operation in OPERATIONS:
             repository = samples.summary(REPOSITORY, operation)
@@ -75,9 +73,6 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             ratio = repository.median_us / raw.median_us
             row = [operation, _median_p95(repository), _median_p95(raw), f"{ratio:.2f}"]
             row.append("(floor)" if operation == FLOOR else _verdict(ratio <= target))
-            if unpinged:
-                no_ping = samples.summary(NO_PING, operation)
-                row += [_median_p95(no_ping), f"{no_ping.median_us / raw.median_us:.2f}"]
             rows.append(row)
         naive = samples.summary(NAIVE, NAIVE_OPERATION)
         raw_start = samples.summary(RAW, NAIVE_OPERATION)
@@ -89,18 +84,15 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
                 _median_p95(raw_start),
                 naive_ratio,
                 "(baseline)",
-                *(["", ""] if unpinged else []),
             ]
         )
         header = ["operation", "repository µs", "raw µs", "ratio", f"≤ {target}"]
-        if unpinged:
-            header += ["repository without pre-ping µs", "ratio"]
         count = samples.summary(REPOSITORY, "get run").count
         parts += [
             "",
             f"### {BACKEND_NAMES[result.backend]} ({count} samples per operation and side)",
             "",
-            table(header, rows, "lrrrlrr"[: len(header)]),
+            table(header, rows, "lrrrl"),
             "",
             _replayed_sql(result, "start"),
         ]

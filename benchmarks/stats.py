@@ -44,9 +44,6 @@ class Samples:
     def summary(self, side: str, operation: str) -> Summary:
         return summarize(self._by_key[side, operation])
 
-    def has(self, side: str, operation: str) -> bool:
-        return bool(self._by_key.get((side, operation)))
-
 
 def format_us(value: float) -> str:
     """Microseconds with precision that suits their size (12.3, 456, 7 890)."""
