@@ -170,3 +170,24 @@ def test_run_listing_uses_idx_session_runs_session_created(
     used = _indexes_on(engine, query, "session_runs")
     assert "idx_session_runs_session_created" in used
     assert None not in used, "a full scan of session_runs"
+
+
+def test_starts_update_and_its_one_running_guard_are_index_served(
+    engine: Engine, population: Population
+) -> None:
+    """``start``'s UPDATE finds its run by key and checks for another running run of
+    the session through an index (``uq_session_runs_one_running`` or the status
+    index, as the planner prefers), never by reading the table."""
+    run_id = population.run_ids[0]
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE session_runs SET status = 'queued' WHERE id = :id"), {"id": run_id}
+        )
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        RunRepository(db).start(run_id)
+        db.rollback()
+    (guarded,) = [s for s in capture.statements if s.sql.lstrip().upper().startswith("UPDATE")]
+    accesses = _indexes_on(engine, guarded, "session_runs") | _indexes_on(
+        engine, guarded, "other_run"
+    )
+    assert accesses and None not in accesses, accesses

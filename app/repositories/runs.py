@@ -42,6 +42,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    literal_column,
     or_,
     select,
     true,
@@ -119,10 +120,14 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
     statement = update(RUNS).where(_status_in(transition.sources)).values(values)
     if transition.target is RunStatus.RUNNING:
         # The common conflict is a condition, not an error: no savepoint needed.
+        # 'running' as a literal, not a parameter: psycopg prepares a statement
+        # after a few executions, and PostgreSQL's generic plan can use the partial
+        # index uq_session_runs_one_running (WHERE status = 'running') only then.
         other = RUNS.alias("other_run")
         statement = statement.where(
             ~exists().where(
-                other.c.session_id == RUNS.c.session_id, other.c.status == RunStatus.RUNNING
+                other.c.session_id == RUNS.c.session_id,
+                other.c.status == literal_column(f"'{RunStatus.RUNNING.value}'"),
             )
         )
     return statement
