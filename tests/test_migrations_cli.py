@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 from sqlalchemy import Engine, inspect, text
@@ -135,7 +134,7 @@ WORKER = textwrap.dedent(
     from migrations import MIGRATIONS, Migration, upgrade
     from migrations.steps import step
 
-    url, start_at = sys.argv[1], float(sys.argv[2])
+    url = sys.argv[1]
     engine = create_db_engine(url)
     slow_sql = {
         "postgresql": "SELECT pg_sleep(0.5)",
@@ -143,7 +142,8 @@ WORKER = textwrap.dedent(
         "WHERE i < 1500000) SELECT count(*) FROM n",
     }
     slow = Migration(100, "slow", "test only", lambda dialect: (step(slow_sql[dialect]),))
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # released together with the other workers
     began = time.time()
     applied = upgrade(engine, migrations=[*MIGRATIONS, slow])
     print(json.dumps({"applied": [m.version for m in applied], "began": began,
@@ -155,17 +155,24 @@ WORKER = textwrap.dedent(
 def test_concurrent_processes_apply_each_migration_exactly_once(
     database_url: str, empty_engine: Engine
 ) -> None:
-    start_at = time.time() + 3.0  # every worker imported and waiting before anyone starts
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, database_url, str(start_at)],
+            [sys.executable, "-c", WORKER, database_url],
             cwd=ROOT,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(4)
     ]
+    # Every worker has imported everything before any starts, however slow the machine.
+    for worker in workers:
+        line = worker.stdout.readline()
+        assert line.strip() == "ready", f"worker said {line!r} (exit code {worker.poll()})"
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
     results = []
     for worker in workers:
         out, err = worker.communicate(timeout=120)
