@@ -588,3 +588,33 @@ def test_lifecycle_events_use_the_session_seq(session: DbSession, runs: RunRepos
     runs.start(run.id)
     events = EventRepository(session).list_for_run(run.id)
     assert [(e.seq, e.type) for e in events] == [(2, "run_created"), (3, "run_started")]
+
+
+def test_runs_returned_by_the_repository_track_json_changes(
+    engine: Engine, session: DbSession, runs: RunRepository
+) -> None:
+    """Objects built from Core rows (``app.repositories.rows``) behave like ORM-loaded ones:
+    a top-level change to a JSON column is saved on commit, in the session's identity map."""
+    run = make_run(RunStatus.QUEUED, metrics={"tokens": 1})
+    session.commit()
+
+    fetched = runs.get(run.id)
+    assert fetched is run  # the session's own instance, refreshed
+    fetched.metrics["tokens"] = 2
+    session.commit()
+
+    started = runs.start(run.id)
+    started.metrics["cost"] = 0.5
+    session.commit()
+
+    fresh = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
+    assert fresh.metrics == {"tokens": 2, "cost": 0.5}
+
+    other = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
+    with DbSession(engine) as db:
+        loaded = RunRepository(db).get(other.id)
+        loaded.checkpoint_ns = "ns"
+        loaded.metrics["late"] = True
+        db.commit()
+    fresh = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
+    assert (fresh.checkpoint_ns, fresh.metrics["late"]) == ("ns", True)
