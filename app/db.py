@@ -37,6 +37,7 @@ Every SQLite connection also gets the SQL function ``json_merge_shallow``
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -93,6 +94,26 @@ def resolve_database_url(url: str | URL | None = None) -> URL:
     return parsed
 
 
+def _ensure_wal(cursor: Any, timeout_s: float) -> None:
+    """Put the database file in WAL mode, also when several processes open a new file at once.
+
+    The mode is stored in the file, so only the first connection ever switches
+    it; the others find ``wal`` and move on. Switching needs an exclusive lock,
+    and SQLite may refuse it with "database is locked" at once instead of waiting
+    on the busy timeout, so a refused switch is retried until that timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     busy_timeout_ms = _env_int("SQLITE_BUSY_TIMEOUT_MS", 5000)
     in_memory = engine.url.database in (None, "", ":memory:")
@@ -106,7 +127,7 @@ def _configure_sqlite(engine: Engine) -> None:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             if not in_memory:
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _ensure_wal(cursor, busy_timeout_ms / 1000)
                 # WAL + NORMAL: durable against application crashes; a power
                 # loss may drop the last transactions but never corrupts.
                 cursor.execute("PRAGMA synchronous = NORMAL")
