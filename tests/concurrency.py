@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine
@@ -53,3 +56,41 @@ def race(engine: Engine, works: list[Callable[[DbSession], T]]) -> list[T | Exce
 
     with ThreadPoolExecutor(max_workers=len(works)) as pool:
         return list(pool.map(run, works))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_scripts_together(
+    script: str, args: list[str], count: int, timeout: float = 120
+) -> list[str]:
+    """Run ``count`` Python processes of ``script`` that start its real work at one moment.
+
+    Each process prints ``ready`` once it has imported everything, then waits for
+    a line on stdin; all are released together, so a slow machine cannot spread
+    their starts apart. Every process must exit 0; returns each one's stdout after
+    ``ready``.
+    """
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, *args],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    for process in processes:
+        line = process.stdout.readline()
+        assert line.strip() == "ready", f"process said {line!r} (exit code {process.poll()})"
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outputs = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        assert process.returncode == 0, err
+        outputs.append(out)
+    return outputs

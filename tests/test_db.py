@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -15,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 import app.db as db
 from app.db import create_db_engine, resolve_database_url
+from tests.concurrency import run_scripts_together
 
 
 def test_url_order_argument_then_env_then_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,29 +174,10 @@ def test_processes_opening_a_new_sqlite_file_together_all_get_wal(database_url: 
 
     A race: before the fix about 4 % of such starts failed, so 48 starts catch it
     with high probability."""
-    root = Path(__file__).resolve().parents[1]
     for _round in range(6):
         for suffix in ("", "-wal", "-shm"):
             Path(make_url_path(database_url) + suffix).unlink(missing_ok=True)
-        openers = [
-            subprocess.Popen(
-                [sys.executable, "-c", _OPENER, database_url],
-                cwd=root,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for _ in range(8)
-        ]
-        for opener in openers:
-            assert opener.stdout.readline().strip() == "ready"
-        for opener in openers:
-            opener.stdin.write("go\n")
-            opener.stdin.flush()
-        for opener in openers:
-            _out, err = opener.communicate(timeout=60)
-            assert opener.returncode == 0, err
+        run_scripts_together(_OPENER, [database_url], count=8, timeout=60)
         engine = create_db_engine(database_url)
         try:
             with engine.connect() as conn:

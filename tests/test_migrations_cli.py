@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import Engine, inspect, text
 
 from migrations import MIGRATIONS, status, upgrade
+from tests.concurrency import run_scripts_together
 from tests.test_migrations import make_v07_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,29 +156,8 @@ WORKER = textwrap.dedent(
 def test_concurrent_processes_apply_each_migration_exactly_once(
     database_url: str, empty_engine: Engine
 ) -> None:
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, database_url],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
-    # Every worker has imported everything before any starts, however slow the machine.
-    for worker in workers:
-        line = worker.stdout.readline()
-        assert line.strip() == "ready", f"worker said {line!r} (exit code {worker.poll()})"
-    for worker in workers:
-        worker.stdin.write("go\n")
-        worker.stdin.flush()
-    results = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=120)
-        assert worker.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    outputs = run_scripts_together(WORKER, [database_url], count=4)
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
 
     applied = sorted(version for result in results for version in result["applied"])
     assert applied == sorted([m.version for m in MIGRATIONS] + [100])
