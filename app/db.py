@@ -39,16 +39,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
+from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
+from app.errors import TransactionAbortedError
 from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
@@ -146,6 +149,13 @@ def _configure_sqlite(engine: Engine) -> None:
             )
         connection.exec_driver_sql(f"BEGIN {mode}")
 
+    @event.listens_for(engine, "commit")
+    def _on_commit(connection: Any) -> None:
+        # SQLite rolls a transaction back by itself after some errors (SQLITE_FULL,
+        # SQLITE_IOERR, SQLITE_BUSY, ...); COMMIT would then succeed on nothing.
+        if not connection.connection.dbapi_connection.in_transaction:
+            raise TransactionAbortedError("SQLite rolled it back after an error")
+
 
 def _configure_postgresql(engine: Engine) -> None:
     ping_after_idle = _env_float("DB_POOL_PING_AFTER_IDLE", DEFAULT_PING_AFTER_IDLE)
@@ -157,6 +167,14 @@ def _configure_postgresql(engine: Engine) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_connection.commit()
+
+    @event.listens_for(engine, "commit")
+    def _on_commit(connection: Any) -> None:
+        # After a failed statement PostgreSQL answers COMMIT with ROLLBACK and
+        # psycopg raises nothing: refuse, so the caller learns the writes are gone.
+        status = connection.connection.dbapi_connection.info.transaction_status
+        if status == TransactionStatus.INERROR:
+            raise TransactionAbortedError("a statement in it failed")
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -203,30 +221,32 @@ def get_engine() -> Engine:
     return create_db_engine()
 
 
-def session_dependency(engine: Engine) -> Callable[[], Iterator[DbSession]]:
-    """A FastAPI dependency yielding one ``sqlmodel.Session`` on ``engine`` per request.
+def read_only(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read: same pool, but on SQLite they
+    begin DEFERRED, so they never take or wait for the write lock (WAL readers
+    run beside a writer). On PostgreSQL it is ``engine`` itself."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    return engine.execution_options(sqlite_begin="DEFERRED")
 
-    Commits when the request handler returns, rolls back when it raises.
-    Objects stay readable after the commit (``expire_on_commit=False``), so a
-    handler may return a model it loaded. Use it to serve another database, or
-    in tests: ``app.dependency_overrides[get_session] = session_dependency(engine)``.
+
+@contextmanager
+def unit_of_work(engine: Engine, *, readonly: bool = False) -> Iterator[DbSession]:
+    """One transaction: a ``sqlmodel.Session`` committed when the block ends, rolled
+    back if it raises, and closed either way (its connection back in the pool).
+
+    ``expire_on_commit=False``: the objects stay readable after the block. The
+    contract (who commits, what to do after a conflict) is in docs/unit-of-work.md.
     """
-
-    def dependency() -> Iterator[DbSession]:
-        with DbSession(engine, expire_on_commit=False) as session:
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-
-    return dependency
-
-
-def get_session() -> Iterator[DbSession]:
-    """FastAPI dependency: ``session_dependency`` on the process-wide engine (``DATABASE_URL``)."""
-    yield from session_dependency(get_engine())()
+    session = DbSession(read_only(engine) if readonly else engine, expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 __all__ = [
@@ -234,7 +254,7 @@ __all__ = [
     "DbSession",
     "create_db_engine",
     "get_engine",
-    "get_session",
+    "read_only",
     "resolve_database_url",
-    "session_dependency",
+    "unit_of_work",
 ]

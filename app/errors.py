@@ -8,7 +8,10 @@ status the Run API answers with (``status_code``) and a stable machine code
     ├── NotFoundError (404): RunNotFoundError, SessionNotFoundError
     ├── ConflictError (409): InvalidTransitionError, ActiveRunExistsError
     ├── BadParameterError (400): a parameter out of range, a bad resume payload
-    └── ValidationFailedError (422): a body that does not validate
+    ├── ValidationFailedError (422): a body that does not validate
+    ├── ReadOnlyFieldError (500): a stored row changed outside the repositories
+    ├── TransactionAbortedError (500): commit of a transaction the database aborted
+    └── DatabaseBusyError (503): no connection or lock within its timeout; retry
 """
 
 from __future__ import annotations
@@ -105,14 +108,58 @@ class ValidationFailedError(DataLayerError):
     code = "validation_failed"
 
 
+class ReadOnlyFieldError(DataLayerError):
+    """A stored row's column that only the repositories may change was assigned.
+
+    Run status and everything a transition writes change through
+    ``RunRepository``; events never change once written.
+    """
+
+    code = "read_only_field"
+
+    def __init__(self, model: str, field: str, key: object, hint: str) -> None:
+        super().__init__(f"{model} {key!r}: {field} cannot be changed here; {hint}")
+        self.model = model
+        self.field = field
+
+
+class TransactionAbortedError(DataLayerError):
+    """``commit()`` of a transaction that the database has already rolled back.
+
+    On PostgreSQL any failed statement aborts the transaction, and a plain
+    COMMIT would then roll back quietly; SQLite rolls a transaction back on
+    some errors (a full disk, a lock lost). The layer raises instead, so that
+    earlier writes of the transaction are never lost without a word. Roll
+    back and do the unit of work again.
+    """
+
+    code = "transaction_aborted"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            f"the database aborted this transaction ({detail}); nothing of it was committed: "
+            "roll back and retry the unit of work"
+        )
+
+
+class DatabaseBusyError(DataLayerError):
+    """No pooled connection, or SQLite's write lock, within the configured timeout."""
+
+    status_code = 503
+    code = "database_busy"
+
+
 __all__ = [
     "ActiveRunExistsError",
     "BadParameterError",
     "ConflictError",
     "DataLayerError",
+    "DatabaseBusyError",
     "InvalidTransitionError",
     "NotFoundError",
+    "ReadOnlyFieldError",
     "RunNotFoundError",
     "SessionNotFoundError",
+    "TransactionAbortedError",
     "ValidationFailedError",
 ]

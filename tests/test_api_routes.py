@@ -1,93 +1,51 @@
-"""The Run API routes of spec section 8 on the repositories, dependencies and error handlers."""
+"""The Run API router (``app.api.routes``) on the repositories, both backends.
+
+TestClient drives the real app here; ``tests/test_api_load.py`` drives it
+under uvicorn over real HTTP.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Response
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
-from sqlmodel import SQLModel
+from sqlalchemy import Engine, text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import EventRepositoryDep, ResumeRequestDep, RunRepositoryDep
-from app.api.errors import install_error_handlers
-from app.db import get_session, session_dependency
-from app.models import RunStatus, SessionRun
+from app.api.deps import RunRepositoryDep, get_db_engine
+from app.api.main import create_app
+from app.models import RunStatus
 from app.repositories import RunRepository
-from app.schemas import RunCreate, RunResponse
 from app.state_machine import TERMINAL_STATUSES
 from tests.concurrency import in_own_transaction, seed
 from tests.factories import SessionFactory, SessionRunFactory
 
 
-class EventOut(SQLModel):
-    session_id: str
-    seq: int
-    type: str
-    source: str
-    run_id: str | None
-    event_id: str | None
-    payload: dict[str, Any]
-    timestamp: datetime
-
-
-class EventPage(SQLModel):
-    run_id: str
-    events: list[EventOut]
-
-
-def build_app() -> FastAPI:
-    api = FastAPI()
-    install_error_handlers(api)
-
-    @api.post("/api/runs", response_model=RunResponse, status_code=201)
-    def create_run(body: RunCreate, runs: RunRepositoryDep) -> SessionRun:
-        return runs.create(body)
-
-    @api.get("/api/runs/{run_id}", response_model=RunResponse)
-    def get_run(run_id: str, runs: RunRepositoryDep) -> SessionRun:
-        return runs.get(run_id)
-
-    @api.post("/api/runs/{run_id}/resume", response_model=RunResponse, status_code=202)
-    def resume_run(run_id: str, body: ResumeRequestDep, runs: RunRepositoryDep) -> SessionRun:
-        return runs.resume(run_id, body)
-
-    @api.post("/api/runs/{run_id}/cancel", response_model=RunResponse, status_code=202)
-    def cancel_run(run_id: str, response: Response, runs: RunRepositoryDep) -> SessionRun:
-        run, changed = runs.cancel(run_id)
-        if not changed:
-            response.status_code = 200
-        return run
-
-    @api.get("/api/runs/{run_id}/events", response_model=EventPage)
-    def run_events(
-        run_id: str, events: EventRepositoryDep, since_seq: int = 0, limit: int = 100
-    ) -> EventPage:
-        page = events.list_for_run(run_id, since_seq=since_seq, limit=limit)
-        return EventPage(
-            run_id=run_id,
-            events=[
-                EventOut.model_validate(event, update={"timestamp": event.created_at})
-                for event in page
-            ],
-        )
-
+def app_on(engine: Engine) -> FastAPI:
+    api = create_app()
+    api.dependency_overrides[get_db_engine] = lambda: engine
     return api
 
 
 @pytest.fixture
-def client(engine: Engine) -> TestClient:
-    api = build_app()
-
-    api.dependency_overrides[get_session] = session_dependency(engine)
-    return TestClient(api)
+def client(engine: Engine) -> Iterator[TestClient]:
+    with TestClient(app_on(engine), raise_server_exceptions=False) as test_client:
+        yield test_client
 
 
 def run_in(engine: Engine, status: RunStatus) -> str:
     extra = {"waiting_reason": "pick one"} if status is RunStatus.WAITING_INPUT else {}
     return seed(engine, lambda db: SessionRunFactory(status=status, **extra).id)
+
+
+def count_runs(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT COUNT(*) FROM session_runs")).scalar_one()
 
 
 def test_create_then_get(client: TestClient, engine: Engine) -> None:
@@ -104,11 +62,80 @@ def test_create_then_get(client: TestClient, engine: Engine) -> None:
     assert fetched.status_code == 200 and fetched.json() == body
 
 
-def test_create_errors(client: TestClient) -> None:
+class CheckStoredBeforeAnswer:
+    """ASGI middleware: when the response body leaves, look the run up from
+    another connection. It must already be committed."""
+
+    def __init__(self, app: ASGIApp, engine: Engine) -> None:
+        self.app, self.engine = app, engine
+        self.seen: list[bool] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def checking_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                run_id = json.loads(message["body"]).get("run_id")
+                if run_id:
+                    with self.engine.connect() as conn:
+                        found = conn.execute(
+                            text("SELECT COUNT(*) FROM session_runs WHERE id = :id"),
+                            {"id": run_id},
+                        ).scalar_one()
+                    self.seen.append(found == 1)
+            await send(message)
+
+        await self.app(scope, receive, checking_send)
+
+
+def test_the_run_is_committed_before_the_answer_leaves(engine: Engine) -> None:
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    checker = CheckStoredBeforeAnswer(app_on(engine), engine)
+    with TestClient(checker) as client:  # type: ignore[arg-type]
+        for _ in range(5):
+            response = client.post("/api/runs", json={"session_id": session_id, "message": "m"})
+            assert response.status_code == 201
+    assert checker.seen == [True] * 5
+
+
+def test_a_failing_commit_is_an_error_answer_and_stores_nothing(engine: Engine) -> None:
+    """A deferred foreign key fails at COMMIT, on both backends: the client must not
+    get a 201 for a run that was rolled back."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TABLE commit_fault (run_id VARCHAR(64) REFERENCES session_runs(id) "
+                "DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    api = app_on(engine)
+
+    @api.post("/faulty-runs", status_code=201)
+    def create_then_break(runs: RunRepositoryDep) -> dict[str, str]:
+        run = runs.create({"session_id": session_id, "message": "m"})
+        runs._session.execute(text("INSERT INTO commit_fault VALUES ('no such run')"))
+        return {"run_id": run.id}
+
+    with TestClient(api, raise_server_exceptions=False) as client:
+        response = client.post("/faulty-runs")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+    assert count_runs(engine) == 0
+
+
+def test_create_errors(client: TestClient, engine: Engine) -> None:
     unknown = client.post("/api/runs", json={"session_id": "nope", "message": "x"})
     assert unknown.status_code == 404
     assert unknown.json()["error"]["code"] == "session_not_found"
-    assert client.post("/api/runs", json={"session_id": "s", "message": ""}).status_code == 422
+    for body in ({"session_id": "s", "message": ""}, {"session_id": "s"}, [1], "x"):
+        invalid = client.post("/api/runs", json=body)
+        assert invalid.status_code == 422, invalid.text
+        assert invalid.json()["error"]["code"] == "validation_failed"
+    malformed = client.post(
+        "/api/runs", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code == 422
+    assert malformed.json()["error"]["code"] == "validation_failed"
+    assert count_runs(engine) == 0
 
 
 def test_get_an_unknown_run_is_a_404_with_the_error_body(client: TestClient) -> None:
@@ -117,6 +144,13 @@ def test_get_an_unknown_run_is_a_404_with_the_error_body(client: TestClient) -> 
     assert response.json() == {
         "error": {"code": "run_not_found", "message": "run 'missing' not found"}
     }
+
+
+def test_unknown_paths_and_methods_answer_in_the_error_shape(client: TestClient) -> None:
+    assert client.get("/api/nothing").json()["error"]["code"] == "not_found"
+    wrong_method = client.delete("/api/runs/x")
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_resume_a_waiting_run(client: TestClient, engine: Engine) -> None:
@@ -136,13 +170,32 @@ def test_resume_when_not_waiting_is_a_409(client: TestClient, engine: Engine) ->
 
 
 @pytest.mark.parametrize(
-    "body", [{"resume": "yes"}, {"resume": [1]}, {}, {"resume": {}, "extra": 1}, [1]]
+    "body",
+    [
+        {"resume": "yes"},
+        {"resume": [1]},
+        {},
+        {"resume": {}, "extra": 1},
+        [1],
+        b"{not json",
+        b"",
+        {"resume": {"x": float("nan")}},
+    ],
 )
 def test_a_bad_resume_body_is_a_400_and_changes_nothing(
     client: TestClient, engine: Engine, body: Any
 ) -> None:
     run_id = run_in(engine, RunStatus.WAITING_INPUT)
-    response = client.post(f"/api/runs/{run_id}/resume", json=body)
+    if isinstance(body, bytes):
+        response = client.post(
+            f"/api/runs/{run_id}/resume", content=body, headers={"content-type": "application/json"}
+        )
+    else:
+        response = client.post(
+            f"/api/runs/{run_id}/resume",
+            content=json.dumps(body).encode(),
+            headers={"content-type": "application/json"},
+        )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "bad_parameter"
     assert client.get(f"/api/runs/{run_id}").json()["status"] == "waiting_input"
@@ -159,6 +212,12 @@ def test_cancel_is_202_when_accepted_and_200_when_already_terminal(
     assert response.json()["status"] == expected_status
 
 
+def test_cancel_an_unknown_run_is_a_404(client: TestClient) -> None:
+    response = client.post("/api/runs/missing/cancel")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "run_not_found"
+
+
 def test_run_events_page(client: TestClient, engine: Engine) -> None:
     run_id = run_in(engine, RunStatus.QUEUED)
     for step in ("start", "complete"):
@@ -166,24 +225,61 @@ def test_run_events_page(client: TestClient, engine: Engine) -> None:
 
     response = client.get(f"/api/runs/{run_id}/events", params={"since_seq": 0, "limit": 10})
     assert response.status_code == 200
-    events = response.json()["events"]
-    assert [(e["seq"], e["type"]) for e in events] == [(1, "run_started"), (2, "run_completed")]
-    assert all(e["run_id"] == run_id for e in events)
-    assert all(datetime.fromisoformat(e["timestamp"]).utcoffset() is not None for e in events)
+    page = response.json()
+    assert [(e["seq"], e["type"]) for e in page["items"]] == [
+        (1, "run_started"),
+        (2, "run_completed"),
+    ]
+    assert page["next_since_seq"] == 2
+    assert all(e["run_id"] == run_id and isinstance(e["payload"], dict) for e in page["items"])
+    assert all(
+        datetime.fromisoformat(e["timestamp"]).utcoffset() is not None for e in page["items"]
+    )
 
-    after = client.get(f"/api/runs/{run_id}/events", params={"since_seq": 1})
-    assert [e["seq"] for e in after.json()["events"]] == [2]
+    after = client.get(f"/api/runs/{run_id}/events", params={"since_seq": 1, "limit": 1})
+    assert [e["seq"] for e in after.json()["items"]] == [2]
+    empty = client.get(f"/api/runs/{run_id}/events", params={"since_seq": 2}).json()
+    assert empty == {"items": [], "next_since_seq": 2}
 
 
-@pytest.mark.parametrize("query", [{"limit": 0}, {"limit": 1001}, {"since_seq": -1}])
-def test_run_events_out_of_range_is_a_400(
-    client: TestClient, engine: Engine, query: dict[str, int]
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": 0},
+        {"limit": 1001},
+        {"since_seq": -1},
+        {"since_seq": "abc"},
+        {"limit": "1.5"},
+        {"since_seq": 2**31},
+    ],
+)
+def test_run_events_bad_parameters_are_a_400(
+    client: TestClient, engine: Engine, query: dict[str, Any]
 ) -> None:
     run_id = run_in(engine, RunStatus.QUEUED)
     response = client.get(f"/api/runs/{run_id}/events", params=query)
-    assert response.status_code == 400
-    assert response.json()["error"]["code"] == "bad_parameter"
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_parameter"
+    assert next(iter(query)) in error["message"]
 
 
 def test_events_of_an_unknown_run_is_a_404(client: TestClient) -> None:
     assert client.get("/api/runs/missing/events").status_code == 404
+
+
+def test_openapi_documents_bodies_and_error_responses(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    resume = paths["/api/runs/{run_id}/resume"]["post"]
+    resume_schema = resume["requestBody"]["content"]["application/json"]["schema"]
+    assert resume_schema["required"] == ["resume"]
+    assert {"202", "400", "404", "409"} <= set(resume["responses"])
+    create = paths["/api/runs"]["post"]
+    assert {"201", "404", "422"} <= set(create["responses"])
+    error_ref = create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+    assert error_ref.endswith("/ErrorResponse")
+    events = paths["/api/runs/{run_id}/events"]["get"]
+    assert {"200", "400", "404"} <= set(events["responses"])
+    assert set(paths["/api/runs/{run_id}/cancel"]["post"]["responses"]) >= {"200", "202", "404"}
+    assert schema["components"]["schemas"]["RunStatus"]["enum"] == [s.value for s in RunStatus]

@@ -129,22 +129,12 @@ def test_sqlite_begin_mode_is_validated(database_url: str) -> None:
         engine.dispose()
 
 
-def test_get_session_commits_on_success_and_rolls_back_on_error(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(db, "get_engine", lambda: engine)
-
-    dependency = db.get_session()
-    session = next(dependency)
-    session.execute(text("INSERT INTO sessions (id, title) VALUES ('ok', 't')"))
-    with pytest.raises(StopIteration):
-        next(dependency)
-
-    dependency = db.get_session()
-    session = next(dependency)
-    session.execute(text("INSERT INTO sessions (id, title) VALUES ('bad', 't')"))
-    with pytest.raises(RuntimeError):
-        dependency.throw(RuntimeError("handler failed"))
+def test_unit_of_work_commits_on_success_and_rolls_back_on_error(engine: Engine) -> None:
+    with db.unit_of_work(engine) as session:
+        session.execute(text("INSERT INTO sessions (id, title) VALUES ('ok', 't')"))
+    with pytest.raises(RuntimeError), db.unit_of_work(engine) as session:
+        session.execute(text("INSERT INTO sessions (id, title) VALUES ('bad', 't')"))
+        raise RuntimeError("handler failed")
 
     with engine.connect() as conn:
         ids = {row[0] for row in conn.execute(text("SELECT id FROM sessions"))}

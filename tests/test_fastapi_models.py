@@ -1,21 +1,17 @@
-"""The models and ``get_session`` inside a FastAPI app, on both backends."""
+"""The models and the request session (``app.api.deps.SessionDep``) in a FastAPI app."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 from sqlmodel import func, select
 
-from app.db import get_session, session_dependency
+from app.api.deps import SessionDep, get_db_engine
 from app.models import RunStatus, Session, SessionRun, TriggerSource
 from app.schemas import RunCreate, RunResponse
-
-SessionDep = Annotated[DbSession, Depends(get_session)]
 
 
 def build_app() -> FastAPI:
@@ -44,7 +40,7 @@ def build_app() -> FastAPI:
 def client(engine: Engine) -> TestClient:
     api = build_app()
 
-    api.dependency_overrides[get_session] = session_dependency(engine)
+    api.dependency_overrides[get_db_engine] = lambda: engine
     with DbSession(engine) as db:
         db.add(Session(id="s1", title="chat"))
         db.commit()

@@ -1,23 +1,133 @@
-"""FastAPI dependencies: one database session per request, repositories on top of it.
+"""FastAPI dependencies: the request's unit of work and the repositories on it.
 
-The repositories share the request's session, so everything a handler does
-commits or rolls back together when the request ends (``app.db.get_session``).
+The contract (docs/unit-of-work.md): a request gets one ``sqlmodel.Session``;
+it commits when the handler returns, **before the response is sent**, and
+rolls back when the handler raises. A failed commit is an error response and
+nothing of the request is stored.
+
+Why the session dependency is async. A sync handler runs in Starlette's
+threadpool (about 40 threads), and so does the validation of its response.
+If every thread waited for a pooled connection while the requests that hold
+the connections waited for a thread to finish their response, the app would
+stall until ``pool_timeout`` and answer 500. So a request first waits, in the
+event loop and holding nothing, for one of the engine's *slots* (as many as
+the pool has connections); only then does it take a thread and a
+connection. Commit and rollback run in a thread of their own, outside the
+shared threadpool, so a request that holds a connection never waits for a
+thread.
+
+Tests and apps that serve another database override ``get_db_engine``:
+``app.dependency_overrides[get_db_engine] = lambda: engine``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import weakref
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Body, Depends
+import anyio
+from fastapi import Depends, Request
 from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.pool import QueuePool
 from sqlmodel import Session as DbSession
 
-from app.db import get_session
-from app.errors import BadParameterError
+from app.db import get_engine, unit_of_work
+from app.errors import BadParameterError, DatabaseBusyError
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunResumeRequest
 
-SessionDep = Annotated[DbSession, Depends(get_session)]
+_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, anyio.CapacityLimiter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def get_db_engine() -> Engine:
+    """The engine requests use: the process-wide one for ``DATABASE_URL``."""
+    return get_engine()
+
+
+EngineDep = Annotated[Engine, Depends(get_db_engine)]
+
+
+def request_slots(engine: Engine) -> int:
+    """How many requests may hold a session of ``engine`` at once.
+
+    ``DB_REQUEST_SLOTS``, else the pool's capacity (``pool_size + max_overflow``).
+    """
+    configured = os.environ.get("DB_REQUEST_SLOTS", "").strip()
+    if configured:
+        try:
+            slots = int(configured)
+        except ValueError:
+            raise ValueError(f"DB_REQUEST_SLOTS must be an integer, got {configured!r}") from None
+        if slots < 1:
+            raise ValueError(f"DB_REQUEST_SLOTS must be at least 1, got {slots}")
+        return slots
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        return pool.size() + max(pool._max_overflow, 0)  # no public accessor
+    return 1
+
+
+def _limiter(engine: Engine) -> anyio.CapacityLimiter:
+    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
+    limiter = per_loop.get(id(engine))
+    if limiter is None:
+        limiter = per_loop[id(engine)] = anyio.CapacityLimiter(request_slots(engine))
+    return limiter
+
+
+def _slot_timeout() -> float:
+    raw = os.environ.get("DB_POOL_TIMEOUT", "").strip()
+    return float(raw) if raw else 30.0
+
+
+async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
+    limiter, borrower = _limiter(engine), object()  # a route may hold two sessions
+    try:
+        with anyio.fail_after(_slot_timeout()):
+            await limiter.acquire_on_behalf_of(borrower)
+    except TimeoutError:
+        raise DatabaseBusyError(
+            f"no database connection free within {_slot_timeout():g} s; retry later"
+        ) from None
+    try:
+        work = unit_of_work(engine, readonly=readonly)
+        session = work.__enter__()  # creates the Session; no I/O yet
+        # Commit or rollback in a thread of its own (see the module docstring).
+        own_thread = anyio.CapacityLimiter(1)
+        try:
+            yield session
+        except BaseException as exc:
+            await anyio.to_thread.run_sync(
+                work.__exit__, type(exc), exc, exc.__traceback__, limiter=own_thread
+            )
+            raise
+        await anyio.to_thread.run_sync(work.__exit__, None, None, None, limiter=own_thread)
+    finally:
+        limiter.release_on_behalf_of(borrower)
+
+
+async def get_session(engine: EngineDep) -> AsyncIterator[DbSession]:
+    """The request's read-write session (see the module docstring)."""
+    async for session in _request_session(engine, readonly=False):
+        yield session
+
+
+async def get_read_session(engine: EngineDep) -> AsyncIterator[DbSession]:
+    """A session for requests that only read: on SQLite it never waits for a writer."""
+    async for session in _request_session(engine, readonly=True):
+        yield session
+
+
+# scope="function": the exit code (commit) runs before the response is sent.
+SessionDep = Annotated[DbSession, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[DbSession, Depends(get_read_session, scope="function")]
 
 
 def get_run_repository(session: SessionDep) -> RunRepository:
@@ -28,25 +138,52 @@ def get_event_repository(session: SessionDep) -> EventRepository:
     return EventRepository(session)
 
 
-def get_resume_request(body: Annotated[Any, Body()]) -> RunResumeRequest:
-    """The resume body, validated; a bad one is a 400 (spec 8: "bad resume payload")."""
+def get_run_reader(session: ReadSessionDep) -> RunRepository:
+    """A ``RunRepository`` for handlers that only read runs."""
+    return RunRepository(session)
+
+
+def get_event_reader(session: ReadSessionDep) -> EventRepository:
+    """An ``EventRepository`` for handlers that only read events."""
+    return EventRepository(session)
+
+
+async def get_resume_request(request: Request) -> RunResumeRequest:
+    """The resume body, validated; anything wrong with it is a 400 ``bad_parameter``
+    (spec 8: "bad resume payload"), malformed JSON included."""
+    raw = await request.body()
+    try:
+        body: Any = json.loads(raw)
+    except ValueError:
+        raise BadParameterError("resume", 'expected a JSON body {"resume": {...}}') from None
     try:
         return RunResumeRequest.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(error["msg"] for error in exc.errors())
+        problems = "; ".join(error["msg"] for error in exc.errors(include_input=False))
         raise BadParameterError("resume", f'expected {{"resume": {{...}}}}: {problems}') from None
 
 
 RunRepositoryDep = Annotated[RunRepository, Depends(get_run_repository)]
 EventRepositoryDep = Annotated[EventRepository, Depends(get_event_repository)]
+RunReaderDep = Annotated[RunRepository, Depends(get_run_reader)]
+EventReaderDep = Annotated[EventRepository, Depends(get_event_reader)]
 ResumeRequestDep = Annotated[RunResumeRequest, Depends(get_resume_request)]
 
 __all__ = [
+    "EngineDep",
+    "EventReaderDep",
     "EventRepositoryDep",
+    "ReadSessionDep",
     "ResumeRequestDep",
+    "RunReaderDep",
     "RunRepositoryDep",
     "SessionDep",
+    "get_db_engine",
+    "get_event_reader",
     "get_event_repository",
+    "get_read_session",
     "get_resume_request",
+    "get_run_reader",
     "get_run_repository",
+    "get_session",
 ]

@@ -1,5 +1,17 @@
 """API schemas of the Run data layer."""
 
+from app.schemas.error import ErrorDetail, ErrorResponse
+from app.schemas.event import EventPage, EventResponse
 from app.schemas.run import RunCreate, RunResponse, RunResumeRequest, RunStatus, TriggerSource
 
-__all__ = ["RunCreate", "RunResponse", "RunResumeRequest", "RunStatus", "TriggerSource"]
+__all__ = [
+    "ErrorDetail",
+    "ErrorResponse",
+    "EventPage",
+    "EventResponse",
+    "RunCreate",
+    "RunResponse",
+    "RunResumeRequest",
+    "RunStatus",
+    "TriggerSource",
+]
