@@ -62,8 +62,18 @@ from app.repositories.params import (
     since_seq_param,
     text_param,
 )
-from app.repositories.rows import detached, execute_core, snapshots
-from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, greatest, insert_for
+from app.repositories.rows import execute_core, inserted, snapshots
+from app.repositories.sql import (
+    LIMIT,
+    NOW,
+    POSTGRESQL,
+    RUN_EXISTS,
+    RUN_ID,
+    SESSION_EXISTS,
+    SESSION_ID,
+    greatest,
+    insert_for,
+)
 from app.types import utc_now
 
 EVENTS = SessionEvent.__table__
@@ -270,7 +280,7 @@ class EventRepository:
         """
         params = {"run_id": text_param(run_id, "run_id"), "since_seq": since_seq_param(since_seq)}
         events = self._page(self._sql.page_for_run, {**params, "limit": page_size(limit)})
-        if not events and self._session.get(SessionRun, run_id) is None:
+        if not events and not self._session.scalar(RUN_EXISTS, {"run_id": run_id}):
             raise RunNotFoundError(run_id)
         return events
 
@@ -295,8 +305,9 @@ class EventRepository:
         self._execute(self._sql.give_back, params)
 
     def _stored(self, new_id: int, seq: int, params: dict[str, Any]) -> SessionEvent:
-        """The event just inserted, attached to the session as a loaded row."""
-        event = detached(
+        """The event just inserted, in the session as if the ORM had inserted it."""
+        return inserted(
+            self._session,
             SessionEvent,
             {
                 "id": new_id,
@@ -310,8 +321,6 @@ class EventRepository:
                 "event_id": params["event_id"],
             },
         )
-        self._session.add(event)
-        return event
 
     def _find_by_event_id(self, session_id: str, event_id: str | None) -> SessionEvent | None:
         if event_id is None:
@@ -321,7 +330,7 @@ class EventRepository:
 
     def _raise_not_found(self, session_id: str, run_id: str | None) -> NoReturn:
         """Explain why nothing was allocated although the event_id is not stored."""
-        if self._session.get(Session, session_id) is None:
+        if not self._session.scalar(SESSION_EXISTS, {"session_id": session_id}):
             raise SessionNotFoundError(session_id)
         raise RunNotFoundError(str(run_id), session_id=session_id)
 

@@ -10,7 +10,10 @@ the ORM's loader builds them:
 * ``detached``: an instance that behaves like a row loaded earlier (identity
   key, JSON columns tracked), ready to ``session.add`` without an INSERT;
 * ``in_session``: what ``populate_existing`` loading gives: the session's own
-  instance refreshed with the row, or a new one added to the session.
+  instance refreshed with the row, or a new one added to the session;
+* ``inserted``: what a flush gives for a row this transaction inserted: after a
+  rollback the instance is transient again and keeps its values, as an
+  ORM-inserted one does.
 """
 
 from __future__ import annotations
@@ -65,6 +68,21 @@ def detached(model: type[M], values: Mapping[str, Any]) -> M:
     (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
     make_transient_to_detached(instance)
     state = instance_state(instance)
+    state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
+    return instance
+
+
+def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M:
+    """A persistent instance for a row this transaction has just inserted.
+
+    It is registered as the ORM's flush registers the rows it inserts
+    (``Session._register_persistent``; no public API does this), so a rollback
+    expunges it with its values intact instead of expiring it.
+    """
+    (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
+    state = instance_state(instance)
+    session.add(instance)
+    session._register_persistent({state})
     state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
     return instance
 

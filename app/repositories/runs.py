@@ -16,7 +16,7 @@ committed run matches no row and the caller gets ``ActiveRunExistsError`` with
 its transaction usable. Two starts racing in one session on PostgreSQL both
 pass that guard; the index makes the later one wait for the first to commit
 and then fail: ``ActiveRunExistsError`` too, but that transaction is aborted
-and must be rolled back (see ``_enter_running``). SQLite's ``BEGIN IMMEDIATE``
+and must be rolled back (see ``_lost_race_to_run``). SQLite's ``BEGIN IMMEDIATE``
 transactions never race.
 
 Locking note for PostgreSQL: a transition locks the run row, then its
@@ -48,7 +48,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session as DbSession
 
 from app.errors import (
@@ -68,8 +68,8 @@ from app.repositories.params import (
     page_size,
     text_param,
 )
-from app.repositories.rows import execute_core, in_session
-from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_ID, merge_metrics
+from app.repositories.rows import execute_core, in_session, inserted
+from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_EXISTS, SESSION_ID, merge_metrics
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
     CANCEL,
@@ -88,6 +88,7 @@ from app.types import UTCDateTime, utc_now
 RUNS = SessionRun.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 ONE_RUNNING_INDEX = "uq_session_runs_one_running"
+DEADLOCK_DETECTED = "40P01"
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
 
@@ -469,11 +470,12 @@ class RunRepository:
             "checkpoint_ns": checkpoint_ns,
             "now": utc_now(),
         }
-        run = self._run(self._sql.create, params)
-        if run is None:
-            if self._session.get(Session, session_id) is None:
+        row = execute_core(self._session, self._sql.create, params).one_or_none()
+        if row is None:
+            if not self._session.scalar(SESSION_EXISTS, {"session_id": session_id}):
                 raise SessionNotFoundError(session_id)
             raise RunNotFoundError(str(parent_run_id), session_id=session_id)
+        run = inserted(self._session, SessionRun, dict(zip(RUN_COLUMNS, row, strict=True)))
         event = {"trigger_source": trigger_source.value, "parent_run_id": parent_run_id}
         self._events.append(session_id, RunEventType.RUN_CREATED, event, run_id=run_id)
         return run
@@ -508,27 +510,15 @@ class RunRepository:
         """
         params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
         statement = self._sql.transitions[transition.name]
-        if transition.target is RunStatus.RUNNING:
-            run = self._enter_running(statement, params)
-        else:
-            run = self._run(statement, params)
-        if run is not None:
-            self._events.append(run.session_id, transition.event_type, event_payload, run_id=run.id)
-        return run
-
-    def _enter_running(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
-        """The UPDATE into ``running``; its ``NOT EXISTS`` guard sees a running run
-        that is committed, the unique index one that commits meanwhile.
-
-        Only the second case is an error, and on PostgreSQL an error aborts the
-        transaction (a savepoint around every start would cost two round trips
-        to keep it usable in a rare race): the caller gets
-        ``ActiveRunExistsError`` and must roll back, as after any database error.
-        """
         try:
-            return self._run(statement, params)
-        except IntegrityError as exc:
-            if not _violates_one_running(exc):
+            run = self._run(statement, params)
+            if run is not None:
+                self._events.append(
+                    run.session_id, transition.event_type, event_payload, run_id=run.id
+                )
+            return run
+        except DBAPIError as exc:
+            if transition.target is not RunStatus.RUNNING or not _lost_race_to_run(exc):
                 raise
             raise ActiveRunExistsError(None, params["run_id"]) from None
 
@@ -553,16 +543,29 @@ class RunRepository:
         )
 
 
-def _violates_one_running(exc: IntegrityError) -> bool:
-    """Whether the driver error comes from ``uq_session_runs_one_running``.
+def _lost_race_to_run(exc: DBAPIError) -> bool:
+    """Whether the driver error means another run of the session got to ``running`` first.
 
-    PostgreSQL names the index; SQLite names the column, which no other
-    unique index of the table covers alone.
+    The UPDATE's ``NOT EXISTS`` guard sees a running run that is committed; one
+    that commits meanwhile is caught by ``uq_session_runs_one_running``
+    (PostgreSQL names the index; SQLite names the column, which no other
+    unique index of the table covers alone). A transaction that created a run
+    (so holds its session's event counter) and then starts it can also
+    deadlock with a concurrent start, which holds the index entry and waits
+    for the counter; PostgreSQL aborts one of the two (SQLSTATE 40P01).
+
+    On PostgreSQL both errors abort the transaction: the caller gets
+    ``ActiveRunExistsError`` and must roll back, and a ``commit()`` raises
+    ``TransactionAbortedError`` (``app.db``) instead of losing the
+    transaction's writes quietly. A savepoint around every start would keep
+    the transaction usable at two more round trips per start.
     """
     diagnostics = getattr(exc.orig, "diag", None)
-    if diagnostics is not None:
-        return diagnostics.constraint_name == ONE_RUNNING_INDEX
-    return "UNIQUE constraint failed: session_runs.session_id" in str(exc.orig)
+    if isinstance(exc, IntegrityError):
+        if diagnostics is not None:
+            return diagnostics.constraint_name == ONE_RUNNING_INDEX
+        return "UNIQUE constraint failed: session_runs.session_id" in str(exc.orig)
+    return getattr(exc.orig, "sqlstate", None) == DEADLOCK_DETECTED
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:

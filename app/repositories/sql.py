@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Integer, String, bindparam, func, text
+from sqlalchemy import ColumnElement, Integer, Select, String, bindparam, exists, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.sql.elements import TextClause
 
+from app.models import Session, SessionRun
 from app.types import JSONDocument, UTCDateTime
 
 POSTGRESQL = "postgresql"
@@ -30,6 +31,12 @@ SESSION_ID = bindparam("session_id", type_=String())
 RUN_ID = bindparam("run_id", type_=String())
 NOW = bindparam("now", type_=UTCDateTime())
 LIMIT = bindparam("limit", type_=Integer())
+
+SESSION_EXISTS: Select[tuple[bool]] = select(exists().where(Session.__table__.c.id == SESSION_ID))
+"""Whether the chat session is stored now; asks the database, not the identity map,
+which may hold a copy of a session another transaction has deleted."""
+RUN_EXISTS: Select[tuple[bool]] = select(exists().where(SessionRun.__table__.c.id == RUN_ID))
+"""Whether the run is stored now (see ``SESSION_EXISTS``)."""
 
 
 def insert_for(dialect: str) -> InsertFactory:
