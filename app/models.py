@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import CheckConstraint, Enum, Index, Text, text
 from sqlmodel import Field, Relationship, SQLModel
 
+from app._model_rules import StoredModel, install
 from app.types import MutableJSONDict, StrEnumType, UTCDateTime, check_in, enum_values, utc_now
 
 
@@ -58,7 +59,7 @@ def new_id() -> str:
 # sessions
 
 
-class Session(SQLModel, table=True):
+class Session(StoredModel, table=True):
     """A chat session (v0.7 table; this layer uses only these columns).
 
     Databases adopted from v0.7 carry more nullable metadata columns; they are
@@ -117,11 +118,13 @@ class RunState(SQLModel):
     waiting_reason: str | None = Field(default=None, sa_type=Text)
 
 
-class SessionRun(RunState, table=True):
+class SessionRun(RunState, StoredModel, table=True):
     """One execution of the agent inside a session (table ``session_runs``).
 
-    Build rows through ``RunRepository.create``: a ``table=True`` model does
-    not validate its constructor arguments.
+    Build rows through ``RunRepository.create``. Attribute writes are checked
+    (``app._model_rules``): values are validated, and once stored a run's
+    status and everything its transitions write change only through
+    ``RunRepository``.
     """
 
     __tablename__ = "session_runs"
@@ -165,7 +168,7 @@ class SessionRun(RunState, table=True):
 # session_events
 
 
-class SessionEvent(SQLModel, table=True):
+class SessionEvent(StoredModel, table=True):
     """An entry of a session's event log (v0.7 table plus ``run_id`` and ``event_id``).
 
     ``seq`` is per session and increasing; write through ``EventRepository.append``,
@@ -210,7 +213,7 @@ class SessionEvent(SQLModel, table=True):
     session: Session = Relationship(back_populates="events")
 
 
-class SessionEventSequence(SQLModel, table=True):
+class SessionEventSequence(StoredModel, table=True):
     """The next ``seq`` to hand out per session (v0.7 table, kept true by new writers)."""
 
     __tablename__ = "session_event_sequences"
@@ -222,7 +225,32 @@ class SessionEventSequence(SQLModel, table=True):
     )
 
 
+# --------------------------------------------------------------------------
+# Writes through attributes (app._model_rules)
+
+RUN_FIELDS_WRITABLE_WHEN_STORED = frozenset(
+    {"input_message", "options", "checkpoint_thread", "checkpoint_ns", "updated_at"}
+)
+"""What a caller may change on a stored run; the rest is identity, or owned by
+``RunRepository``'s transitions (``update_metrics`` merges metrics)."""
+
+install(Session, read_only_when_stored=("id",), hint="a session's id never changes")
+install(
+    SessionRun,
+    read_only_when_stored=set(SessionRun.__table__.columns.keys())
+    - RUN_FIELDS_WRITABLE_WHEN_STORED,
+    hint="use RunRepository (start, wait_for_input, resume, complete, fail, cancel, "
+    "update_metrics)",
+)
+install(
+    SessionEvent,
+    read_only_when_stored=SessionEvent.__table__.columns.keys(),
+    hint="events are immutable once written; append a new one",
+)
+install(SessionEventSequence, read_only_when_stored=(), hint="")
+
 __all__ = [
+    "RUN_FIELDS_WRITABLE_WHEN_STORED",
     "EventSource",
     "RunOptions",
     "RunState",

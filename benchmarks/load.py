@@ -135,6 +135,9 @@ class Server:
         command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app"]
         command += ["--host", HOST, "--port", str(self.port), "--workers", str(workers)]
         command += ["--log-level", "warning", "--no-access-log"]
+        # Longer than any idle gap in a burst: a keep-alive connection closed by the
+        # server just as the client reuses it would read as a failed request.
+        command += ["--timeout-keep-alive", "75"]
         self.process = subprocess.Popen(command, env=env)
         self.base_url = f"http://{HOST}:{self.port}"
 

@@ -16,6 +16,7 @@ from app.errors import (
     ActiveRunExistsError,
     BadParameterError,
     InvalidTransitionError,
+    ReadOnlyFieldError,
     RunNotFoundError,
     SessionNotFoundError,
     ValidationFailedError,
@@ -594,27 +595,72 @@ def test_runs_returned_by_the_repository_track_json_changes(
     engine: Engine, session: DbSession, runs: RunRepository
 ) -> None:
     """Objects built from Core rows (``app.repositories.rows``) behave like ORM-loaded ones:
-    a top-level change to a JSON column is saved on commit, in the session's identity map."""
-    run = make_run(RunStatus.QUEUED, metrics={"tokens": 1})
+    a top-level change to a writable JSON column is saved on commit, in the session's
+    identity map, and so is a value assigned and then changed in place."""
+    run = make_run(RunStatus.QUEUED, options={"pages": 1})
     session.commit()
 
     fetched = runs.get(run.id)
     assert fetched is run  # the session's own instance, refreshed
-    fetched.metrics["tokens"] = 2
+    fetched.options["pages"] = 2
     session.commit()
 
     started = runs.start(run.id)
-    started.metrics["cost"] = 0.5
+    started.options = {"pages": 2, "style": "a"}  # SQLModel used to untrack this value
+    session.commit()
+    started.options["style"] = "b"
     session.commit()
 
     fresh = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
-    assert fresh.metrics == {"tokens": 2, "cost": 0.5}
+    assert fresh.options == {"pages": 2, "style": "b"}
 
-    other = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
     with DbSession(engine) as db:
-        loaded = RunRepository(db).get(other.id)
+        loaded = RunRepository(db).get(run.id)
         loaded.checkpoint_ns = "ns"
-        loaded.metrics["late"] = True
+        loaded.options["late"] = True
         db.commit()
     fresh = in_own_transaction(engine, lambda db: RunRepository(db).get(run.id))
-    assert (fresh.checkpoint_ns, fresh.metrics["late"]) == ("ns", True)
+    assert (fresh.checkpoint_ns, fresh.options["late"]) == ("ns", True)
+
+
+def test_a_stale_copy_cannot_write_over_a_transition(engine: Engine) -> None:
+    """A run loaded before another request completed it: changing the stale copy's
+    metrics (in place or by assignment) or status is refused, and what complete()
+    merged stays."""
+    run_id = seed(engine, lambda db: make_run(RunStatus.RUNNING, metrics={"tokens": 1}).id)
+    with DbSession(engine, expire_on_commit=False) as stale_db:
+        stale = RunRepository(stale_db).get(run_id)
+        stale_db.commit()
+        in_own_transaction(engine, lambda db: RunRepository(db).complete(run_id, {"cost": 2}))
+
+        with pytest.raises(ReadOnlyFieldError, match="metrics cannot be changed"):
+            stale.metrics = {"tokens": 5}
+        with pytest.raises(ReadOnlyFieldError, match="status cannot be changed"):
+            stale.status = RunStatus.RUNNING
+        stale.metrics["tokens"] = 5  # in place: refused at flush
+        with pytest.raises(ReadOnlyFieldError, match="use RunRepository"):
+            stale_db.commit()
+        stale_db.rollback()
+
+    fresh = in_own_transaction(engine, lambda db: RunRepository(db).get(run_id))
+    assert (fresh.status, fresh.metrics) == (RunStatus.COMPLETED, {"tokens": 1, "cost": 2})
+
+
+def test_update_metrics_merges_in_any_status_and_never_loses_keys(engine: Engine) -> None:
+    run_id = seed(engine, lambda db: make_run(RunStatus.RUNNING, metrics={"tokens": 1}).id)
+    results = race(
+        engine,
+        [lambda db, n=n: RunRepository(db).update_metrics(run_id, {f"k{n}": n}) for n in range(4)],
+    )
+    assert all(isinstance(result, SessionRun) for result in results), results
+    in_own_transaction(engine, lambda db: RunRepository(db).complete(run_id, {"cost": 3}))
+    final = in_own_transaction(
+        engine, lambda db: RunRepository(db).update_metrics(run_id, {"tokens": 9})
+    )
+    assert final.metrics == {"tokens": 9, "k0": 0, "k1": 1, "k2": 2, "k3": 3, "cost": 3}
+    with pytest.raises(RunNotFoundError):
+        in_own_transaction(engine, lambda db: RunRepository(db).update_metrics("nope", {}))
+    with pytest.raises(BadParameterError, match="metrics"):
+        in_own_transaction(
+            engine, lambda db: RunRepository(db).update_metrics(run_id, {"x": float("nan")})
+        )

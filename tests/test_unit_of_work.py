@@ -13,6 +13,7 @@ from sqlmodel import Session as DbSession
 
 from app.errors import (
     ActiveRunExistsError,
+    ReadOnlyFieldError,
     RunNotFoundError,
     SessionNotFoundError,
     TransactionAbortedError,
@@ -227,10 +228,10 @@ def test_an_event_returned_by_append_cannot_be_changed(engine: Engine) -> None:
     with DbSession(engine) as db:
         event = EventRepository(db).append(chat_id, "note", {"k": 1})
         db.commit()
-        with pytest.raises(Exception, match="immutable|cannot be changed"):
+        with pytest.raises(ReadOnlyFieldError, match="events are immutable once written"):
             event.type = "rewritten"
         event.payload["k"] = 2  # in place: refused when it would be written
-        with pytest.raises(Exception, match="cannot be changed"):
+        with pytest.raises(ReadOnlyFieldError, match="payload cannot be changed"):
             db.commit()
         db.rollback()
     with DbSession(engine) as db:

@@ -145,6 +145,7 @@ class _Statements:
     by_id: Executable
     transitions: dict[str, Executable]
     heartbeat: Executable
+    update_metrics: Executable
     fail_stale: Executable
     active_run: Executable
     pages: dict[tuple[bool, bool], Executable]  # (status filter?, before cursor?) -> page
@@ -220,6 +221,11 @@ def _statements(dialect: str) -> _Statements:
             update(RUNS)
             .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
             .values(updated_at=NOW)
+        ),
+        update_metrics=_loading(
+            update(RUNS)
+            .where(RUNS.c.id == RUN_ID)
+            .values(metrics=merge_metrics(dialect), updated_at=NOW)
         ),
         fail_stale=select(SessionRun).from_statement(
             _loading(
@@ -396,6 +402,23 @@ class RunRepository:
         if current.status in TERMINAL_STATUSES:
             return current, False
         raise InvalidTransitionError(run_id, current.status, CANCEL.target, CANCEL.sources)
+
+    def update_metrics(self, run_id: str, metrics: dict[str, Any]) -> SessionRun:
+        """Merge ``metrics`` into the run's metrics (keys given replace stored ones), in
+        any status: token and cost figures while a run works, or after it ended.
+
+        The merge happens inside the UPDATE, as ``complete``'s does, so two
+        writers never lose each other's keys.
+        """
+        params = {
+            "run_id": text_param(run_id, "run_id"),
+            "metrics": json_object_param(metrics, "metrics"),
+            "now": utc_now(),
+        }
+        run = self._run(self._sql.update_metrics, params)
+        if run is None:
+            raise RunNotFoundError(run_id)
+        return run
 
     def heartbeat(self, run_id: str) -> SessionRun:
         """Touch ``updated_at`` of a running run, so ``fail_stale`` leaves it alone.
