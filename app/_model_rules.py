@@ -24,7 +24,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, Integer, String, event
+from sqlalchemy import JSON, Enum, Integer, String, TypeDecorator, event
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import UOWTransaction
 from sqlalchemy.orm.attributes import set_attribute
@@ -63,6 +63,10 @@ def _enum_check(where: str, enum_class: type[StrEnum]) -> Check:
 
 
 def _check_for(where: str, column_type: Any) -> Check | None:
+    if isinstance(column_type, TypeDecorator) and not isinstance(
+        column_type, StrEnumType | UTCDateTime
+    ):
+        column_type = column_type.impl_instance  # e.g. SQLModel's AutoString
     if isinstance(column_type, StrEnumType):
         return _enum_check(where, column_type.enum_class)
     if isinstance(column_type, Enum) and column_type.enum_class is not None:
@@ -78,12 +82,15 @@ def _check_for(where: str, column_type: Any) -> Check | None:
 
         return check_datetime
     if isinstance(column_type, String):
+        length = column_type.length
 
         def check_text(value: Any) -> Any:
             if value is None:
                 return None
             if not isinstance(value, str):
                 raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
+            if length is not None and len(value) > length:
+                raise ValueError(f"{where}: at most {length} characters, got {len(value)}")
             return ensure_storable_text(value, where)
 
         return check_text

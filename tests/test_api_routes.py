@@ -7,6 +7,8 @@ under uvicorn over real HTTP.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -283,3 +285,49 @@ def test_openapi_documents_bodies_and_error_responses(client: TestClient) -> Non
     assert {"200", "400", "404"} <= set(events["responses"])
     assert set(paths["/api/runs/{run_id}/cancel"]["post"]["responses"]) >= {"200", "202", "404"}
     assert schema["components"]["schemas"]["RunStatus"]["enum"] == [s.value for s in RunStatus]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_sqlite_reads_do_not_wait_for_a_writer(engine: Engine, client: TestClient) -> None:
+    """A writer holds SQLite's write lock; GETs and event pages answer at once
+    (their transactions begin DEFERRED), a write waits and then goes through."""
+    run_id = run_in(engine, RunStatus.QUEUED)
+    writer = engine.connect()
+    try:
+        writer.execute(text("INSERT INTO sessions (id, title) VALUES ('w', 't')"))  # locked now
+        started = time.monotonic()
+        assert client.get(f"/api/runs/{run_id}").status_code == 200
+        assert client.get(f"/api/runs/{run_id}/events").status_code == 200
+        assert time.monotonic() - started < 1.0  # the busy timeout is 5 s
+    finally:
+        writer.rollback()
+        writer.close()
+    assert client.post(f"/api/runs/{run_id}/cancel").status_code == 202
+
+
+def test_a_request_that_gets_no_database_slot_in_time_is_a_503(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests wait for a slot in the event loop, not on the pool in a thread;
+    one that waits past DB_POOL_TIMEOUT answers 503 with Retry-After."""
+    monkeypatch.setenv("DB_REQUEST_SLOTS", "1")
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "0.3")
+    run_id = run_in(engine, RunStatus.QUEUED)
+    api = app_on(engine)
+
+    @api.get("/slow")
+    def slow(runs: RunRepositoryDep) -> dict[str, str]:
+        time.sleep(1.5)
+        return {"status": runs.get(run_id).status}
+
+    with TestClient(api, raise_server_exceptions=False) as client:
+        holder = threading.Thread(target=lambda: client.get("/slow"))
+        holder.start()
+        time.sleep(0.3)
+        busy = client.get(f"/api/runs/{run_id}")
+        holder.join(10)
+        after = client.get(f"/api/runs/{run_id}")
+    assert busy.status_code == 503, busy.text
+    assert busy.json()["error"]["code"] == "database_busy"
+    assert busy.headers["retry-after"] == "1"
+    assert after.status_code == 200

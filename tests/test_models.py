@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -168,6 +169,8 @@ def test_an_unknown_enum_value_is_refused_at_assignment(session: DbSession) -> N
     run = SessionRun(session_id=chat.id)
     with pytest.raises(ValueError, match=r"SessionRun\.trigger_source: .*'webhook'"):
         run.trigger_source = "webhook"
+    with pytest.raises(ValueError, match=r"SessionRun\.started_at: expected a datetime"):
+        run.started_at = "2026-01-01"
     run.status = "running"  # a value of the enum is taken, as the member
     assert run.status is RunStatus.RUNNING
 
@@ -261,3 +264,32 @@ def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
     assert {name for name, c in columns.items() if not c["nullable"]} == required
     assert columns["status"]["type"].length == 20
     assert columns["trigger_source"]["type"].length == 20
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("options", {"x": float("nan")}, "not a JSON number"),
+        ("options", {"x": 1e20}, "floats of magnitude 1e16"),
+        ("options", {"x": "a\x00b"}, "NUL"),
+        ("options", ["not", "an", "object"], "must be a JSON object"),
+        ("input_message", "a\x00b", "NUL"),
+        ("input_message", "\ud800", "lone surrogate"),
+        ("input_message", b"bytes", "expected a string"),
+        ("checkpoint_ns", 7, "expected a string"),
+    ],
+)
+def test_assignment_applies_the_storage_rules_on_both_backends(
+    session: DbSession, field: str, value: object, problem: str
+) -> None:
+    """Values set by assignment meet the rules the repositories apply: refused at
+    once, naming the field, before either backend could store them differently."""
+    run = SessionRunFactory(options={"kept": 1}, input_message="kept", checkpoint_ns="kept")
+    session.commit()
+    before = getattr(run, field)
+    with pytest.raises(ValueError, match=f"SessionRun\\.{field}.*{re.escape(problem)}"):
+        setattr(run, field, value)
+    assert getattr(run, field) == before
+    session.commit()
+    session.expire_all()
+    assert getattr(session.get(SessionRun, run.id), field) == before

@@ -623,8 +623,7 @@ def test_metric_keys_with_double_quotes_merge_verbatim(engine: Engine, backend: 
         session_id = db.merge(Session(title="metrics")).id
         runs = RunRepository(db)
         run = runs.create({"session_id": session_id, "message": "m"})
-        run.metrics = stored
-        db.flush()
+        runs.update_metrics(run.id, stored)
         runs.start(run.id)
         runs.complete(run.id, patch)
         return run.id
