@@ -31,6 +31,8 @@ How ``append`` allocates ``seq``
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -43,8 +45,10 @@ from sqlalchemy import (
     String,
     bindparam,
     cast,
+    delete,
     exists,
     func,
+    literal,
     or_,
     select,
     true,
@@ -52,8 +56,14 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
-from app.errors import ConflictError, RunNotFoundError, SessionNotFoundError
+from app.errors import (
+    BadParameterError,
+    ConflictError,
+    RunNotFoundError,
+    SessionNotFoundError,
+)
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
+from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
 from app.repositories.params import (
     enum_param,
     json_object_param,
@@ -64,6 +74,7 @@ from app.repositories.params import (
 )
 from app.repositories.rows import execute_core, inserted, snapshots
 from app.repositories.sql import (
+    EVENTS_CHANNEL,
     LIMIT,
     NOW,
     POSTGRESQL,
@@ -160,8 +171,14 @@ def _statements(dialect: str) -> _Statements:
             .returning(EVENTS.c.id)
             .cte("inserted")
         )
+        # The commit notice for app.feed: one function call in the same statement.
+        notified = (
+            select(func.pg_notify(literal(EVENTS_CHANNEL, String()), SESSION_ID))
+            .select_from(allocated)
+            .cte("notified")
+        )
         insert: Executable = select(allocated.c.seq, inserted.c.id).select_from(
-            allocated.outerjoin(inserted, true())
+            allocated.join(notified, true()).outerjoin(inserted, true())
         )
     else:
         insert = (
@@ -218,6 +235,7 @@ class EventRepository:
         self._session = session
         self._dialect = session.get_bind().dialect.name
         self._sql = _statements(self._dialect)
+        self._batch_sql = append_many_statements(self._dialect)
 
     def append(
         self,
@@ -261,6 +279,49 @@ class EventRepository:
             f"{ALLOCATION_ATTEMPTS} attempts; older writers keep taking the same numbers"
         )
 
+    def append_many(
+        self, session_id: str, events: Sequence[NewEvent | Mapping[str, Any]]
+    ) -> list[SessionEvent]:
+        """Append a burst of events in one statement, with consecutive seqs in the order given.
+
+        Each item is a ``NewEvent`` (or a mapping of its fields) and is checked
+        as ``append`` checks its arguments; one bad item raises
+        ``BadParameterError`` naming it (``events[3].type``) and nothing is
+        written. Returns one event per item, in order: an ``event_id`` already
+        stored comes back as stored and takes no seq; an ``event_id`` repeated
+        in the batch is stored once (the first item) and returned for each.
+        Raises ``SessionNotFoundError`` / ``RunNotFoundError`` as ``append``
+        does. At most ``MAX_BATCH`` items (docs/events.md).
+        """
+        session_id = text_param(session_id, "session_id")
+        if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Sequence):
+            raise BadParameterError("events", f"expected a sequence of events, got {events!r}")
+        if len(events) > MAX_BATCH:
+            raise BadParameterError("events", f"at most {MAX_BATCH} per call, got {len(events)}")
+        items = [_batch_item(index, item) for index, item in enumerate(events)]
+        firsts: dict[str, dict[str, Any]] = {}
+        unique = []
+        for item in items:
+            if item["event_id"] is None or item["event_id"] not in firsts:
+                unique.append(item)
+                if item["event_id"] is not None:
+                    firsts[item["event_id"]] = item
+        stored: dict[int, SessionEvent] = {}  # id(item) -> event
+        for _attempt in range(ALLOCATION_ATTEMPTS):
+            pending = [item for item in unique if id(item) not in stored]
+            if not pending:
+                break
+            stored.update(self._insert_batch(session_id, pending))
+        else:
+            raise ConflictError(
+                f"session {session_id}: could not allocate event seqs in "
+                f"{ALLOCATION_ATTEMPTS} attempts; older writers keep taking the same numbers"
+            )
+        return [
+            stored[id(item if item["event_id"] is None else firsts[item["event_id"]])]
+            for item in items
+        ]
+
     def list_for_session(
         self, session_id: str, *, since_seq: int = 0, limit: int = 100
     ) -> list[SessionEvent]:
@@ -298,6 +359,84 @@ class EventRepository:
         if seq is None:
             return None, None
         return seq, self._execute(self._sql.insert, {**params, "seq": seq}).scalar()
+
+    def _insert_batch(
+        self, session_id: str, pending: list[dict[str, Any]]
+    ) -> dict[int, SessionEvent]:
+        """One allocation and multi-row insert of ``pending`` (see ``app.repositories._batch``).
+
+        Returns the events it could settle, keyed by ``id(item)``: all of them,
+        or after a collision none inserted (they are undone) but those whose
+        ``event_id`` turned out to be stored.
+        """
+        now = utc_now()
+        run_ids = sorted({item["run_id"] for item in pending if item["run_id"] is not None})
+        first_seq, rows = self._run_batch(session_id, pending, run_ids, now)
+        if first_seq is None:
+            self._raise_batch_not_found(session_id, run_ids)
+        if len(rows) == len(pending):
+            return {
+                id(item): self._stored(
+                    rows[first_seq + position],
+                    first_seq + position,
+                    {**item, "session_id": session_id, "now": now},
+                )
+                for position, item in enumerate(pending)
+            }
+        if rows:
+            self._execute(_BATCH_UNDO, {"ids": list(rows.values())})
+        self._give_back(session_id, first_seq, now)
+        event_ids = [item["event_id"] for item in pending if item["event_id"] is not None]
+        found = {
+            event.event_id: event
+            for event in self._session.execute(
+                _BATCH_LOOKUP, {"session_id": session_id, "event_ids": event_ids}
+            ).scalars()
+        }
+        return {id(item): found[item["event_id"]] for item in pending if item["event_id"] in found}
+
+    def _run_batch(
+        self,
+        session_id: str,
+        pending: list[dict[str, Any]],
+        run_ids: list[str],
+        now: datetime,
+    ) -> tuple[int | None, dict[int, int]]:
+        """(first allocated seq or None, {seq: new event id}) for the rows inserted."""
+        fields = ("type", "source", "run_id", "event_id")
+        params: dict[str, Any] = {"session_id": session_id, "count": len(pending), "now": now}
+        if self._dialect == POSTGRESQL:
+            params["run_ids"] = run_ids
+            params["items"] = [
+                {"position": position, "payload": item["payload"]}
+                | {name: item[name] for name in fields}
+                for position, item in enumerate(pending)
+            ]
+            result = self._execute(self._batch_sql[0], params).all()
+            if not result:
+                return None, {}
+            return result[0].first_seq, {row.seq: row.id for row in result if row.id is not None}
+        params["run_ids"] = json.dumps(run_ids)
+        first_seq = self._execute(self._batch_sql[0], params).scalar()
+        if first_seq is None:
+            return None, {}
+        params["first_seq"] = first_seq
+        params["items"] = json.dumps(
+            [
+                {"position": position, "payload": json.dumps(item["payload"])}
+                | {name: item[name] for name in fields}
+                for position, item in enumerate(pending)
+            ]
+        )
+        inserted_rows = self._execute(self._batch_sql[1], params).all()
+        return first_seq, {row.seq: row.id for row in inserted_rows}
+
+    def _raise_batch_not_found(self, session_id: str, run_ids: list[str]) -> NoReturn:
+        for run_id in run_ids:
+            params = {"session_id": session_id, "run_id": run_id}
+            if not self._session.scalar(_RUN_IN_SESSION, params):
+                self._raise_not_found(session_id, run_id)
+        self._raise_not_found(session_id, None)
 
     def _give_back(self, session_id: str, seq: int, now: datetime) -> None:
         """Undo an allocation whose insert collided; this transaction still holds the row."""
@@ -339,4 +478,36 @@ class EventRepository:
         return snapshots(SessionEvent, EVENT_COLUMNS, self._execute(statement, params))
 
 
-__all__ = ["EventRepository"]
+_BATCH_UNDO = delete(EVENTS).where(EVENTS.c.id.in_(bindparam("ids", expanding=True)))
+_BATCH_LOOKUP = select(SessionEvent).where(
+    SessionEvent.session_id == SESSION_ID,
+    SessionEvent.event_id.in_(bindparam("event_ids", expanding=True)),
+)
+_RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID))
+
+
+def _batch_item(index: int, item: NewEvent | Mapping[str, Any]) -> dict[str, Any]:
+    """``item`` checked as ``append`` checks its arguments; errors name ``events[index]``."""
+    where = f"events[{index}]"
+    if isinstance(item, Mapping):
+        try:
+            item = NewEvent(**item)
+        except TypeError:
+            raise BadParameterError(
+                where, f"expected the fields of NewEvent {NewEvent.__slots__} (type required)"
+            ) from None
+    if not isinstance(item, NewEvent):
+        raise BadParameterError(where, f"expected a NewEvent or a mapping, got {item!r}")
+    fields = {name: getattr(item, name) for name in NewEvent.__slots__}
+    return {
+        "type": text_param(fields["type"], f"{where}.type", max_length=TYPE_MAX_LENGTH),
+        "payload": json_object_param(fields["payload"], f"{where}.payload"),
+        "source": enum_param(EventSource, fields["source"], f"{where}.source").value,
+        "run_id": optional_text_param(fields["run_id"], f"{where}.run_id"),
+        "event_id": optional_text_param(
+            fields["event_id"], f"{where}.event_id", max_length=EVENT_ID_MAX_LENGTH
+        ),
+    }
+
+
+__all__ = ["EventRepository", "NewEvent"]

@@ -67,3 +67,10 @@ def merge_metrics(dialect: str) -> TextClause:
     if dialect == POSTGRESQL:
         return text(_MERGE_METRICS_POSTGRESQL).bindparams(bindparam("metrics", type_=JSONB))
     return text(_MERGE_METRICS_SQLITE).bindparams(bindparam("metrics", type_=JSONDocument))
+
+
+EVENTS_CHANNEL = "session_events"
+"""PostgreSQL ``NOTIFY`` channel of committed events; the payload is the session id.
+
+Writers of events call ``pg_notify`` inside their transaction, so the notice
+goes out when (and only if) it commits; ``app.feed`` listens."""
