@@ -72,7 +72,7 @@ from app.repositories.params import (
     since_seq_param,
     text_param,
 )
-from app.repositories.rows import execute_core, inserted, snapshots
+from app.repositories.rows import execute_core, inserted, inserted_many, snapshots
 from app.repositories.sql import (
     EVENTS_CHANNEL,
     LIMIT,
@@ -375,14 +375,23 @@ class EventRepository:
         if first_seq is None:
             self._raise_batch_not_found(session_id, run_ids)
         if len(rows) == len(pending):
-            return {
-                id(item): self._stored(
+            source = {member.value: member for member in EventSource}
+            values = [
+                (
                     rows[first_seq + position],
+                    session_id,
                     first_seq + position,
-                    {**item, "session_id": session_id, "now": now},
+                    item["type"],
+                    item["payload"],
+                    source[item["source"]],
+                    now,
+                    item["run_id"],
+                    item["event_id"],
                 )
                 for position, item in enumerate(pending)
-            }
+            ]
+            events = inserted_many(self._session, SessionEvent, EVENT_COLUMNS, values)
+            return {id(item): event for item, event in zip(pending, events, strict=True)}
         if rows:
             self._execute(_BATCH_UNDO, {"ids": list(rows.values())})
         self._give_back(session_id, first_seq, now)

@@ -106,3 +106,22 @@ def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row
     state = instance_state(existing)
     state.manager.dispatch.refresh(state, None, None)  # re-tracks the JSON columns
     return existing
+
+
+def inserted_many(
+    session: DbSession, model: type[M], columns: tuple[str, ...], rows: Iterable[Any]
+) -> list[M]:
+    """``inserted`` for many rows at once (``append_many``'s events).
+
+    The instances are attached without ``session.add``'s cascade walk (they
+    carry no related objects) and registered in one call.
+    """
+    instances = snapshots(model, columns, rows)
+    states = [instance_state(instance) for instance in instances]
+    for state in states:
+        session._save_impl(state)
+    session._register_persistent(set(states))
+    load = _mapper(model).class_manager.dispatch.load
+    for state in states:
+        load(state, None)  # as the ORM's loader: JSON columns become tracked
+    return instances
