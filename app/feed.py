@@ -440,4 +440,12 @@ def get_feed(engine: Engine) -> EventFeed:
         return known[1]
 
 
-__all__ = ["TERMINAL_EVENT_TYPES", "EventFeed", "get_feed"]
+def close_feed(engine: Engine) -> None:
+    """Stop and forget ``engine``'s feed (before disposing of an engine other than the app's)."""
+    with _feeds_lock:
+        known = _feeds.pop(id(engine), None)
+    if known is not None:
+        known[1].close()
+
+
+__all__ = ["TERMINAL_EVENT_TYPES", "EventFeed", "close_feed", "get_feed"]

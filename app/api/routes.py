@@ -8,20 +8,31 @@ installs; the statuses each endpoint can answer are listed in its OpenAPI.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Response
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from sqlalchemy import Engine
 
 from app.api.deps import (
+    EngineDep,
     EventReaderDep,
     ResumeRequestDep,
     RunReaderDep,
     RunRepositoryDep,
 )
+from app.db import unit_of_work
+from app.errors import BadParameterError
+from app.feed import get_feed
+from app.repositories import RunRepository
 from app.repositories.params import MAX_PAGE_SIZE, MAX_SEQ
 from app.schemas import (
     ErrorResponse,
     EventPage,
+    EventResponse,
     RunCreate,
     RunResponse,
     RunResumeRequest,
@@ -94,6 +105,67 @@ def list_run_events(
 ) -> EventPage:
     """The run's events with ``seq > since_seq``, in seq order (session seqs)."""
     return EventPage.of(events.list_for_run(run_id, since_seq=since_seq, limit=limit), since_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Where a run's event stream starts: its session, and the last seq the client saw."""
+
+    session_id: str
+    run_id: str
+    since_seq: int
+
+
+def _session_of_run(engine: Engine, run_id: str) -> str:
+    with unit_of_work(engine, readonly=True) as db:
+        return RunRepository(db).get(run_id).session_id
+
+
+async def get_stream_start(
+    run_id: str,
+    engine: EngineDep,
+    since_seq: SinceSeq = 0,
+    last_event_id: Annotated[
+        str | None, Header(description="the id (seq) of the last event seen")
+    ] = None,
+) -> StreamStart:
+    """Checked before the stream opens, so an unknown run is a plain 404. ``Last-Event-ID``
+    (sent by an ``EventSource`` that reconnects) wins over ``since_seq``."""
+    if last_event_id is not None:
+        try:
+            since_seq = int(last_event_id.strip())
+        except ValueError:
+            since_seq = -1
+        if not 0 <= since_seq <= MAX_SEQ:
+            raise BadParameterError(
+                "Last-Event-ID", f"expected an event seq from 0 to {MAX_SEQ}, got {last_event_id!r}"
+            )
+    session_id = await anyio.to_thread.run_sync(_session_of_run, engine, run_id)
+    return StreamStart(session_id, run_id, since_seq)
+
+
+@router.get(
+    "/{run_id}/events/stream", response_class=EventSourceResponse, responses=_errors(400, 404)
+)
+async def stream_run_events(
+    start: Annotated[StreamStart, Depends(get_stream_start)], engine: EngineDep
+) -> AsyncIterator[ServerSentEvent]:
+    """The run's events as Server-Sent Events, as they commit (docs/events.md).
+
+    Each event is ``id: <seq>`` and ``data: <EventResponse JSON>``; a ``: ping``
+    comment goes out after 15 s without events. The stream ends with
+    ``event: end`` once the run's terminal event has been sent. The stream
+    holds no database session while it waits (``app.feed``).
+    """
+    last_seq = start.since_seq
+    feed = get_feed(engine)
+    async for batch in feed.follow(
+        start.session_id, since_seq=start.since_seq, run_id=start.run_id
+    ):
+        for event in batch:
+            yield ServerSentEvent(id=str(event.seq), data=EventResponse.model_validate(event))
+        last_seq = batch[-1].seq
+    yield ServerSentEvent(event="end", data={"run_id": start.run_id, "last_seq": last_seq})
 
 
 __all__ = ["router"]
