@@ -414,6 +414,12 @@ class EventFeed:
                 raise RunNotFoundError(run_id, session_id=session_id)
             return run.status in TERMINAL_STATUSES
 
+    async def read(self, call: Callable[..., T], *args: Any) -> T:
+        """Run ``call(*args)`` in a thread among the feed's ``readers`` (a short read that
+        opens its own unit of work): the reads of a stream's start count against the
+        same few connections as the followers' reads."""
+        return await self._in_thread(call, *args)
+
     async def _in_thread(
         self, call: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
     ) -> T:

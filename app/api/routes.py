@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from sqlalchemy import Engine
+from sqlalchemy.orm.attributes import instance_state
 
 from app.api.deps import (
     EngineDep,
@@ -27,6 +27,7 @@ from app.api.deps import (
 from app.db import unit_of_work
 from app.errors import BadParameterError
 from app.feed import get_feed
+from app.models import SessionEvent
 from app.repositories import RunRepository
 from app.repositories.params import MAX_PAGE_SIZE, MAX_SEQ
 from app.schemas import (
@@ -107,6 +108,9 @@ def list_run_events(
     return EventPage.of(events.list_for_run(run_id, since_seq=since_seq, limit=limit), since_seq)
 
 
+_SSE_JSON = "sse_json"
+
+
 @dataclass(frozen=True, slots=True)
 class StreamStart:
     """Where a run's event stream starts: its session, and the last seq the client saw."""
@@ -140,8 +144,18 @@ async def get_stream_start(
             raise BadParameterError(
                 "Last-Event-ID", f"expected an event seq from 0 to {MAX_SEQ}, got {last_event_id!r}"
             )
-    session_id = await anyio.to_thread.run_sync(_session_of_run, engine, run_id)
+    session_id = await get_feed(engine).read(_session_of_run, engine, run_id)
     return StreamStart(session_id, run_id, since_seq)
+
+
+def _event_json(event: SessionEvent) -> str:
+    """The event's ``EventResponse`` JSON, made once for all the followers it goes to
+    (``app.feed`` hands the same event objects to the followers of a session)."""
+    info = instance_state(event).info
+    serialized = info.get(_SSE_JSON)
+    if serialized is None:
+        serialized = info[_SSE_JSON] = EventResponse.model_validate(event).model_dump_json()
+    return serialized
 
 
 @router.get(
@@ -163,7 +177,7 @@ async def stream_run_events(
         start.session_id, since_seq=start.since_seq, run_id=start.run_id
     ):
         for event in batch:
-            yield ServerSentEvent(id=str(event.seq), data=EventResponse.model_validate(event))
+            yield ServerSentEvent(id=str(event.seq), raw_data=_event_json(event))
         last_seq = batch[-1].seq
     yield ServerSentEvent(event="end", data={"run_id": start.run_id, "last_seq": last_seq})
 
