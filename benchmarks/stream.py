@@ -337,6 +337,81 @@ def run_stream(
     }
 
 
+def run_feed_only(
+    url: str,
+    *,
+    followers: int,
+    writers: int,
+    events: int,
+    interval: float,
+    deadline: float,
+    reconnect_every: int = 0,
+) -> dict[str, Any]:
+    """The same writers, with the followers in this process on ``EventFeed.follow`` (no HTTP):
+    the feed's own commit-to-delivery latency, without SSE framing and HTTP parsing."""
+    from app.feed import EventFeed
+
+    seeded = seed(url, writers)
+    engine = create_db_engine(url)
+    feed = EventFeed(engine)
+    received: list[tuple[str, list[int], dict[int, float]]] = [
+        (seeded[n % writers][1], [], {}) for n in range(followers)
+    ]
+    sessions = {run_id: session_id for session_id, run_id in seeded}
+    committed: dict[str, dict[int, float]] = {}
+
+    async def follow(run_id: str, seqs: list[int], read_at: dict[int, float]) -> None:
+        async for batch in feed.follow(sessions[run_id], since_seq=FIRST_SEQ, run_id=run_id):
+            now = time.time()
+            for event in batch:
+                seqs.append(event.seq)
+                read_at[event.seq] = now
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(follow(*entry)) for entry in received]
+        writers_process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "benchmarks.stream",
+            "--writer",
+            url,
+            json.dumps(seeded),
+            str(events),
+            str(interval),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert writers_process.stdout is not None
+        await asyncio.wait_for(writers_process.stdout.readline(), deadline)
+        await asyncio.sleep(1.0)
+        out, _ = await asyncio.wait_for(writers_process.communicate(b"go\n"), deadline)
+        committed.update(
+            {run: {int(k): v for k, v in times.items()} for run, times in json.loads(out).items()}
+        )
+        await asyncio.wait_for(asyncio.gather(*tasks), deadline)
+
+    try:
+        asyncio.run(main())
+    finally:
+        feed.close()
+        engine.dispose()
+    latencies = [
+        1000 * (at - committed[run_id][seq])
+        for run_id, _seqs, read_at in received
+        for seq, at in read_at.items()
+    ]
+    failed = sum(seqs != sorted(committed[run_id]) for run_id, seqs, _ in received)
+    return {
+        "followers": followers,
+        "deliveries": len(latencies),
+        "latency_ms": {
+            "p50": round(percentile(latencies, 0.5), 1),
+            "p99": round(percentile(latencies, 0.99), 1),
+        },
+        "failed_followers": failed,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stream", description=__doc__)
     parser.add_argument("--reduced", action="store_true", help="50 followers, 10 events (CI)")
@@ -349,6 +424,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--deadline", type=float, default=120.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--feed-only", action="store_true", help="followers on EventFeed in-process, no HTTP"
+    )
     parser.add_argument("--writer", nargs=4, metavar=("URL", "RUNS_JSON", "N", "INTERVAL"))
     return parser.parse_args(argv)
 
@@ -368,8 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "deadline": args.deadline,
     }
     results: dict[str, Any] = {}
+    measure = run_feed_only if args.feed_only else run_stream
     if args.url:
-        results[make_url(args.url).get_backend_name()] = run_stream(args.url, **options)
+        results[make_url(args.url).get_backend_name()] = measure(args.url, **options)
     else:
         server_url = postgresql_server_url()
         with scratch_databases(server_url) as databases:
@@ -377,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if backend == "postgresql" and (reason := postgresql_reachable(server_url)):
                     print(f"postgresql skipped: {reason}", file=sys.stderr)
                     continue
-                results[backend] = run_stream(databases.url(backend, "stream"), **options)
+                results[backend] = measure(databases.url(backend, "stream"), **options)
     if args.json:
         print(json.dumps(results))
     else:

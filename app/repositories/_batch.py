@@ -22,6 +22,7 @@ fails, so the caller's transaction stays usable, and the seqs stay gap-free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Integer, String, TextClause, bindparam, text
@@ -107,6 +108,7 @@ ON CONFLICT DO NOTHING
 RETURNING id, seq"""
 
 
+@cache
 def append_many_statements(dialect: str) -> tuple[TextClause, ...]:
     """PostgreSQL: (allocate + insert + notify,); SQLite: (allocate, insert).
 
