@@ -21,6 +21,9 @@ How ``append`` allocates ``seq``
     On PostgreSQL the upsert and the insert are one statement (data-modifying
     CTEs): one round trip per append. SQLite has no DML in CTEs and runs them
     as two statements; its ``BEGIN IMMEDIATE`` transactions serialize writers.
+    The PostgreSQL statement also calls ``pg_notify`` (channel ``EVENTS_CHANNEL``,
+    payload the session id): the commit wakes ``app.feed``'s followers.
+    ``append_many`` does the same for a burst (``app.repositories._batch``).
 
     Limits: the transaction must use READ COMMITTED on PostgreSQL (the
     default). On a database adopted from v0.7 whose duplicate seqs kept the
