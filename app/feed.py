@@ -316,8 +316,12 @@ class EventFeed:
         since_seq: int,
         run_id: str | None = None,
         limit: int = DEFAULT_PAGE,
+        heartbeat: float | None = None,
     ) -> AsyncIterator[list[SessionEvent]]:
         """Yield each batch of newly committed events with ``seq > since_seq``, in seq order.
+
+        With ``heartbeat``, an empty batch comes after that many seconds without
+        one (for a stream's keep-alive).
 
         With ``run_id``, only that run's events (session seqs), and the
         iterator ends after the run's terminal event. Raises
@@ -335,6 +339,7 @@ class EventFeed:
         try:
             with self._signals.watch(session_id) as watch:
                 forced = False
+                last_yield = time.monotonic()
                 while True:
                     seen = watch.generation
                     events = None if forced else tail.after(position, seen)
@@ -355,6 +360,7 @@ class EventFeed:
                         mine = [e for e in events if run_id is None or e.run_id == run_id]
                         if mine:
                             yield mine
+                            last_yield = time.monotonic()
                             if run_id is not None and any(
                                 e.type in TERMINAL_EVENT_TYPES for e in mine
                             ):
@@ -362,8 +368,14 @@ class EventFeed:
                         continue
                     if terminal:
                         return
-                    if not await self._signals.wait_async(watch, seen, self._recheck):
+                    timeout = self._recheck
+                    if heartbeat is not None:
+                        timeout = min(timeout, heartbeat - (time.monotonic() - last_yield))
+                    if not await self._signals.wait_async(watch, seen, max(timeout, 0.0)):
                         forced = True
+                        if heartbeat is not None and time.monotonic() - last_yield >= heartbeat:
+                            yield []
+                            last_yield = time.monotonic()
         finally:
             tail.users -= 1
             if tail.users == 0 and tails.get(session_id) is tail:

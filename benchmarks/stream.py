@@ -102,15 +102,17 @@ class Follower:
     ended: bool = False
     connections: int = 0
     error: str | None = None
+    last_id: str | None = None
+    drop_at: int | None = None
 
 
 async def follow(
     client: httpx.AsyncClient, follower: Follower, connected: asyncio.Event, total: int
 ) -> None:
     """Read the run's stream; a reconnecting follower leaves halfway and resumes."""
-    last_id: str | None = None
-    drop_after = total // 2 if follower.reconnects else None
-    while not follower.ended:
+    follower.drop_at = total // 2 if follower.reconnects else None
+    while not follower.ended and follower.error is None:
+        last_id = follower.last_id
         headers = {"Last-Event-ID": last_id} if last_id else {}
         params = {} if last_id else {"since_seq": FIRST_SEQ}
         path = f"/api/runs/{follower.run_id}/events/stream"
@@ -120,29 +122,39 @@ async def follow(
                 return
             follower.connections += 1
             connected.set()
-            event_id, name = None, None
-            async for line in response.aiter_lines():
-                if line.startswith("id: "):
-                    event_id = line[4:]
-                elif line.startswith("event: "):
-                    name = line[7:]
-                elif line == "":
-                    if name == "end":
-                        follower.ended = True
-                        break
-                    if event_id is not None:
-                        seq = int(event_id)
-                        follower.read_at.setdefault(seq, time.time())
-                        follower.received.append(seq)
-                        last_id = event_id
-                        if drop_after is not None and len(follower.received) >= drop_after:
-                            drop_after = None
-                            break  # drop the connection mid-stream
-                    event_id, name = None, None
-            else:
-                if not follower.ended:
-                    follower.error = "stream closed before event: end"
-                    return
+            if await read_messages(response, follower):
+                return
+
+
+async def read_messages(response: httpx.Response, follower: Follower) -> bool:
+    """Read SSE messages until ``event: end`` (True) or a planned drop (False).
+
+    Parses raw chunks (split on the blank line that ends a message) rather than
+    line by line: the harness shares the machine with the server it measures.
+    """
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        *messages, buffer = buffer.split(b"\n\n")
+        read_at = time.time()
+        for message in messages:
+            if message.startswith(b"event: end"):
+                follower.ended = True
+                return True
+            ids = [line[4:] for line in message.split(b"\n") if line.startswith(b"id: ")]
+            if not ids:
+                continue  # a ping
+            event_id = ids[0].decode()
+            seq = int(event_id)
+            follower.read_at.setdefault(seq, read_at)
+            follower.received.append(seq)
+            follower.last_id = event_id
+            if follower.drop_at is not None and len(follower.received) >= follower.drop_at:
+                follower.drop_at = None
+                return False  # drop the connection mid-stream
+    if not follower.ended:
+        follower.error = "stream closed before event: end"
+    return True
 
 
 # --------------------------------------------------------------------------

@@ -8,12 +8,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import fastapi.routing
 import httpx
 import pytest
 import uvicorn
 from sqlalchemy import Engine
 
+import app.api.routes
 from app.api.deps import get_db_engine
 from app.api.main import create_app
 from app.db import unit_of_work
@@ -120,7 +120,7 @@ def test_last_event_id_resumes_after_that_seq(engine: Engine, base_url: str) -> 
 def test_sends_heartbeats_while_idle(
     engine: Engine, base_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.2)
+    monkeypatch.setattr(app.api.routes, "SSE_PING_SECONDS", 0.2)
     _session_id, run_id = running_run(engine)
     url = f"{base_url}/api/runs/{run_id}/events/stream"
     with httpx.stream("GET", url, params={"since_seq": 2}, timeout=30) as response:

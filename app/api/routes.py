@@ -8,12 +8,13 @@ installs; the statuses each endpoint can answer are listed in its OpenAPI.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm.attributes import instance_state
 
@@ -158,28 +159,58 @@ def _event_json(event: SessionEvent) -> str:
     return serialized
 
 
+SSE_PING_SECONDS = 15.0
+"""A ``: ping`` comment after this long without events keeps proxies from closing the stream."""
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse_message(event: SessionEvent) -> bytes:
+    return b"id: %d\ndata: %s\n\n" % (event.seq, _event_json(event).encode())
+
+
 @router.get(
-    "/{run_id}/events/stream", response_class=EventSourceResponse, responses=_errors(400, 404)
+    "/{run_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "id: <seq>, data: EventResponse JSON; : ping; event: end",
+        }
+    }
+    | _errors(400, 404),
 )
 async def stream_run_events(
     start: Annotated[StreamStart, Depends(get_stream_start)], engine: EngineDep
-) -> AsyncIterator[ServerSentEvent]:
+) -> StreamingResponse:
     """The run's events as Server-Sent Events, as they commit (docs/events.md).
 
     Each event is ``id: <seq>`` and ``data: <EventResponse JSON>``; a ``: ping``
-    comment goes out after 15 s without events. The stream ends with
-    ``event: end`` once the run's terminal event has been sent. The stream
-    holds no database session while it waits (``app.feed``).
+    comment goes out after ``SSE_PING_SECONDS`` without events. The stream ends
+    with ``event: end`` once the run's terminal event has been sent. It holds
+    no database session while it waits (``app.feed``). The framing is written
+    here, one write per batch of events: FastAPI's ``EventSourceResponse``
+    passes every message through two memory streams and a keepalive task,
+    which costs more than the SSE itself with many followers (docs/events.md).
     """
-    last_seq = start.since_seq
-    feed = get_feed(engine)
-    async for batch in feed.follow(
-        start.session_id, since_seq=start.since_seq, run_id=start.run_id
-    ):
-        for event in batch:
-            yield ServerSentEvent(id=str(event.seq), raw_data=_event_json(event))
-        last_seq = batch[-1].seq
-    yield ServerSentEvent(event="end", data={"run_id": start.run_id, "last_seq": last_seq})
+
+    async def messages() -> AsyncIterator[bytes]:
+        last_seq = start.since_seq
+        follow = get_feed(engine).follow(
+            start.session_id,
+            since_seq=start.since_seq,
+            run_id=start.run_id,
+            heartbeat=SSE_PING_SECONDS,
+        )
+        async for batch in follow:
+            if not batch:
+                yield b": ping\n\n"
+                continue
+            yield b"".join(_sse_message(event) for event in batch)
+            last_seq = batch[-1].seq
+        end = json.dumps({"run_id": start.run_id, "last_seq": last_seq})
+        yield f"event: end\ndata: {end}\n\n".encode()
+
+    return StreamingResponse(messages(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 __all__ = ["router"]
