@@ -17,7 +17,9 @@ How a follower learns that something committed (docs/events.md):
   disconnected cost nothing, and nothing is delivered twice.
 * **SQLite**: one thread asks ``PRAGMA data_version`` on a connection of its
   own every few milliseconds. The number changes when another connection
-  commits; asking takes no lock, so writers are never held up.
+  commits; then one read of the followed sessions' counter rows says which
+  sessions moved, and only their followers wake. Neither takes a lock that a
+  writer waits for (WAL).
 
 A woken follower reads the new events in a short read-only unit of work in a
 thread (``unit_of_work(engine, readonly=True)``: no transaction is open while
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -99,6 +102,10 @@ class _Signals:
     @property
     def followed(self) -> int:
         return len(self._watches)
+
+    def followed_sessions(self) -> list[str]:
+        with self._lock:
+            return list(self._watches)
 
     @contextlib.contextmanager
     def watch(self, session_id: str) -> Iterator[_Watch]:
@@ -202,11 +209,18 @@ class _PostgresListener(_Listener):
 
 
 class _SqlitePoller(_Listener):
-    """``PRAGMA data_version`` on a connection of its own: changes when others commit."""
+    """``PRAGMA data_version`` on a connection of its own: changes when others commit.
+
+    Then one read of the followed sessions' counter rows (``next_seq`` moves
+    with every append) tells which sessions to wake, so a commit wakes the
+    followers of its session only. Both are reads outside any write
+    transaction: in WAL mode they never wait for a writer nor hold one up.
+    """
 
     def __init__(self, signals: _Signals, path: str) -> None:
         super().__init__(signals, "event-feed-poll")
         self._path = path
+        self._counters: dict[str, int] = {}
 
     def run(self) -> None:
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -218,14 +232,30 @@ class _SqlitePoller(_Listener):
                 self.stopping.wait(SQLITE_POLL_SECONDS if busy else SQLITE_IDLE_POLL_SECONDS)
                 try:
                     current = conn.execute("PRAGMA data_version").fetchone()[0]
+                    if current != version:
+                        version = current
+                        self._wake_changed(conn)
                 except sqlite3.Error as exc:
-                    log.warning("event feed: PRAGMA data_version failed (%s)", exc)
-                    continue
-                if current != version:
-                    version = current
+                    log.warning("event feed: polling SQLite failed (%s); waking everyone", exc)
                     self.signals.bump(None)
         finally:
             conn.close()
+
+    def _wake_changed(self, conn: sqlite3.Connection) -> None:
+        followed = self.signals.followed_sessions()
+        rows = conn.execute(_FOLLOWED_COUNTERS, (json.dumps(followed),)).fetchall()
+        counters = dict(rows)
+        for session_id in followed:
+            if counters.get(session_id) != self._counters.get(session_id):
+                self.signals.bump(session_id)
+        self._counters = counters
+
+
+_FOLLOWED_COUNTERS = (
+    "SELECT session_id, next_seq FROM session_event_sequences "
+    "WHERE session_id IN (SELECT value FROM json_each(?))"
+)
+"""The counter rows of the followed sessions (one JSON array parameter)."""
 
 
 # --------------------------------------------------------------------------
