@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks.batch import batch_section, measure_batches
 from benchmarks.environment import (
     ScratchDatabases,
     machine_facts,
@@ -37,7 +38,7 @@ from benchmarks.report import (
 from benchmarks.scaling import measure_scaling
 from benchmarks.throughput import measure_throughput
 
-PARTS = ("overhead", "scaling", "migration", "throughput")
+PARTS = ("overhead", "batch", "scaling", "migration", "throughput")
 BACKENDS = ("sqlite", "postgresql")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "reports" / "benchmarks.md"
 
@@ -108,6 +109,17 @@ def _overhead(args: argparse.Namespace, databases: ScratchDatabases, backends: l
     )
 
 
+def _batch(args: argparse.Namespace, databases: ScratchDatabases, backends: list[str]) -> str:
+    return batch_section(
+        [
+            measure_batches(
+                backend, databases.url(backend, "batch"), rounds=args.rounds, batches=args.batch
+            )
+            for backend in backends
+        ]
+    )
+
+
 def _scaling(args: argparse.Namespace, databases: ScratchDatabases, backends: list[str]) -> str:
     sizes = sorted(int(size) for size in _csv(args.sizes))
     return scaling_section(
@@ -147,6 +159,7 @@ def _throughput(
 Runner = Callable[[argparse.Namespace, ScratchDatabases, list[str]], str | None]
 RUNNERS: dict[str, Runner] = {
     "overhead": _overhead,
+    "batch": _batch,
     "scaling": _scaling,
     "migration": _migration,
     "throughput": _throughput,
