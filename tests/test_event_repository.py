@@ -190,6 +190,7 @@ def test_concurrent_appends_with_one_event_id_store_it_once(engine: Engine) -> N
 # ---------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_eight_writers_of_250_events_get_seqs_exactly_1_to_2000(engine: Engine) -> None:
     session_id = new_session(engine)
 
