@@ -179,7 +179,7 @@ class PostgresDatabases:
     def take_migrated_schema(self) -> str:
         """A migrated schema built in the background; the next one starts now."""
         self._background.submit(self._build_ahead)
-        built = self._ready.get()
+        built = self._ready.get(timeout=300)
         if isinstance(built, Exception):
             raise built
         return built
@@ -246,12 +246,6 @@ def postgresql_databases() -> Iterator[PostgresDatabases]:
     finally:
         databases.close()
         admin.dispose()
-
-
-@pytest.fixture(scope="session")
-def postgres_run_url(postgresql_databases: PostgresDatabases) -> str:
-    """URL of the database created for this test run (it holds the tests' schemas)."""
-    return postgresql_databases.run_url.render_as_string(hide_password=False)
 
 
 # --------------------------------------------------------------------------
