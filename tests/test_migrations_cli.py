@@ -9,11 +9,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, inspect, text
 
 from migrations import MIGRATIONS, status, upgrade
 from tests.concurrency import run_scripts_together
 from tests.test_migrations import make_v07_database
+
+pytestmark = pytest.mark.slow  # every test starts Python processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
