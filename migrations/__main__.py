@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -18,12 +19,32 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import create_db_engine, resolve_database_url
-from migrations.runner import DEFAULT_LOCK_TIMEOUT, pending_sql, status, upgrade
+from migrations.runner import (
+    DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    pending_sql,
+    positive_seconds,
+    status,
+    upgrade,
+)
 from migrations.steps import MigrationError
 
 
 def _upgrade(engine: Engine, args: argparse.Namespace) -> int:
-    applied = upgrade(engine, allow_changed=args.allow_changed, lock_timeout=args.lock_timeout)
+    if engine.dialect.name == "postgresql":
+        statement = f"{args.statement_timeout:g} s" if args.statement_timeout else "no limit"
+        print(
+            f"waits: {args.lock_timeout:g} s in all for locks, each statement's lock wait "
+            f"{args.statement_lock_timeout:g} s then retried; statement run time {statement}"
+        )
+    applied = upgrade(
+        engine,
+        allow_changed=args.allow_changed,
+        lock_timeout=args.lock_timeout,
+        statement_lock_timeout=args.statement_lock_timeout,
+        statement_timeout=args.statement_timeout,
+    )
     for migration in applied:
         print(f"applied {migration.version:04d}_{migration.name} in {migration.duration_ms} ms")
         for note in migration.notes:
@@ -67,6 +88,23 @@ def _sql(engine: Engine, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(raw: str, *, zero_allowed: bool = False) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not positive_seconds(value, zero_allowed=zero_allowed):
+        expected = "0 or more" if zero_allowed else "more than 0"
+        raise argparse.ArgumentTypeError(
+            f"expected a finite number of seconds, {expected}; got {raw!r}"
+        )
+    return value
+
+
+def _seconds_or_zero(raw: str) -> float:
+    return _seconds(raw, zero_allowed=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m migrations", description="Schema migrations of the Run data layer."
@@ -90,9 +128,24 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--lock-timeout",
-                type=float,
+                type=_seconds,
                 default=DEFAULT_LOCK_TIMEOUT,
-                help="seconds to wait for another process's upgrade (default %(default)s)",
+                help="seconds to wait in all for locks: another upgrade's, and those the "
+                "statements need (default %(default)g)",
+            )
+            command.add_argument(
+                "--statement-lock-timeout",
+                type=_seconds,
+                default=DEFAULT_STATEMENT_LOCK_TIMEOUT,
+                help="PostgreSQL: longest wait of one statement for a lock before its "
+                "migration is rolled back and retried (default %(default)g)",
+            )
+            command.add_argument(
+                "--statement-timeout",
+                type=_seconds_or_zero,
+                default=DEFAULT_STATEMENT_TIMEOUT,
+                help="PostgreSQL: longest run time of one statement, 0 for none "
+                "(default %(default)g)",
             )
     return parser
 
@@ -100,7 +153,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Notes are printed below; the log would repeat them on stderr.
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    logging.getLogger("migrations.waits").setLevel(logging.WARNING)  # each retry, on stderr
     url = resolve_database_url(args.url)
     print(f"database: {url.render_as_string(hide_password=True)}")
     engine = create_db_engine(url)

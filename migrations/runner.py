@@ -13,32 +13,41 @@ a failure leaves no trace and the error names the migration and the statement
 
 Several processes may upgrade at once (app instances starting together):
 
-* PostgreSQL: a session-level advisory lock, taken on a dedicated
-  autocommit connection by polling ``pg_try_advisory_lock`` until a deadline,
-  serializes the runners. The key is derived from the database and the
-  current schema, so runners on two schemas of one database do not wait for
-  each other.
+* PostgreSQL: every migration's transaction first takes a transaction-level
+  advisory lock (``pg_advisory_xact_lock``) on the connection that applies
+  it, then re-reads the version row under the lock. The lock lives exactly as
+  long as the work it protects: a dead connection ends both, and the next
+  runner finds the version unrecorded and applies it. The key is derived from
+  the database and the current schema, so runners on two schemas of one
+  database do not wait for each other.
 * SQLite: every migration's transaction begins with ``BEGIN IMMEDIATE`` (the
   engine's default), so checking the version row and applying the migration
   happen under the write lock; a waiting runner finds the row and skips. The
   busy timeout is raised to the lock timeout for the upgrade's connection.
 
 Either way the others wait, then find nothing to do; none fails.
+
+Waits are bounded (``Waits``): on PostgreSQL every statement runs under a
+short ``lock_timeout``, so a migration stuck behind a long transaction never
+holds the queue of readers behind its pending ``ALTER`` for longer than that;
+it is rolled back and retried with backoff until the total wait is spent,
+then the upgrade stops naming the backends that hold the locks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, inspect, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.types import UTCDateTime, utc_now
 from migrations import (
@@ -68,7 +77,10 @@ logger = logging.getLogger("migrations")
 
 VERSION_TABLE = "schema_migrations"
 DEFAULT_LOCK_TIMEOUT = 300.0
-_LOCK_POLL_SECONDS = 0.2
+DEFAULT_STATEMENT_LOCK_TIMEOUT = 2.0
+DEFAULT_STATEMENT_TIMEOUT = 900.0
+wait_logger = logging.getLogger("migrations.waits")
+T = TypeVar("T")
 
 _VERSION_TABLE_DDL = {
     "sqlite": """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -96,6 +108,10 @@ _INSERT_RECORD = text(
     "INSERT INTO schema_migrations (version, name, checksum, applied_at, duration_ms, notes) "
     "VALUES (:version, :name, :checksum, :applied_at, :duration_ms, :notes)"
 ).bindparams(bindparam("applied_at", type_=UTCDateTime))
+_UPDATE_RECORD = text(
+    "UPDATE schema_migrations SET checksum = :checksum, applied_at = :applied_at, "
+    "duration_ms = :duration_ms, notes = :notes WHERE version = :version AND name = :name"
+).bindparams(bindparam("applied_at", type_=UTCDateTime))
 _NOTE_SEPARATOR = "\n"
 
 
@@ -104,7 +120,20 @@ class ChangedMigrationError(MigrationError):
 
 
 class MigrationLockTimeoutError(MigrationError):
-    """Another runner held the migration lock for longer than the timeout."""
+    """The upgrade waited for locks (another runner's, or its statements') past its total."""
+
+
+class MigrationConnectionLostError(MigrationError):
+    """The connection died mid-migration: that migration and its lock ended with it."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        detail = str(_database_error(cause) or cause).strip().splitlines()[0]
+        super().__init__(
+            f"lost the database connection while applying {what} ({detail}). Its transaction "
+            "and its migration lock ended with the connection, so nothing of it was kept "
+            "unless its commit got through; rerun upgrade to apply whatever is still pending "
+            "(status shows which)."
+        )
 
 
 @dataclass(frozen=True)
@@ -235,53 +264,72 @@ def upgrade(
     *,
     allow_changed: bool = False,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    statement_lock_timeout: float = DEFAULT_STATEMENT_LOCK_TIMEOUT,
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
     migrations: Sequence[Migration] | None = None,
 ) -> list[AppliedMigration]:
     """Apply the pending migrations in order; return what this call applied, with notes.
+
+    Waits are bounded (see ``Waits``): ``lock_timeout`` seconds in all for
+    the migration lock and for the locks the DDL needs; on PostgreSQL each
+    statement waits at most ``statement_lock_timeout`` before its migration
+    is rolled back and retried, and runs at most ``statement_timeout``
+    (``0``: no limit).
 
     Raises ``ChangedMigrationError`` (before applying anything) when an
     applied migration's code changed, unless ``allow_changed``: then the new
     checksum is recorded and the change logged. Raises
     ``StatementFailedError`` / ``MigrationError`` when a migration fails (it is
-    rolled back; later ones are not tried) and ``MigrationLockTimeoutError``
-    when another runner holds the lock past ``lock_timeout`` seconds.
+    rolled back; later ones are not tried), ``MigrationLockTimeoutError``
+    when the waits used up ``lock_timeout`` (naming who holds the locks) and
+    ``MigrationConnectionLostError`` when the connection died mid-migration.
     """
     migrations = _default(migrations)
     _check_order(migrations)
+    waits = Waits(lock_timeout, statement_lock_timeout, statement_timeout)
     dialect = engine.dialect.name
     applied: list[AppliedMigration] = []
-    with _upgrade_connection(engine, lock_timeout) as conn:
-        with _write_transaction(conn, lock_timeout):
+    with _upgrade_connection(engine, waits) as conn:
+        attempts = _Attempts(conn, waits)
+
+        def prepare() -> None:
             conn.execute(text(_VERSION_TABLE_DDL[dialect]))
             _accept_or_refuse_changes(conn, migrations, allow_changed)
+
+        attempts.run("the version table", prepare)
         for migration in migrations:
-            with _write_transaction(conn, lock_timeout):
-                if conn.execute(
-                    text("SELECT 1 FROM schema_migrations WHERE version = :version"),
-                    {"version": migration.version},
-                ).first():
-                    continue
-                started = time.perf_counter()
-                notes = migration.apply(conn)
-                duration_ms = round((time.perf_counter() - started) * 1000)
-                conn.execute(
-                    _INSERT_RECORD,
-                    {
-                        "version": migration.version,
-                        "name": migration.name,
-                        "checksum": migration.checksum(dialect),
-                        "applied_at": utc_now(),
-                        "duration_ms": duration_ms,
-                        "notes": _NOTE_SEPARATOR.join(notes) or None,
-                    },
-                )
-            logger.info("applied migration %s in %d ms", migration.label, duration_ms)
-            for note in notes:
+            result = attempts.run(migration.label, lambda m=migration: _apply_one(conn, m))
+            if result is None:
+                continue
+            logger.info("applied migration %s in %d ms", migration.label, result.duration_ms)
+            for note in result.notes:
                 logger.warning("migration %s: %s", migration.label, note)
-            applied.append(
-                AppliedMigration(migration.version, migration.name, duration_ms, tuple(notes))
-            )
+            applied.append(result)
     return applied
+
+
+def _apply_one(conn: Connection, migration: Migration) -> AppliedMigration | None:
+    """Apply ``migration`` unless it is recorded (and complete); under the caller's lock."""
+    dialect = conn.dialect.name
+    recorded = conn.execute(
+        text("SELECT 1 FROM schema_migrations WHERE version = :version"),
+        {"version": migration.version},
+    ).first()
+    if recorded and migration.is_complete(conn):
+        return None
+    started = time.perf_counter()
+    notes = migration.apply(conn)
+    duration_ms = round((time.perf_counter() - started) * 1000)
+    row = {
+        "version": migration.version,
+        "name": migration.name,
+        "checksum": migration.checksum(dialect),
+        "applied_at": utc_now(),
+        "duration_ms": duration_ms,
+        "notes": _NOTE_SEPARATOR.join(notes) or None,
+    }
+    conn.execute(_UPDATE_RECORD if recorded else _INSERT_RECORD, row)
+    return AppliedMigration(migration.version, migration.name, duration_ms, tuple(notes))
 
 
 def _accept_or_refuse_changes(
@@ -320,13 +368,49 @@ def _default(migrations: Sequence[Migration] | None) -> Sequence[Migration]:
 
 
 # --------------------------------------------------------------------------
-# Exclusive access for one upgrade
+# Exclusive access for one upgrade, with bounded waits
+
+
+@dataclass(frozen=True)
+class Waits:
+    """How long an upgrade may wait, in seconds.
+
+    ``total`` (``--lock-timeout``): everything the upgrade waits for in all,
+    the migration lock and the locks its statements need. PostgreSQL only:
+    ``statement_lock`` (``--statement-lock-timeout``) is the ``lock_timeout``
+    of every statement, so a statement queued behind a long transaction
+    holds up the readers and writers queued behind *it* for at most that
+    long before its migration is rolled back and retried (with backoff) until
+    ``total`` is spent; ``statement`` (``--statement-timeout``) bounds each
+    statement's run time, ``0`` for none.
+    """
+
+    total: float
+    statement_lock: float
+    statement: float
+
+    def __post_init__(self) -> None:
+        for name, value, zero_allowed in (
+            ("lock_timeout", self.total, False),
+            ("statement_lock_timeout", self.statement_lock, False),
+            ("statement_timeout", self.statement, True),
+        ):
+            if not positive_seconds(value, zero_allowed=zero_allowed):
+                expected = ">= 0" if zero_allowed else "> 0"
+                raise ValueError(
+                    f"{name} must be a finite number of seconds {expected}, got {value!r}"
+                )
+
+
+def positive_seconds(value: float, *, zero_allowed: bool = False) -> bool:
+    """Whether ``value`` is a usable timeout: finite, and positive (or zero if allowed)."""
+    return math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))
 
 
 @contextmanager
-def _upgrade_connection(engine: Engine, lock_timeout: float) -> Iterator[Connection]:
+def _upgrade_connection(engine: Engine, waits: Waits) -> Iterator[Connection]:
     if engine.dialect.name == "postgresql":
-        with _pg_advisory_lock(engine, lock_timeout), engine.connect() as conn:
+        with engine.connect() as conn:
             yield conn
         return
     with engine.connect() as conn:
@@ -337,7 +421,7 @@ def _upgrade_connection(engine: Engine, lock_timeout: float) -> Iterator[Connect
         # Outside a transaction, where SQLite honours it: a table rebuild must
         # not cascade its DROP into child tables (SQLite's documented recipe).
         driver.execute("PRAGMA foreign_keys = OFF")
-        driver.execute(f"PRAGMA busy_timeout = {int(lock_timeout * 1000)}")
+        driver.execute(f"PRAGMA busy_timeout = {int(waits.total * 1000)}")
         try:
             yield conn
         finally:
@@ -346,7 +430,7 @@ def _upgrade_connection(engine: Engine, lock_timeout: float) -> Iterator[Connect
 
 
 @contextmanager
-def _write_transaction(conn: Connection, lock_timeout: float) -> Iterator[None]:
+def _write_transaction(conn: Connection, waits: Waits) -> Iterator[None]:
     """A transaction; on SQLite, a busy timeout at BEGIN IMMEDIATE becomes a lock timeout."""
     try:
         transaction = conn.begin()
@@ -354,7 +438,7 @@ def _write_transaction(conn: Connection, lock_timeout: float) -> Iterator[None]:
         if "locked" not in str(exc.orig):
             raise
         raise MigrationLockTimeoutError(
-            f"another process held the SQLite write lock for more than {lock_timeout:g} s; "
+            f"another process held the SQLite write lock for more than {waits.total:g} s; "
             "is an upgrade or a long transaction stuck? Retry, or raise the timeout."
         ) from exc
     with transaction:
@@ -368,26 +452,147 @@ def _advisory_key(conn: Connection) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-@contextmanager
-def _pg_advisory_lock(engine: Engine, timeout: float) -> Iterator[None]:
-    with engine.connect() as lock_conn:
-        lock_conn.execution_options(isolation_level="AUTOCOMMIT")
-        key = _advisory_key(lock_conn)
-        deadline = time.monotonic() + timeout
-        waiting_logged = False
-        while not lock_conn.execute(
-            text("SELECT pg_try_advisory_lock(:key)"), {"key": key}
-        ).scalar_one():
-            if time.monotonic() >= deadline:
-                raise MigrationLockTimeoutError(
-                    f"another process held the migration lock (advisory key {key}) for more "
-                    f"than {timeout:g} s; is an upgrade stuck? Retry, or raise the timeout."
-                )
-            if not waiting_logged:
-                logger.info("waiting for another process to finish migrating (key %d)", key)
-                waiting_logged = True
-            time.sleep(_LOCK_POLL_SECONDS)
-        try:
-            yield
-        finally:
-            lock_conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+_LOCK_NOT_AVAILABLE = "55P03"
+_FIRST_RETRY_DELAY = 0.25
+_MAX_RETRY_DELAY = 5.0
+_SET_TIMEOUTS = text(
+    "SELECT set_config('lock_timeout', :lock_timeout, true), "
+    "set_config('statement_timeout', :statement_timeout, true)"
+)
+# Backends other than this one holding a lock on a table of this schema, or the
+# migration lock: whoever an upgrade's statement may be waiting for.
+_HOLDERS = text(
+    """SELECT a.pid, a.state, EXTRACT(EPOCH FROM now() - a.xact_start) AS open_seconds,
+       left(regexp_replace(a.query, '\\s+', ' ', 'g'), 60) AS query,
+       string_agg(DISTINCT COALESCE(c.relname, 'the migration lock'), ', ') AS holds
+FROM pg_locks AS l
+JOIN pg_stat_activity AS a ON a.pid = l.pid
+LEFT JOIN pg_class AS c ON c.oid = l.relation
+WHERE l.granted AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.locktype = 'relation' AND c.relkind IN ('r', 'p')
+        AND c.relnamespace = to_regnamespace(current_schema()))
+       OR (l.locktype = 'advisory' AND l.classid::bigint = :key_high
+           AND l.objid::bigint = :key_low AND l.objsubid = 1))
+GROUP BY a.pid, a.state, a.xact_start, a.query
+ORDER BY a.xact_start NULLS LAST
+LIMIT 5"""
+)
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The driver's exception behind ``exc`` (a ``DBAPIError`` or a wrapper of one)."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, DBAPIError):
+            return current.orig
+        current = current.__cause__
+    return None
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, DBAPIError):
+            return bool(current.connection_invalidated)
+        current = current.__cause__
+    return False
+
+
+def _lock_not_available(exc: BaseException) -> bool:
+    return getattr(_database_error(exc), "sqlstate", None) == _LOCK_NOT_AVAILABLE
+
+
+class _Attempts:
+    """Runs each unit of an upgrade in a transaction of its own, under the migration lock.
+
+    PostgreSQL: the lock is ``pg_advisory_xact_lock`` taken first in the very
+    transaction that applies the migration and writes its version row. It
+    cannot outlive, or be lost apart from, the work it protects: if the
+    connection dies, the transaction, its changes and the lock end together,
+    and the next runner re-reads the version table under the lock. A wait
+    that hits ``lock_timeout`` rolls the unit back and retries it with
+    backoff until ``Waits.total`` is spent.
+    """
+
+    def __init__(self, conn: Connection, waits: Waits) -> None:
+        self.conn = conn
+        self.waits = waits
+        self.deadline = time.monotonic() + waits.total
+        self.postgresql = conn.dialect.name == "postgresql"
+        self.key: int | None = None
+
+    def run(self, what: str, work: Callable[[], T]) -> T:
+        delay = _FIRST_RETRY_DELAY
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                with _write_transaction(self.conn, self.waits):
+                    if self.postgresql:
+                        self._lock()
+                    return work()
+            except (DBAPIError, MigrationError) as exc:
+                if _connection_lost(exc):
+                    raise MigrationConnectionLostError(what, exc) from exc
+                if not self.postgresql or not _lock_not_available(exc):
+                    raise
+                waited_for = _waited_for(exc)
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise MigrationLockTimeoutError(self._gave_up(what, waited_for, attempts))
+            pause = min(delay, remaining)
+            wait_logger.warning(
+                "%s: waited %g s for %s; rolled back, retrying in %.2g s (%.0f s left of %g s)",
+                what,
+                self.waits.statement_lock,
+                waited_for,
+                pause,
+                remaining,
+                self.waits.total,
+            )
+            time.sleep(pause)
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
+
+    def _lock(self) -> None:
+        remaining = max(self.deadline - time.monotonic(), 0.001)
+        lock_ms = max(1, round(min(self.waits.statement_lock, remaining) * 1000))
+        self.conn.execute(
+            _SET_TIMEOUTS,
+            {
+                "lock_timeout": str(lock_ms),
+                "statement_timeout": str(round(self.waits.statement * 1000)),
+            },
+        )
+        if self.key is None:
+            self.key = _advisory_key(self.conn)
+        self.conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.key})
+
+    def _gave_up(self, what: str, waited_for: str, attempts: int) -> str:
+        key = self.key or 0
+        with self.conn.begin():
+            holders = self.conn.execute(
+                _HOLDERS, {"key_high": (key >> 32) & 0xFFFFFFFF, "key_low": key & 0xFFFFFFFF}
+            ).all()
+        blocking = (
+            "; ".join(
+                f"pid {row.pid} ({row.state}, transaction open "
+                f"{float(row.open_seconds or 0):.0f} s, query {row.query!r}) holds {row.holds}"
+                for row in holders
+            )
+            or "no other backend holds a lock now (it was released meanwhile)"
+        )
+        return (
+            f"gave up on {what} after {self.waits.total:g} s ({attempts} attempts of at most "
+            f"{self.waits.statement_lock:g} s each) waiting for {waited_for}; nothing of {what} "
+            f"was applied. Blocking: {blocking}. End that transaction (or run "
+            "SELECT pg_terminate_backend(pid)), then rerun upgrade; or raise --lock-timeout."
+        )
+
+
+def _waited_for(exc: BaseException) -> str:
+    statement = getattr(exc, "statement", None) or ""
+    if "pg_advisory_xact_lock" in statement:
+        return "the migration lock (another upgrade is running)"
+    first_line = " ".join(statement.split())
+    return f"a lock for: {first_line[:80]}" if first_line else "a lock"

@@ -114,6 +114,14 @@ class Migration:
     name: str
     summary: str
     declare: Callable[[str], Sequence[Item]]
+    complete_when: Check | None = None
+
+    def is_complete(self, conn: Connection) -> bool:
+        """Whether an applied migration did all it declares (e.g. an index it had to skip).
+
+        An incomplete one counts as pending: ``upgrade`` runs it again.
+        """
+        return self.complete_when is None or self.complete_when.holds(conn)
 
     @property
     def label(self) -> str:
