@@ -108,6 +108,77 @@ _INSERT_RECORD = text(
     "INSERT INTO schema_migrations (version, name, checksum, applied_at, duration_ms, notes) "
     "VALUES (:version, :name, :checksum, :applied_at, :duration_ms, :notes)"
 ).bindparams(bindparam("applied_at", type_=UTCDateTime))
+# Checksums recorded before checksums covered the SQL alone (up to v0.8 of this layer
+# they hashed the rendered text, helper prose included): (version, dialect) ->
+# (recorded, the SQL-only checksum of that same code). A recorded old-format
+# checksum counts as applied only while the migration's SQL is still that code's;
+# upgrade then records the new format.
+_RENDERED_CHECKSUMS: dict[tuple[int, str], tuple[str, str]] = {
+    (1, "sqlite"): (
+        "14ea83f4e831330b310b221e8cf4592d595680fbe47ff41539986871abaa190d",
+        "f4f11568ab7ac9104fe4798bc283b5d9c5c115c635d729e10a75aa4701938776",
+    ),
+    (1, "postgresql"): (
+        "040b0923cd0ce9df85d955c630fea1718ea44c7e570767df0903a536519aff86",
+        "33b7965dca0310a2a0479b607f8c508bfd750955066164e91bf5f09ea1149a7c",
+    ),
+    (2, "sqlite"): (
+        "4b0f56638564cbd64046d24f3eb877076ce778f58a19745c8e080b3ccaf0e36d",
+        "5058a308dcee9575233be5f85f2bf937b6a7b0b0c78df0e1063b9c4c5565cc18",
+    ),
+    (2, "postgresql"): (
+        "e147ed6e1b043f36adcb641617f8a0e4bbf13aebabac2e9440d4774a09850629",
+        "f54c5c385e1778b36e42a9ff1831ddf7c84dde4aacce38167f1aea24b45ca79b",
+    ),
+    (3, "sqlite"): (
+        "ff520e447be6f49aebc6dc92fbe6c2fb6a306886f566518ea1bd908f0c20726a",
+        "47ee1fd45bc2190dd20418b83d668052893a65cf1a9f85a6917c8bc9667f87b1",
+    ),
+    (3, "postgresql"): (
+        "ca272fd04c5cc3d3372c16590d2f5ed7d820180bfeda30ad059a5b48904783ee",
+        "f28ffff9c6e0933892ab3c1a077c11e89c747de2316980e26cb9ad7d307e8258",
+    ),
+    (4, "sqlite"): (
+        "f2df10f9cd0df54f7298a5e002a5b22905d80c7bf50d5a91e645608ce6b1bb4d",
+        "303ca225a83d54b0fbf48a56a3fe653cba4c9a55ddbd97001ef0e19a50a540cd",
+    ),
+    (4, "postgresql"): (
+        "a11267d9cc46490bc45f8966bd5bf5a0655fa6c745a5deb29bfdc14f8bb09f61",
+        "f9490b53db7ec55d2f395ed375c8042b58631f0118d8df7c19ff0d08ae06e348",
+    ),
+    (5, "sqlite"): (
+        "643059f0b46903d174613c930ea0a1e0a6092e8d7f1e0840f09db35a31a0616b",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ),
+    (5, "postgresql"): (
+        "26034d9b5d2fb0fe49ed8560a896678ae8b5d750c8a2f8a01d1c8ccdf704ead5",
+        "9184280768ef05ffe4a6fd20487205cae907972e63ce913c0715f0f91cc7e67b",
+    ),
+    (6, "sqlite"): (
+        "04cee322995d9c8d1057b466b45a508b821e6449a9dbdc486baf1d02bc41acdb",
+        "b69b0045afb212cabfd3a42e5dc08677b57083d77d37afc9399ae032acf83c75",
+    ),
+    (6, "postgresql"): (
+        "29cc69e3d57099aaed3a72433d83df3173c6d55c80dbf52cc9e1e247607714c6",
+        "06720f418e0acb92f29e5e544c8ea992a33e2d741f4b81b16e22a4e7afba8983",
+    ),
+    (7, "sqlite"): (
+        "c741cf9813a7da4d5b4dbb8cded14f5c248195613f9dea68439bf5f7cd98eac2",
+        "a5b279622573a82de5e414b10f5f3053786774ee5230cbbc38ccee9c6c248608",
+    ),
+    (7, "postgresql"): (
+        "55dd78ffc6301ab3483c8880075d75c29f33dce7d3308faed17d9b400ddcb892",
+        "4eec57866c86661977dd736e070ace836b15d4a8c78982f6336931b7c247559d",
+    ),
+    (8, "sqlite"): (
+        "b4cbc8a508a03784dcfb8b75c4cbb99576a4538c358d80d064438f8d20f2768c",
+        "0964e357aa9dc50bd4cb4bfccb5f4ff2dbf82fc88e8e9f899ba8e4ce3fab50b0",
+    ),
+    (8, "postgresql"): (
+        "0a551b49c8196886538c0ac862072851e11b7b6ccf096c3f0963875ba4d01160",
+        "ccb3b218af9ad7eda77fdd6e9a4a59024a82996e08475ed9d7d6ea1404163f5b",
+    ),
+}
 _UPDATE_RECORD = text(
     "UPDATE schema_migrations SET checksum = :checksum, applied_at = :applied_at, "
     "duration_ms = :duration_ms, notes = :notes WHERE version = :version AND name = :name"
@@ -200,6 +271,13 @@ def _recorded(conn: Connection) -> dict[int, Recorded]:
     }
 
 
+def _same_sql(record: Recorded, checksum: str, dialect: str) -> bool:
+    return record.checksum == checksum or _RENDERED_CHECKSUMS.get((record.version, dialect)) == (
+        record.checksum,
+        checksum,
+    )
+
+
 def _statuses(
     dialect: str, recorded: dict[int, Recorded], migrations: Sequence[Migration]
 ) -> list[MigrationStatus]:
@@ -210,7 +288,7 @@ def _statuses(
         record = recorded.get(migration.version)
         state: State = "pending"
         if record is not None:
-            state = "applied" if record.checksum == checksum else "changed"
+            state = "applied" if _same_sql(record, checksum, dialect) else "changed"
         result.append(MigrationStatus(migration.version, migration.name, state, record, checksum))
     for version, record in sorted(recorded.items()):
         if version not in known:
@@ -336,11 +414,22 @@ def _accept_or_refuse_changes(
     conn: Connection, migrations: Sequence[Migration], allow_changed: bool
 ) -> None:
     dialect = conn.dialect.name
-    changed = [
+    states = _statuses(dialect, _recorded(conn), migrations)
+    old_format = [
         state
-        for state in _statuses(dialect, _recorded(conn), migrations)
-        if state.state == "changed"
+        for state in states
+        if state.state == "applied"
+        and state.recorded is not None
+        and state.recorded.checksum != state.checksum
     ]
+    for state in old_format:
+        conn.execute(
+            text("UPDATE schema_migrations SET checksum = :checksum WHERE version = :version"),
+            {"checksum": state.checksum, "version": state.version},
+        )
+    if old_format:
+        logger.info("recorded the SQL-only checksums of %d migrations", len(old_format))
+    changed = [state for state in states if state.state == "changed"]
     if not changed:
         return
     listing = ", ".join(

@@ -5,9 +5,13 @@ A migration declares, per dialect, the full list of what it may do: ``Step``
 upgrade report, or an error). Either may carry a ``Check``: a condition on the
 database decided when the runner reaches it, because SQLite has no
 ``ADD COLUMN IF NOT EXISTS`` and neither dialect has ``ADD CONSTRAINT IF NOT
-EXISTS``. The declared list, checks included, is what the checksum covers and
-what ``python -m migrations sql`` prints, so both stay the same whatever state
-the target database is in.
+EXISTS``. The declared list, checks included, is what ``python -m migrations
+sql`` prints, the same whatever state the target database is in.
+
+The checksum covers the SQL a migration runs, statements and probe queries in
+order, and nothing else: rewording a check's description or a probe's
+report changes no checksum. A change to the SQL of a released migration is a
+new migration, never an edit (``docs/migrations.md``).
 
 Every value in a statement is a bound parameter; identifiers are constants of
 the migration modules. DDL cannot take parameters, so the few literals in DDL
@@ -26,6 +30,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 DIALECTS = ("sqlite", "postgresql")
+_CHECKSUM_SEPARATOR = "\n;\n"
 
 
 class MigrationError(Exception):
@@ -136,9 +141,17 @@ class Migration:
         rendered = [item.render() for item in self.items(dialect)]
         return "\n\n".join(rendered) if rendered else f"-- nothing to do on {dialect}"
 
+    def sql(self, dialect: str) -> tuple[str, ...]:
+        """Every statement and probe query the migration may run on ``dialect``, in order."""
+        return tuple(
+            statement
+            for item in self.items(dialect)
+            for statement in (item.statements if isinstance(item, Step) else (item.query,))
+        )
+
     def checksum(self, dialect: str) -> str:
-        """SHA-256 of everything the migration declares for ``dialect``, checks included."""
-        return hashlib.sha256(self.render_sql(dialect).encode()).hexdigest()
+        """SHA-256 of the SQL the migration runs on ``dialect`` (``sql``), and nothing else."""
+        return hashlib.sha256(_CHECKSUM_SEPARATOR.join(self.sql(dialect)).encode()).hexdigest()
 
     def apply(self, conn: Connection) -> list[str]:
         notes: list[str] = []
