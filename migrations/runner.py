@@ -59,6 +59,7 @@ from migrations import (
     m0006_one_running_run_per_session,
     m0007_unique_event_id_per_session,
     m0008_unique_seq_per_session,
+    m0009_legacy_json_kept_as_text,
 )
 from migrations.steps import Migration, MigrationError
 
@@ -71,6 +72,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0006_one_running_run_per_session.MIGRATION,
     m0007_unique_event_id_per_session.MIGRATION,
     m0008_unique_seq_per_session.MIGRATION,
+    m0009_legacy_json_kept_as_text.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

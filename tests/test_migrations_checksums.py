@@ -32,6 +32,8 @@ PINNED = {
     (7, "postgresql"): "4eec57866c86661977dd736e070ace836b15d4a8c78982f6336931b7c247559d",
     (8, "sqlite"): "0964e357aa9dc50bd4cb4bfccb5f4ff2dbf82fc88e8e9f899ba8e4ce3fab50b0",
     (8, "postgresql"): "ccb3b218af9ad7eda77fdd6e9a4a59024a82996e08475ed9d7d6ea1404163f5b",
+    (9, "sqlite"): "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    (9, "postgresql"): "ca0ceeafb19bad9e8a7b24d53c232b6ef6ed109a5e52cc94d64a5ba6b59b0874",
 }
 
 
