@@ -49,11 +49,17 @@ def _upgrade(engine: Engine, args: argparse.Namespace) -> int:
         print(f"applied {migration.version:04d}_{migration.name} in {migration.duration_ms} ms")
         for note in migration.notes:
             print(f"  note: {note}")
-    total = len(status(engine))
-    if applied:
-        print(f"up to date: {len(applied)} applied now, {total} in all")
+    states = status(engine)
+    incomplete = [f"{s.version:04d}_{s.name}" for s in states if s.state == "pending"]
+    if incomplete:
+        print(
+            f"{len(applied)} applied now; still pending: {', '.join(incomplete)} "
+            "(see the notes above; the next upgrade retries)"
+        )
+    elif applied:
+        print(f"up to date: {len(applied)} applied now, {len(states)} in all")
     else:
-        print(f"nothing to do: all {total} migrations already applied")
+        print(f"nothing to do: all {len(states)} migrations already applied")
     return 0
 
 
@@ -67,7 +73,10 @@ def _status(engine: Engine, _args: argparse.Namespace) -> int:
             problems += 1
             continue
         when = f"applied {record.applied_at:%Y-%m-%d %H:%M:%S} UTC in {record.duration_ms} ms"
-        if state.state == "changed":
+        if state.state == "pending":
+            problems += 1
+            print(f"pending  {label} ({when}, incomplete: the next upgrade retries it)")
+        elif state.state == "changed":
             problems += 1
             print(
                 f"CHANGED  {label} ({when}): code checksum {(state.checksum or '')[:12]} "

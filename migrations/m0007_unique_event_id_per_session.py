@@ -9,7 +9,7 @@ by deleting rows (see ``unique_index_unless_duplicates``).
 
 from __future__ import annotations
 
-from migrations.steps import Migration, unique_index_unless_duplicates
+from migrations.steps import Migration, index_exists, unique_index_unless_duplicates
 
 MIGRATION = Migration(
     version=7,
@@ -27,5 +27,6 @@ MIGRATION = Migration(
         "ORDER BY session_id, event_id",
         key="(session_id, event_id)",
     ),
+    complete_when=index_exists("session_events", "uq_session_events_session_event_id"),
 )
 migrate_unique_event_id_per_session = MIGRATION.apply

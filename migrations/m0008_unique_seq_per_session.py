@@ -10,7 +10,7 @@ the duplicates are reported (upgrade output, log, the version row's notes,
 
 from __future__ import annotations
 
-from migrations.steps import Migration, unique_index_unless_duplicates
+from migrations.steps import Migration, index_exists, unique_index_unless_duplicates
 
 MIGRATION = Migration(
     version=8,
@@ -27,5 +27,6 @@ MIGRATION = Migration(
         "GROUP BY session_id, seq HAVING COUNT(*) > 1 ORDER BY session_id, seq",
         key="(session_id, seq)",
     ),
+    complete_when=index_exists("session_events", "uq_session_events_session_seq"),
 )
 migrate_unique_seq_per_session = MIGRATION.apply

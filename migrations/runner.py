@@ -60,6 +60,8 @@ from migrations import (
     m0007_unique_event_id_per_session,
     m0008_unique_seq_per_session,
     m0009_legacy_json_kept_as_text,
+    m0010_bigint_event_ids,
+    m0011_run_failed_events_for_superseded_runs,
 )
 from migrations.steps import Migration, MigrationError
 
@@ -73,6 +75,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0007_unique_event_id_per_session.MIGRATION,
     m0008_unique_seq_per_session.MIGRATION,
     m0009_legacy_json_kept_as_text.MIGRATION,
+    m0010_bigint_event_ids.MIGRATION,
+    m0011_run_failed_events_for_superseded_runs.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")
@@ -236,6 +240,8 @@ State = Literal["applied", "pending", "changed", "unknown"]
 class MigrationStatus:
     """Where one migration stands on a database.
 
+    ``pending`` with a ``recorded`` row: applied, but incomplete (an index it
+    had to skip for legacy duplicates); the next ``upgrade`` runs it again.
     ``changed``: applied, but its declared SQL differs from the code now.
     ``unknown``: recorded by a newer version of this layer; this code has no such migration.
     """
@@ -281,7 +287,10 @@ def _same_sql(record: Recorded, checksum: str, dialect: str) -> bool:
 
 
 def _statuses(
-    dialect: str, recorded: dict[int, Recorded], migrations: Sequence[Migration]
+    dialect: str,
+    recorded: dict[int, Recorded],
+    migrations: Sequence[Migration],
+    incomplete: frozenset[int] = frozenset(),
 ) -> list[MigrationStatus]:
     known = {migration.version for migration in migrations}
     result: list[MigrationStatus] = []
@@ -291,6 +300,8 @@ def _statuses(
         state: State = "pending"
         if record is not None:
             state = "applied" if _same_sql(record, checksum, dialect) else "changed"
+            if state == "applied" and migration.version in incomplete:
+                state = "pending"
         result.append(MigrationStatus(migration.version, migration.name, state, record, checksum))
     for version, record in sorted(recorded.items()):
         if version not in known:
@@ -313,7 +324,12 @@ def status(engine: Engine, migrations: Sequence[Migration] | None = None) -> lis
     _check_order(migrations)
     with _read_connection(engine) as conn, conn.begin():
         recorded = _recorded(conn)
-    return _statuses(engine.dialect.name, recorded, migrations)
+        incomplete = frozenset(
+            migration.version
+            for migration in migrations
+            if migration.version in recorded and not migration.is_complete(conn)
+        )
+    return _statuses(engine.dialect.name, recorded, migrations, incomplete)
 
 
 def pending_sql(engine: Engine, migrations: Sequence[Migration] | None = None) -> str:

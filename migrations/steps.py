@@ -254,6 +254,13 @@ def pg_column_is(table: str, column: str, type_class: type[Any], description: st
     return Check(f"{table}.{column} is {description}", holds)
 
 
+def index_exists(table: str, index: str) -> Check:
+    return Check(
+        f"{table} has the index {index}",
+        lambda conn: index in {ix["name"] for ix in inspect(conn).get_indexes(table)},
+    )
+
+
 def no_rows(description: str, query: str, params: Params | None = None) -> Check:
     """Holds when ``query`` returns nothing (e.g. no duplicates block a unique index)."""
 
@@ -284,7 +291,9 @@ def unique_index_unless_duplicates(
 
     Legacy rows are never changed or deleted to make room for an index; the
     duplicates are listed in the report and in the version row, and the
-    index is skipped. On PostgreSQL the table is locked against writers (not
+    index is skipped. Give the migration ``complete_when=index_exists(...)``:
+    it then stays pending, and every ``upgrade`` retries it, until the index
+    exists. On PostgreSQL the table is locked against writers (not
     readers) first, so no duplicate can appear between the check and the
     index.
     """
@@ -293,7 +302,8 @@ def unique_index_unless_duplicates(
         return (
             f"{index} was NOT created: {len(rows)} {key} values occur more than once in "
             f"{table} ({key}, rows): {sample(rows)}. No row was changed. Resolve the "
-            f"duplicates, then run: {ddl}"
+            "duplicates, then rerun upgrade: it retries the index (status shows this "
+            "migration pending until then)"
         )
 
     lock = (step(f"LOCK TABLE {table} IN SHARE MODE"),) if dialect == "postgresql" else ()

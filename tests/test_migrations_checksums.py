@@ -34,6 +34,10 @@ PINNED = {
     (8, "postgresql"): "ccb3b218af9ad7eda77fdd6e9a4a59024a82996e08475ed9d7d6ea1404163f5b",
     (9, "sqlite"): "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
     (9, "postgresql"): "ca0ceeafb19bad9e8a7b24d53c232b6ef6ed109a5e52cc94d64a5ba6b59b0874",
+    (10, "sqlite"): "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    (10, "postgresql"): "50a415ead0b91de508a52b14d010fec107e2a03ed83893a667e48d53d942ea0a",
+    (11, "sqlite"): "2d821de75ae884e835c985815a844aaec6cba268e1a8caaa11a49611821f22a2",
+    (11, "postgresql"): "e9014816dfc5096ba4dae8b722a2176edf3d2c9cdfcf7576d4bc38a6bbb62c69",
 }
 
 
