@@ -15,6 +15,9 @@ Configuration (environment):
   transaction; a connection used a moment ago is almost never dead, and if it
   is, the statement fails, the pool discards every connection older than the
   failure, and the next transaction gets a new one. ``0`` pings every time.
+* ``DB_CONNECT_TIMEOUT`` seconds (default 10): how long opening a PostgreSQL
+  connection may take, so an unreachable or silent server fails instead of
+  hanging; a ``connect_timeout`` in the URL or in ``connect_args`` wins.
 * ``SQLITE_BUSY_TIMEOUT_MS`` (default 5000): how long a SQLite writer waits for
   the write lock before it fails with "database is locked".
 
@@ -53,6 +56,7 @@ from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
@@ -184,6 +188,12 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
     if resolved.get_backend_name() == "postgresql":
+        connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        if "connect_timeout" not in connect_args and "connect_timeout" not in resolved.query:
+            connect_args["connect_timeout"] = _env_int(
+                "DB_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
+            )
+        options["connect_args"] = connect_args
         if "poolclass" not in engine_kwargs:  # sizes apply to the default queue pool only
             options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)

@@ -4,27 +4,37 @@ The database is ``--url``, else ``DATABASE_URL``, else the embedded SQLite
 file ``./runs.db`` (``app.db.resolve_database_url``).
 
 Exit codes: 0 success / up to date; 1 ``status`` found pending or changed
-migrations, or ``upgrade`` failed or refused; 2 bad usage (argparse).
+migrations, or a database problem (unreachable, no database at a SQLite path
+for ``status``/``sql``, not writable, ``upgrade`` failed, refused or gave up
+waiting); 2 a usage or configuration mistake (bad option, URL, dialect or
+environment variable). Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from collections.abc import Sequence
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db import create_db_engine, resolve_database_url
+from migrations._operator import (
+    DATABASE,
+    OneLineParser,
+    OperatorError,
+    add_connect_timeout,
+    database_problem,
+    open_engine,
+    seconds,
+    seconds_or_zero,
+)
 from migrations.runner import (
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_STATEMENT_LOCK_TIMEOUT,
     DEFAULT_STATEMENT_TIMEOUT,
     pending_sql,
-    positive_seconds,
     status,
     upgrade,
 )
@@ -97,25 +107,8 @@ def _sql(engine: Engine, _args: argparse.Namespace) -> int:
     return 0
 
 
-def _seconds(raw: str, *, zero_allowed: bool = False) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not positive_seconds(value, zero_allowed=zero_allowed):
-        expected = "0 or more" if zero_allowed else "more than 0"
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number of seconds, {expected}; got {raw!r}"
-        )
-    return value
-
-
-def _seconds_or_zero(raw: str) -> float:
-    return _seconds(raw, zero_allowed=True)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m migrations", description="Schema migrations of the Run data layer."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--url", help="database URL (default: $DATABASE_URL, else sqlite:///./runs.db)"
         )
+        add_connect_timeout(command)
         if name == "upgrade":
             command.add_argument(
                 "--allow-changed",
@@ -137,21 +131,21 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--lock-timeout",
-                type=_seconds,
+                type=seconds,
                 default=DEFAULT_LOCK_TIMEOUT,
                 help="seconds to wait in all for locks: another upgrade's, and those the "
                 "statements need (default %(default)g)",
             )
             command.add_argument(
                 "--statement-lock-timeout",
-                type=_seconds,
+                type=seconds,
                 default=DEFAULT_STATEMENT_LOCK_TIMEOUT,
                 help="PostgreSQL: longest wait of one statement for a lock before its "
                 "migration is rolled back and retried (default %(default)g)",
             )
             command.add_argument(
                 "--statement-timeout",
-                type=_seconds_or_zero,
+                type=seconds_or_zero,
                 default=DEFAULT_STATEMENT_TIMEOUT,
                 help="PostgreSQL: longest run time of one statement, 0 for none "
                 "(default %(default)g)",
@@ -164,18 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Notes are printed below; the log would repeat them on stderr.
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
     logging.getLogger("migrations.waits").setLevel(logging.WARNING)  # each retry, on stderr
-    url = resolve_database_url(args.url)
-    print(f"database: {url.render_as_string(hide_password=True)}")
-    engine = create_db_engine(url)
+    try:
+        engine = open_engine(
+            args.url,
+            must_exist=args.command != "upgrade",
+            connect_timeout=args.connect_timeout,
+        )
+    except OperatorError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"database: {engine.url.render_as_string(hide_password=True)}")
     try:
         return {"upgrade": _upgrade, "status": _status, "sql": _sql}[args.command](engine, args)
     except MigrationError as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
-        return 1
+        return DATABASE
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip()
-        print(f"{args.command} failed: {type(exc).__name__}: {detail}", file=sys.stderr)
-        return 1
+        print(f"{args.command} failed: {database_problem(exc, engine)}", file=sys.stderr)
+        return DATABASE
     finally:
         engine.dispose()
 

@@ -29,7 +29,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+def create_empty(engine: Engine) -> None:
+    """An empty database that exists (``status`` and ``sql`` never create a SQLite file)."""
+    with engine.connect():
+        pass
+
+
 def test_status_upgrade_status_sql(database_url: str, empty_engine: Engine) -> None:
+    create_empty(empty_engine)
     pending = run_cli("status", "--url", database_url)
     assert pending.returncode == 1
     assert pending.stdout.count("pending  ") == len(MIGRATIONS)
@@ -55,6 +62,7 @@ def test_status_upgrade_status_sql(database_url: str, empty_engine: Engine) -> N
 def test_sql_prints_what_upgrade_would_run_without_running_it(
     database_url: str, empty_engine: Engine
 ) -> None:
+    create_empty(empty_engine)
     printed = run_cli("sql", "--url", database_url)
 
     assert printed.returncode == 0, printed.stderr
