@@ -560,6 +560,7 @@ def _advisory_key(conn: Connection) -> int:
 
 
 _LOCK_NOT_AVAILABLE = "55P03"
+_QUERY_CANCELED = "57014"  # statement_timeout (or a cancel request)
 _FIRST_RETRY_DELAY = 0.25
 _MAX_RETRY_DELAY = 5.0
 _SET_TIMEOUTS = text(
@@ -606,8 +607,12 @@ def _connection_lost(exc: BaseException) -> bool:
     return False
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    return getattr(_database_error(exc), "sqlstate", None)
+
+
 def _lock_not_available(exc: BaseException) -> bool:
-    return getattr(_database_error(exc), "sqlstate", None) == _LOCK_NOT_AVAILABLE
+    return _sqlstate(exc) == _LOCK_NOT_AVAILABLE
 
 
 class _Attempts:
@@ -642,6 +647,14 @@ class _Attempts:
             except (DBAPIError, MigrationError) as exc:
                 if _connection_lost(exc):
                     raise MigrationConnectionLostError(what, exc) from exc
+                if self.postgresql and _sqlstate(exc) == _QUERY_CANCELED:
+                    raise MigrationError(
+                        f"{what} was stopped and rolled back, nothing of it kept: "
+                        f"{_waited_for(exc, 'statement')} ran longer than the statement "
+                        f"timeout ({self.waits.statement:g} s). Rerun upgrade with a larger "
+                        "--statement-timeout (0 for none), at a quiet time if it rewrites "
+                        "a big table."
+                    ) from exc
                 if not self.postgresql or not _lock_not_available(exc):
                     raise
                 waited_for = _waited_for(exc)
@@ -697,9 +710,9 @@ class _Attempts:
         )
 
 
-def _waited_for(exc: BaseException) -> str:
+def _waited_for(exc: BaseException, what: str = "a lock for") -> str:
     statement = getattr(exc, "statement", None) or ""
     if "pg_advisory_xact_lock" in statement:
         return "the migration lock (another upgrade is running)"
     first_line = " ".join(statement.split())
-    return f"a lock for: {first_line[:80]}" if first_line else "a lock"
+    return f"{what}: {first_line[:80]}" if first_line else what

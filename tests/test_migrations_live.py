@@ -16,10 +16,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
-from migrations import MIGRATIONS, MigrationLockTimeoutError, status, upgrade
+from migrations import (
+    MIGRATIONS,
+    Migration,
+    MigrationError,
+    MigrationLockTimeoutError,
+    status,
+    upgrade,
+)
 from migrations.runner import _advisory_key
+from migrations.steps import step
 from tests.test_migrations import make_v07_database
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
@@ -228,3 +236,27 @@ def test_lock_held_by_another_session_times_out_naming_it(
     assert "waiting for the migration lock" in message
     assert f"pid {holder} (idle" in message and "holds the migration lock" in message
     assert status(empty_engine)[0].state == "pending"
+
+
+def test_a_statement_past_the_statement_timeout_is_stopped_and_rolled_back(
+    empty_engine: Engine,
+) -> None:
+    slow = Migration(
+        100,
+        "slow",
+        "test only",
+        lambda dialect: (
+            step("CREATE TABLE half_made (id INTEGER)"),
+            step("SELECT pg_sleep(5)"),
+        ),
+    )
+    started = time.monotonic()
+    with pytest.raises(MigrationError) as failure:
+        upgrade(empty_engine, migrations=[*MIGRATIONS, slow], statement_timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert str(failure.value).startswith(
+        "0100_slow was stopped and rolled back, nothing of it kept: statement: "
+        "SELECT pg_sleep(5) ran longer than the statement timeout (0.5 s)"
+    )
+    assert not inspect(empty_engine).has_table("half_made")
+    assert all(state.state == "applied" for state in status(empty_engine))
