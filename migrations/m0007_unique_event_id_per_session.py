@@ -4,7 +4,8 @@
 lets the event layer turn a replayed event into a conflict instead of a
 second row. Legacy events have no ``event_id`` and are not covered. Should a
 database already hold duplicates, the index is skipped and reported, never
-by deleting rows (see ``unique_index_unless_duplicates``).
+by deleting rows (see ``unique_index_unless_duplicates``), and the migration
+stays pending: every upgrade retries it until the index exists.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ lock, so some databases hold two events with one ``seq``. Where none does,
 the unique index makes a racing writer fail instead of duplicating a
 ``seq``. Where some do, nothing is changed or deleted: the index is skipped,
 the duplicates are reported (upgrade output, log, the version row's notes,
-``status``), and ``idx_session_event_seq`` keeps serving reads.
+``status``), and ``idx_session_event_seq`` keeps serving reads. The migration
+then stays pending; every upgrade retries it until the duplicates are gone.
 """
 
 from __future__ import annotations
