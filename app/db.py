@@ -1,4 +1,4 @@
-"""Database setup: engines for SQLite and PostgreSQL, and the request session.
+"""Database setup: engines for SQLite and PostgreSQL, and the unit of work.
 
 ``create_db_engine(url)`` configures an engine for this layer. PostgreSQL: a
 pool sized by ``DB_POOL_SIZE`` / ``DB_MAX_OVERFLOW`` / ``DB_POOL_TIMEOUT``
@@ -7,8 +7,10 @@ idle. SQLite: WAL, ``BEGIN IMMEDIATE`` transactions (a read-only connection
 may ask for the execution option ``sqlite_begin="DEFERRED"``), the busy
 timeout ``SQLITE_BUSY_TIMEOUT_MS``, and the SQL function ``json_merge_shallow``
 (``app.types.merge_json_objects``, what ``RunRepository.complete`` merges
-metrics with). ``get_session`` / ``session_dependency(engine)``: the request's
-session, committed when the handler returns, rolled back when it raises.
+metrics with). Both: ``DB_CONNECT_TIMEOUT``, and a COMMIT refused with
+``TransactionAbortedError`` when the database already rolled the transaction
+back. ``unit_of_work(engine)``: one transaction, committed when the block ends
+(the FastAPI request session is ``app.api.deps.SessionDep``).
 
 Settings and defaults: README.md (Configuration). Why: docs/design.md
 (SQLite transactions, the idle ping).
@@ -36,6 +38,7 @@ from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
@@ -182,6 +185,12 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
     if resolved.get_backend_name() == "postgresql":
+        connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        if "connect_timeout" not in connect_args and "connect_timeout" not in resolved.query:
+            connect_args["connect_timeout"] = _env_int(
+                "DB_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
+            )
+        options["connect_args"] = connect_args
         if "poolclass" not in engine_kwargs:  # sizes apply to the default queue pool only
             options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)

@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CheckConstraint, Enum, Index, Text, text
+from sqlalchemy import BigInteger, CheckConstraint, Enum, Index, Integer, Text, text
 from sqlmodel import Field, Relationship, SQLModel
 
 from app._model_rules import StoredModel, install
@@ -191,7 +191,10 @@ class SessionEvent(StoredModel, table=True):
         ),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    # 64-bit on PostgreSQL (migration 0010); SQLite's INTEGER PRIMARY KEY is the 64-bit rowid.
+    id: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
+    )
     session_id: str = Field(foreign_key="sessions.id", ondelete="CASCADE")
     seq: int
     type: str = Field(max_length=100)
