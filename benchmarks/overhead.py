@@ -172,7 +172,7 @@ class Side(Protocol):
 
 
 class RepositorySide:
-    """One Session per operation, committed, as ``app.db.get_session`` does per request."""
+    """One Session per operation, committed, as the request session does per request."""
 
     def __init__(
         self,
