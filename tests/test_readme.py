@@ -25,7 +25,10 @@ def test_the_readme_examples_run(engine: Engine, database_url: str) -> None:
         "print(TestClient(app).post('/api/runs/nope/start').json()['error']['code'])\n"
     )
     env = {**os.environ, "DATABASE_URL": database_url}
-    expected = {life: ['"status":"completed"', "6 run_completed"], api + check_api: ["run_not_found"]}
+    expected = {
+        life: ['"status":"completed"', "6 run_completed"],
+        api + check_api: ["run_not_found"],
+    }
     for source, lines in expected.items():
         finished = subprocess.run(
             [sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=60
