@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
+from app.db import unit_of_work
 from app.errors import DataLayerError
 from app.models import Session, SessionRun
 from app.repositories import EventRepository, RunRepository
@@ -33,10 +34,8 @@ T = TypeVar("T")
 
 
 def _step(engine: Engine, work: Callable[[DbSession], T]) -> T:
-    with DbSession(engine, expire_on_commit=False) as db:
-        result = work(db)
-        db.commit()
-        return result
+    with unit_of_work(engine) as db:
+        return work(db)
 
 
 def walk_one_run(engine: Engine) -> str:
