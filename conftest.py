@@ -1,44 +1,63 @@
 """Test harness: every database test runs on SQLite and on PostgreSQL.
 
+The schema is migrated once per test run and backend; a test gets a copy of
+it (SQLite: the migrated file copied; PostgreSQL: the recorded migration
+replayed into a new schema) or a rolled-back transaction on a shared one.
+Design and timings: ``docs/testing.md``.
+
 Fixtures (all function-scoped unless said otherwise):
 
 * ``backend``: ``"sqlite"`` or ``"postgresql"``; tests that use any fixture
   below are parametrized over both and marked with the backend's name.
-* ``database_url``: a fresh, empty database for this test. SQLite: a file in
-  the test's temporary folder. PostgreSQL: a schema of its own inside a
-  database created for this test run (the URL pins ``search_path``), dropped
-  at teardown; the database is dropped when the run ends. The URL is a plain
-  string, so subprocesses can open it too.
-* ``make_database_url``: a factory of such databases, for tests that need two.
-* ``empty_engine``: an engine on that empty database (migration tests).
-* ``engine``: an engine on a database with the schema built.
-* ``session``: a ``sqlmodel.Session`` on ``engine``; the factories in
-  ``tests/factories.py`` write through it.
+* ``db``: a ``sqlmodel.Session`` on one connection to a migrated database
+  shared by the run, inside a transaction that is rolled back at teardown
+  (``db.commit()`` releases a savepoint). The cheapest: use it when nothing
+  outside that session needs to see the test's writes. Factories bound.
+* ``engine``: an engine on a migrated database of this test's own; commits
+  are visible to other connections, threads and processes.
+* ``session``: a ``sqlmodel.Session`` on ``engine``, factories bound.
+* ``database_url``: this test's database as a URL string that subprocesses can
+  open: the database of ``engine`` (migrated) when the test uses ``engine``,
+  else a fresh, empty one. SQLite: a file in the test's temporary folder.
+  PostgreSQL: a schema in this run's database (the URL pins ``search_path``).
+* ``make_database_url``: a factory of fresh, empty databases, for tests that need two.
+* ``empty_engine``: an engine on ``database_url`` (migration tests).
 
 PostgreSQL comes from ``TEST_DATABASE_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``). When it cannot be
 reached the PostgreSQL tests are skipped with the reason, except under
-``CI=true``, where they fail.
+``CI=true``, where they fail. Each run creates its own database,
+``runlayer_test_<pid>_<random>``, and drops it when the run ends, also after
+failures; a test's schemas are dropped after it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import URL, Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
+from app._capture import capture_statements
 from app.db import create_db_engine
+from tests.factories import bind_factories
 from tests.schema import build_schema
 
 BACKENDS = ("sqlite", "postgresql")
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MIGRATED = pytest.StashKey[bool]()
+"""Set on a test whose ``database_url`` is a migrated copy."""
 
 
 def in_ci() -> bool:
@@ -56,18 +75,152 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         )
 
 
+def migrate(url: str) -> None:
+    engine = create_db_engine(url, poolclass=NullPool)
+    try:
+        build_schema(engine)
+    finally:
+        engine.dispose()
+
+
 # --------------------------------------------------------------------------
-# PostgreSQL server and per-run database
+# Per-run databases of each backend
+
+
+class SqliteDatabases:
+    """This run's SQLite template: a file migrated once, copied per test."""
+
+    def __init__(self, folder: Path) -> None:
+        self.template = folder / "template.db"
+        migrate(f"sqlite:///{self.template}")
+        # The copies must not need a write-ahead log next to them.
+        assert not Path(f"{self.template}-wal").exists()
+        self.shared = create_db_engine(self.migrated(folder / "shared.db"))
+
+    def migrated(self, path: Path) -> str:
+        shutil.copyfile(self.template, path)
+        return f"sqlite:///{path}"
+
+    def close(self) -> None:
+        self.shared.dispose()
+
+
+class PostgresDatabases:
+    """This run's PostgreSQL database and its schemas: one schema per test database.
+
+    The database ``runlayer_test_<pid>_<random>`` is created for the run and
+    dropped by ``close``. The migrations run once, into a template schema,
+    recorded with ``app._capture``; a migrated schema is that recording replayed
+    in one transaction: every statement except the SELECTs (catalog reads, the
+    migration lock), with the same parameters. ``tests/test_schema_drift.py``
+    checks that a replayed schema equals a migrated one. Schemas, unlike
+    databases (``DROP DATABASE`` forces a checkpoint), come and go cheaply.
+
+    One background thread builds migrated schemas ahead (two ready) and drops
+    the schemas tests are done with, so a test waits for neither. A schema whose
+    drop fails goes with the run's database.
+    """
+
+    def __init__(self, admin: Engine, server_url: URL) -> None:
+        self.admin = admin
+        self.run = f"runlayer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        self.run_url = server_url.set(database=self.run)
+        self._created = False
+        self._builder: Engine | None = None
+        self._migration: list[tuple[str, Any]] = []
+        self.shared: Engine | None = None
+        self._ready: queue.Queue[str | Exception] = queue.Queue()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-schemas")
+
+    def create_run_database(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.run}"'))
+        self._created = True
+        self._builder = create_db_engine(self.run_url)
+        template = self.create_schema()
+        recorder = create_db_engine(self.schema_url(template), poolclass=NullPool)
+        try:
+            with capture_statements(recorder) as recording:
+                build_schema(recorder)
+        finally:
+            recorder.dispose()
+        self._migration = [
+            (statement.sql, statement.parameters)
+            for statement in recording.statements
+            if not statement.sql.lstrip().upper().startswith("SELECT")
+        ]
+        assert not any(template in f"{sql}{parameters}" for sql, parameters in self._migration)
+        self.shared = create_db_engine(self.schema_url(self.create_schema(migrated=True)))
+        for _ in range(2):
+            self._background.submit(self._build_ahead)
+
+    def schema_url(self, schema: str) -> str:
+        url = self.run_url.update_query_dict({"options": f"-csearch_path={schema}"})
+        return url.render_as_string(hide_password=False)
+
+    def create_schema(self, *, migrated: bool = False) -> str:
+        """A new schema, empty or with the migrated schema's tables and version rows."""
+        assert self._builder is not None
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        with self._builder.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            if migrated:
+                conn.execute(text(f'SET LOCAL search_path TO "{schema}"'))
+                for sql, parameters in self._migration:
+                    conn.exec_driver_sql(sql, parameters)
+        return schema
+
+    def _build_ahead(self) -> None:
+        try:
+            self._ready.put(self.create_schema(migrated=True))
+        except Exception as exc:  # handed to the test that takes this schema
+            self._ready.put(exc)
+
+    def take_migrated_schema(self) -> str:
+        """A migrated schema built in the background; the next one starts now."""
+        self._background.submit(self._build_ahead)
+        built = self._ready.get(timeout=300)
+        if isinstance(built, Exception):
+            raise built
+        return built
+
+    def drop_later(self, schemas: list[str]) -> None:
+        self._background.submit(self._drop_schemas, schemas)
+
+    def _drop_schemas(self, schemas: list[str]) -> None:
+        assert self._builder is not None
+        with self._builder.begin() as conn:
+            conn.execute(text("SET LOCAL lock_timeout = '30s'"))
+            for schema in schemas:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+    def close(self) -> None:
+        self._background.shutdown(wait=True, cancel_futures=True)
+        for engine in (self.shared, self._builder):
+            if engine is not None:
+                engine.dispose()
+        if self._created:
+            with self.admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{self.run}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
-def postgres_run_url() -> Iterator[str]:
-    """URL of a database created for this test run, dropped at its end."""
-    admin_url = make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
-    if admin_url.drivername in ("postgres", "postgresql"):
-        admin_url = admin_url.set(drivername="postgresql+psycopg")
+def sqlite_databases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqliteDatabases]:
+    databases = SqliteDatabases(tmp_path_factory.mktemp("sqlite-template"))
+    try:
+        yield databases
+    finally:
+        databases.close()
+
+
+@pytest.fixture(scope="session")
+def postgresql_databases() -> Iterator[PostgresDatabases]:
+    """This run's PostgreSQL databases; skips (fails under CI=true) when unreachable."""
+    server_url = make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
+    if server_url.drivername in ("postgres", "postgresql"):
+        server_url = server_url.set(drivername="postgresql+psycopg")
     admin = create_db_engine(
-        admin_url,
+        server_url,
         isolation_level="AUTOCOMMIT",
         poolclass=NullPool,
         connect_args={"connect_timeout": 5},
@@ -78,7 +231,7 @@ def postgres_run_url() -> Iterator[str]:
     except Exception as exc:  # any failure to connect means "unreachable"
         admin.dispose()
         reason = (
-            f"PostgreSQL unreachable at {admin_url.render_as_string(hide_password=True)} "
+            f"PostgreSQL unreachable at {server_url.render_as_string(hide_password=True)} "
             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
             "set TEST_DATABASE_URL or start PostgreSQL"
         )
@@ -86,14 +239,12 @@ def postgres_run_url() -> Iterator[str]:
             pytest.fail(f"CI=true and {reason}", pytrace=False)
         pytest.skip(reason)
 
-    name = f"runlayer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    databases = PostgresDatabases(admin, server_url)
     try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
+        databases.create_run_database()
+        yield databases
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        databases.close()
         admin.dispose()
 
 
@@ -109,40 +260,39 @@ def make_database_url(
 
     For tests that need more than one, e.g. to compare two ways of building a schema.
     """
+    if backend == "sqlite":
+        files = (tmp_path / f"runs{n or ''}.db" for n in itertools.count())
+        yield lambda: f"sqlite:///{next(files)}"
+        return
+    databases: PostgresDatabases = request.getfixturevalue("postgresql_databases")
     schemas: list[str] = []
-    sqlite_files: list[Path] = []
-    admin: Engine | None = None
-    run_url = None
-    if backend == "postgresql":
-        run_url = make_url(request.getfixturevalue("postgres_run_url"))
-        admin = create_db_engine(run_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
 
     def make() -> str:
-        if admin is None or run_url is None:
-            sqlite_files.append(tmp_path / f"runs{len(sqlite_files) or ''}.db")
-            return f"sqlite:///{sqlite_files[-1]}"
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        schemas.append(schema)
-        return run_url.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-            hide_password=False
-        )
+        schemas.append(databases.create_schema())
+        return databases.schema_url(schemas[-1])
 
     try:
         yield make
     finally:
-        if admin is not None:
-            with admin.connect() as conn:
-                for schema in schemas:
-                    conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            admin.dispose()
+        databases.drop_later(schemas)
 
 
 @pytest.fixture
-def database_url(make_database_url: Callable[[], str]) -> str:
-    """A fresh, empty database for this test (see module docstring)."""
-    return make_database_url()
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """This test's database (see module docstring): migrated if the test uses ``engine``."""
+    if "engine" not in request.fixturenames:
+        yield request.getfixturevalue("make_database_url")()
+        return
+    request.node.stash[MIGRATED] = True
+    if backend == "sqlite":
+        yield request.getfixturevalue("sqlite_databases").migrated(tmp_path / "migrated.db")
+    else:
+        databases: PostgresDatabases = request.getfixturevalue("postgresql_databases")
+        schema = databases.take_migrated_schema()
+        try:
+            yield databases.schema_url(schema)
+        finally:
+            databases.drop_later([schema])
 
 
 @pytest.fixture
@@ -155,15 +305,19 @@ def empty_engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def engine(empty_engine: Engine) -> Engine:
-    build_schema(empty_engine)
+def engine(empty_engine: Engine, request: pytest.FixtureRequest) -> Engine:
+    """An engine on this test's own migrated database (``database_url`` made it so).
+
+    Asked for with ``request.getfixturevalue`` after ``database_url`` made an
+    empty database, it migrates that one, as it did before the template existed.
+    """
+    if not request.node.stash.get(MIGRATED, False):
+        build_schema(empty_engine)
     return empty_engine
 
 
 @pytest.fixture
 def session(engine: Engine) -> Iterator[DbSession]:
-    from tests.factories import bind_factories
-
     with DbSession(engine, expire_on_commit=False) as db_session:
         bind_factories(db_session)
         try:
@@ -171,3 +325,22 @@ def session(engine: Engine) -> Iterator[DbSession]:
         finally:
             bind_factories(None)
             db_session.rollback()
+
+
+@pytest.fixture
+def db(backend: str, request: pytest.FixtureRequest) -> Iterator[DbSession]:
+    """A session whose every write is rolled back at teardown (see module docstring)."""
+    databases: SqliteDatabases | PostgresDatabases = request.getfixturevalue(f"{backend}_databases")
+    with databases.shared.connect() as conn:
+        outer = conn.begin()
+        try:
+            with DbSession(
+                bind=conn, expire_on_commit=False, join_transaction_mode="create_savepoint"
+            ) as db_session:
+                bind_factories(db_session)
+                try:
+                    yield db_session
+                finally:
+                    bind_factories(None)
+        finally:
+            outer.rollback()

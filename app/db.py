@@ -1,37 +1,19 @@
-"""Database setup: engines for SQLite and PostgreSQL, and the request session.
+"""Database setup: engines for SQLite and PostgreSQL, and the unit of work.
 
-Configuration (environment):
+``create_db_engine(url)`` configures an engine for this layer. PostgreSQL: a
+pool sized by ``DB_POOL_SIZE`` / ``DB_MAX_OVERFLOW`` / ``DB_POOL_TIMEOUT``
+whose connections are pinged only after ``DB_POOL_PING_AFTER_IDLE`` seconds
+idle. SQLite: WAL, ``BEGIN IMMEDIATE`` transactions (a read-only connection
+may ask for the execution option ``sqlite_begin="DEFERRED"``), the busy
+timeout ``SQLITE_BUSY_TIMEOUT_MS``, and the SQL function ``json_merge_shallow``
+(``app.types.merge_json_objects``, what ``RunRepository.complete`` merges
+metrics with). Both: ``DB_CONNECT_TIMEOUT``, and a COMMIT refused with
+``TransactionAbortedError`` when the database already rolled the transaction
+back. ``unit_of_work(engine)``: one transaction, committed when the block ends
+(the FastAPI request session is ``app.api.deps.SessionDep``).
 
-* ``DATABASE_URL``: where the data lives. Default ``sqlite:///./runs.db``.
-  ``postgres://`` and ``postgresql://`` URLs as managed hosts hand them out are
-  accepted and use psycopg 3.
-* ``DB_POOL_SIZE`` (default 5), ``DB_MAX_OVERFLOW`` (default 5),
-  ``DB_POOL_TIMEOUT`` seconds (default 30): PostgreSQL connection pool. Small
-  managed plans allow about 20 connections for *all* app instances together.
-* ``DB_POOL_PING_AFTER_IDLE`` seconds (default 10): a pooled PostgreSQL
-  connection idle at least this long is pinged when it is checked out, and
-  replaced if the ping fails (servers and proxies drop idle connections).
-  SQLAlchemy's ``pool_pre_ping`` pings on *every* checkout, one round trip per
-  transaction; a connection used a moment ago is almost never dead, and if it
-  is, the statement fails, the pool discards every connection older than the
-  failure, and the next transaction gets a new one. ``0`` pings every time.
-* ``SQLITE_BUSY_TIMEOUT_MS`` (default 5000): how long a SQLite writer waits for
-  the write lock before it fails with "database is locked".
-
-SQLite transactions. Python's ``sqlite3`` module (3.11) neither emits BEGIN
-before DDL nor takes the write lock when a write transaction starts: it begins
-a deferred transaction at the first DML statement, and a reader that later
-writes can fail with "database is locked" without waiting. Following
-SQLAlchemy's documented recipe, the driver's own transaction handling is
-switched off and SQLAlchemy's ``begin`` emits ``BEGIN IMMEDIATE``: DDL is
-transactional and every transaction holds the write lock from its first
-statement, so writers queue on the busy timeout instead of failing. A
-read-only connection may ask for a deferred transaction with the execution
-option ``sqlite_begin="DEFERRED"``.
-
-Every SQLite connection also gets the SQL function ``json_merge_shallow``
-(``app.types.merge_json_objects``), the counterpart of PostgreSQL's
-``jsonb || jsonb`` that ``RunRepository.complete`` merges metrics with.
+Settings and defaults: README.md (Configuration). Why: docs/design.md
+(SQLite transactions, the idle ping).
 """
 
 from __future__ import annotations
@@ -56,6 +38,7 @@ from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
+DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
@@ -202,6 +185,12 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
     if resolved.get_backend_name() == "postgresql":
+        connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        if "connect_timeout" not in connect_args and "connect_timeout" not in resolved.query:
+            connect_args["connect_timeout"] = _env_int(
+                "DB_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
+            )
+        options["connect_args"] = connect_args
         if "poolclass" not in engine_kwargs:  # sizes apply to the default queue pool only
             options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)

@@ -8,7 +8,6 @@ The schema must exist already (``python -m migrations upgrade``).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -17,18 +16,26 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session as DbSession
 
-from app.db import create_db_engine, resolve_database_url
+from app.db import unit_of_work
+from app.errors import DataLayerError
 from app.models import Session, SessionRun
 from app.repositories import EventRepository, RunRepository
+from migrations import status
+from migrations._operator import (
+    DATABASE,
+    OneLineParser,
+    OperatorError,
+    add_connect_timeout,
+    database_problem,
+    open_engine,
+)
 
 T = TypeVar("T")
 
 
 def _step(engine: Engine, work: Callable[[DbSession], T]) -> T:
-    with DbSession(engine, expire_on_commit=False) as db:
-        result = work(db)
-        db.commit()
-        return result
+    with unit_of_work(engine) as db:
+        return work(db)
 
 
 def walk_one_run(engine: Engine) -> str:
@@ -68,17 +75,32 @@ def show(engine: Engine, run_id: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__.split("\n")[0])
+    """Exit codes as ``python -m migrations``: 2 usage or configuration, 1 database."""
+    parser = OneLineParser(prog="python -m app.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="database URL (default: $DATABASE_URL, else ./runs.db)")
+    add_connect_timeout(parser)
     args = parser.parse_args(argv)
-    engine = create_db_engine(resolve_database_url(args.url))
     try:
+        engine = open_engine(args.url, must_exist=True, connect_timeout=args.connect_timeout)
+    except OperatorError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        pending = [state for state in status(engine) if state.state != "applied"]
+        if pending:
+            print(
+                f"demo failed: the database is not migrated ({len(pending)} migrations not "
+                "applied); run: python -m migrations upgrade",
+                file=sys.stderr,
+            )
+            return DATABASE
         show(engine, walk_one_run(engine))
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        print(f"demo failed: {detail}", file=sys.stderr)
-        print("is the database migrated? run: python -m migrations upgrade", file=sys.stderr)
-        return 1
+        print(f"demo failed: {database_problem(exc, engine)}", file=sys.stderr)
+        return DATABASE
+    except DataLayerError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return DATABASE
     finally:
         engine.dispose()
     return 0

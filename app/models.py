@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import CheckConstraint, Enum, Index, Text, text
+from sqlalchemy import BigInteger, CheckConstraint, Enum, Index, Integer, Text, text
 from sqlmodel import Field, Relationship, SQLModel
 
 from app._model_rules import StoredModel, install
@@ -59,11 +59,11 @@ def new_id() -> str:
 # sessions
 
 
-class Session(StoredModel, table=True):
+class ChatSession(StoredModel, table=True):
     """A chat session (v0.7 table; this layer uses only these columns).
 
     Databases adopted from v0.7 carry more nullable metadata columns; they are
-    left as they are. Not to be confused with ``sqlmodel.Session``.
+    left as they are. ``app.models.Session`` is the same class under its old name.
     """
 
     __tablename__ = "sessions"
@@ -161,7 +161,7 @@ class SessionRun(RunState, StoredModel, table=True):
         default_factory=utc_now, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utc_now}
     )
 
-    session: Session = Relationship(back_populates="runs")
+    session: ChatSession = Relationship(back_populates="runs")
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +191,10 @@ class SessionEvent(StoredModel, table=True):
         ),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    # 64-bit on PostgreSQL (migration 0010); SQLite's INTEGER PRIMARY KEY is the 64-bit rowid.
+    id: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
+    )
     session_id: str = Field(foreign_key="sessions.id", ondelete="CASCADE")
     seq: int
     type: str = Field(max_length=100)
@@ -210,7 +213,7 @@ class SessionEvent(StoredModel, table=True):
     run_id: str | None = Field(default=None, foreign_key="session_runs.id", ondelete="CASCADE")
     event_id: str | None = None
 
-    session: Session = Relationship(back_populates="events")
+    session: ChatSession = Relationship(back_populates="events")
 
 
 class SessionEventSequence(StoredModel, table=True):
@@ -225,6 +228,9 @@ class SessionEventSequence(StoredModel, table=True):
     )
 
 
+Session = ChatSession
+"""The chat session model under the name earlier code imports it by."""
+
 # --------------------------------------------------------------------------
 # Writes through attributes (app._model_rules)
 
@@ -234,7 +240,7 @@ RUN_FIELDS_WRITABLE_WHEN_STORED = frozenset(
 """What a caller may change on a stored run; the rest is identity, or owned by
 ``RunRepository``'s transitions (``update_metrics`` merges metrics)."""
 
-install(Session, read_only_when_stored=("id",), hint="a session's id never changes")
+install(ChatSession, read_only_when_stored=("id",), hint="a session's id never changes")
 install(
     SessionRun,
     read_only_when_stored=set(SessionRun.__table__.columns.keys())
@@ -251,6 +257,7 @@ install(SessionEventSequence, read_only_when_stored=(), hint="")
 
 __all__ = [
     "RUN_FIELDS_WRITABLE_WHEN_STORED",
+    "ChatSession",
     "EventSource",
     "RunOptions",
     "RunState",

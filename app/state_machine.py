@@ -60,7 +60,6 @@ CANCEL = Transition(
 TRANSITIONS: tuple[Transition, ...] = (START, WAIT_FOR_INPUT, RESUME, COMPLETE, FAIL, CANCEL)
 
 TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
-ACTIVE_STATUSES: frozenset[RunStatus] = frozenset(RunStatus) - TERMINAL_STATUSES
 
 ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
     status: frozenset(t.target for t in TRANSITIONS if status in t.sources) for status in RunStatus
@@ -74,12 +73,7 @@ EVENT_TARGET: dict[RunEventType, RunStatus] = {
 """lifecycle event -> the status the run is in right after it."""
 
 
-def can_move(current: RunStatus, target: RunStatus) -> bool:
-    return target in ALLOWED[current]
-
-
 __all__ = [
-    "ACTIVE_STATUSES",
     "ALLOWED",
     "CANCEL",
     "COMPLETE",
@@ -92,5 +86,4 @@ __all__ = [
     "WAIT_FOR_INPUT",
     "RunEventType",
     "Transition",
-    "can_move",
 ]

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
+from app._capture import capture_statements
 from app.db import create_db_engine
 from app.repositories import EventRepository, RunRepository
 from app.repositories.events import NewEvent
-from benchmarks.capture import Ids, capture_statements, make_script
+from benchmarks.capture import Ids, make_script
 from benchmarks.environment import (
     machine_facts,
     postgresql_reachable,

@@ -17,78 +17,25 @@ written driver code would produce it:
 * a value the previous statement returned under the same name (SQLite's
   ``seq``, allocated by one statement and inserted by the next).
 
-``tests/test_query_plans.py`` uses ``capture_statements`` too, to EXPLAIN the
-repository's own queries.
+The recording itself is ``app._capture`` (the query-plan tests use it too).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, DateTime, Engine, event
+from sqlalchemy import JSON, DateTime
 from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from app._capture import CapturedStatement
 
 SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 """How SQLAlchemy's SQLite ``DATETIME`` binds a datetime."""
-
-
-@dataclass(frozen=True, slots=True)
-class CapturedStatement:
-    sql: str
-    parameters: tuple[Any, ...] | dict[str, Any]
-    names: tuple[str, ...]  # one per parameter, in order
-    types: tuple[TypeEngine[Any] | None, ...]
-    result_columns: tuple[str, ...]
-
-
-@dataclass
-class Capture:
-    statements: list[CapturedStatement] = field(default_factory=list)
-
-
-@contextmanager
-def capture_statements(engine: Engine) -> Iterator[Capture]:
-    """Record every statement ``engine`` sends to a cursor while the block runs."""
-    capture = Capture()
-    pending: list[tuple[str, Any, Any]] = []
-
-    def before(_conn: Any, _cursor: Any, sql: str, params: Any, context: Any, _many: bool) -> None:
-        pending.append((sql, params, context))
-
-    def after(_conn: Any, cursor: Any, sql: str, params: Any, context: Any, _many: bool) -> None:
-        sql, params, context = pending.pop()
-        names, types = _parameter_names_and_types(params, context)
-        columns = tuple(column[0] for column in cursor.description or ())
-        captured = CapturedStatement(sql, params, names, types, columns)
-        capture.statements.append(captured)
-
-    event.listen(engine, "before_cursor_execute", before)
-    event.listen(engine, "after_cursor_execute", after)
-    try:
-        yield capture
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
-        event.remove(engine, "after_cursor_execute", after)
-
-
-def _parameter_names_and_types(
-    params: Any, context: Any
-) -> tuple[tuple[str, ...], tuple[TypeEngine[Any] | None, ...]]:
-    compiled = getattr(context, "compiled", None)
-    if isinstance(params, Mapping):
-        names = tuple(params)
-    else:
-        positions = getattr(compiled, "positiontup", None) or ()
-        names = tuple(positions) if len(positions) == len(params) else ("",) * len(params)
-    binds = getattr(compiled, "binds", {}) if compiled is not None else {}
-    types = tuple(binds[name].type if name in binds else None for name in names)
-    return names, types
 
 
 def _is_type(type_: TypeEngine[Any] | None, kind: type[TypeEngine[Any]]) -> bool:

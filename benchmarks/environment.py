@@ -155,7 +155,7 @@ def raw_postgresql(url: str, *, autocommit: bool = False) -> psycopg.Connection:
 
 
 def machine_facts(postgresql_url: str | None) -> dict[str, str]:
-    """Date, cores and versions, as the README's results need them."""
+    """Date, cores and versions, as the figures in docs/benchmarks.md need them."""
     facts = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",

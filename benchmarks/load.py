@@ -37,7 +37,7 @@ from typing import Any
 import httpx
 
 from app.db import create_db_engine, unit_of_work
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from benchmarks.environment import postgresql_reachable, postgresql_server_url, scratch_databases
 from migrations import upgrade
@@ -95,7 +95,7 @@ def seed(url: str, *, sessions: int, waiting: int, queued: int, with_events: int
     try:
         upgrade(engine)
         with unit_of_work(engine) as db:
-            chats = [Session(title=f"load {n}") for n in range(sessions)]
+            chats = [ChatSession(title=f"load {n}") for n in range(sessions)]
             db.add_all(chats)
             db.flush()
             chat_ids = [chat.id for chat in chats]

@@ -6,7 +6,7 @@ Sides, measured in one process on one database per backend:
   Session on the engine of ``app.db.create_db_engine`` (pool, idle ping and
   pragmas included), one repository call, ``commit``.
 * ``raw``: the statements that repository call sent, captured once
-  (``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
+  (``app._capture``, ``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
   open connection (made by ``create_db_engine``'s connect hooks, so with the
   same pragmas, SQL functions and settings, then used without SQLAlchemy):
   the same SQL and parameters in an equivalent transaction (SQLite: the
@@ -35,6 +35,7 @@ from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
+from app._capture import capture_statements
 from app.db import create_db_engine
 from app.models import (
     RunStatus,
@@ -47,7 +48,7 @@ from app.models import Session as ChatSession
 from app.repositories import EventRepository, RunRepository
 from app.state_machine import RunEventType
 from app.types import utc_now
-from benchmarks.capture import Ids, Script, capture_statements, make_script
+from benchmarks.capture import Ids, Script, make_script
 from benchmarks.stats import Samples
 from migrations import upgrade
 
@@ -171,7 +172,7 @@ class Side(Protocol):
 
 
 class RepositorySide:
-    """One Session per operation, committed, as ``app.db.get_session`` does per request."""
+    """One Session per operation, committed, as the request session does per request."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """The benchmark report: markdown tables, printed and written to ``reports/benchmarks.md``.
 
-Markdown so that the tables can be pasted into the README as they are; each
+Markdown so that the tables can be pasted into docs/benchmarks.md as they are; each
 section says how it was measured and which target applies, and marks every
 figure that misses its target.
 """

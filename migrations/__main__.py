@@ -4,7 +4,10 @@ The database is ``--url``, else ``DATABASE_URL``, else the embedded SQLite
 file ``./runs.db`` (``app.db.resolve_database_url``).
 
 Exit codes: 0 success / up to date; 1 ``status`` found pending or changed
-migrations, or ``upgrade`` failed or refused; 2 bad usage (argparse).
+migrations, or a database problem (unreachable, no database at a SQLite path
+for ``status``/``sql``, not writable, ``upgrade`` failed, refused or gave up
+waiting); 2 a usage or configuration mistake (bad option, URL, dialect or
+environment variable). Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -17,22 +20,56 @@ from collections.abc import Sequence
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.db import create_db_engine, resolve_database_url
-from migrations.runner import DEFAULT_LOCK_TIMEOUT, pending_sql, status, upgrade
+from migrations._operator import (
+    DATABASE,
+    OneLineParser,
+    OperatorError,
+    add_connect_timeout,
+    database_problem,
+    open_engine,
+    seconds,
+    seconds_or_zero,
+)
+from migrations.runner import (
+    DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_LOCK_TIMEOUT,
+    DEFAULT_STATEMENT_TIMEOUT,
+    pending_sql,
+    status,
+    upgrade,
+)
 from migrations.steps import MigrationError
 
 
 def _upgrade(engine: Engine, args: argparse.Namespace) -> int:
-    applied = upgrade(engine, allow_changed=args.allow_changed, lock_timeout=args.lock_timeout)
+    if engine.dialect.name == "postgresql":
+        statement = f"{args.statement_timeout:g} s" if args.statement_timeout else "no limit"
+        print(
+            f"waits: {args.lock_timeout:g} s in all for locks, each statement's lock wait "
+            f"{args.statement_lock_timeout:g} s then retried; statement run time {statement}"
+        )
+    applied = upgrade(
+        engine,
+        allow_changed=args.allow_changed,
+        lock_timeout=args.lock_timeout,
+        statement_lock_timeout=args.statement_lock_timeout,
+        statement_timeout=args.statement_timeout,
+    )
     for migration in applied:
         print(f"applied {migration.version:04d}_{migration.name} in {migration.duration_ms} ms")
         for note in migration.notes:
             print(f"  note: {note}")
-    total = len(status(engine))
-    if applied:
-        print(f"up to date: {len(applied)} applied now, {total} in all")
+    states = status(engine)
+    incomplete = [f"{s.version:04d}_{s.name}" for s in states if s.state == "pending"]
+    if incomplete:
+        print(
+            f"{len(applied)} applied now; still pending: {', '.join(incomplete)} "
+            "(see the notes above; the next upgrade retries)"
+        )
+    elif applied:
+        print(f"up to date: {len(applied)} applied now, {len(states)} in all")
     else:
-        print(f"nothing to do: all {total} migrations already applied")
+        print(f"nothing to do: all {len(states)} migrations already applied")
     return 0
 
 
@@ -46,7 +83,10 @@ def _status(engine: Engine, _args: argparse.Namespace) -> int:
             problems += 1
             continue
         when = f"applied {record.applied_at:%Y-%m-%d %H:%M:%S} UTC in {record.duration_ms} ms"
-        if state.state == "changed":
+        if state.state == "pending":
+            problems += 1
+            print(f"pending  {label} ({when}, incomplete: the next upgrade retries it)")
+        elif state.state == "changed":
             problems += 1
             print(
                 f"CHANGED  {label} ({when}): code checksum {(state.checksum or '')[:12]} "
@@ -68,7 +108,7 @@ def _sql(engine: Engine, _args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m migrations", description="Schema migrations of the Run data layer."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--url", help="database URL (default: $DATABASE_URL, else sqlite:///./runs.db)"
         )
+        add_connect_timeout(command)
         if name == "upgrade":
             command.add_argument(
                 "--allow-changed",
@@ -90,9 +131,24 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--lock-timeout",
-                type=float,
+                type=seconds,
                 default=DEFAULT_LOCK_TIMEOUT,
-                help="seconds to wait for another process's upgrade (default %(default)s)",
+                help="seconds to wait in all for locks: another upgrade's, and those the "
+                "statements need (default %(default)g)",
+            )
+            command.add_argument(
+                "--statement-lock-timeout",
+                type=seconds,
+                default=DEFAULT_STATEMENT_LOCK_TIMEOUT,
+                help="PostgreSQL: longest wait of one statement for a lock before its "
+                "migration is rolled back and retried (default %(default)g)",
+            )
+            command.add_argument(
+                "--statement-timeout",
+                type=seconds_or_zero,
+                default=DEFAULT_STATEMENT_TIMEOUT,
+                help="PostgreSQL: longest run time of one statement, 0 for none "
+                "(default %(default)g)",
             )
     return parser
 
@@ -100,19 +156,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Notes are printed below; the log would repeat them on stderr.
-    logging.basicConfig(level=logging.ERROR)
-    url = resolve_database_url(args.url)
-    print(f"database: {url.render_as_string(hide_password=True)}")
-    engine = create_db_engine(url)
+    logging.basicConfig(level=logging.ERROR, format="%(message)s")
+    logging.getLogger("migrations.waits").setLevel(logging.WARNING)  # each retry, on stderr
+    try:
+        engine = open_engine(
+            args.url,
+            must_exist=args.command != "upgrade",
+            connect_timeout=args.connect_timeout,
+        )
+    except OperatorError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"database: {engine.url.render_as_string(hide_password=True)}")
     try:
         return {"upgrade": _upgrade, "status": _status, "sql": _sql}[args.command](engine, args)
     except MigrationError as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
-        return 1
+        return DATABASE
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip()
-        print(f"{args.command} failed: {type(exc).__name__}: {detail}", file=sys.stderr)
-        return 1
+        print(f"{args.command} failed: {database_problem(exc, engine)}", file=sys.stderr)
+        return DATABASE
     finally:
         engine.dispose()
 

@@ -8,6 +8,13 @@ as UTC, so every row keeps the same instant; ``jsonb`` keeps every value (it
 normalizes key order and whitespace, and keeps the last of duplicate keys).
 Each conversion rewrites its table while holding it locked.
 
+A JSON column with a value ``jsonb`` may refuse (a ``\\u0000`` or surrogate
+escape, a huge exponent: ``_MAY_BE_REFUSED``, deliberately broader than what
+fails) is left as ``json`` here; 0009 converts it, keeping refused values as
+text. This guard is Python, outside the checksum: the SQL is what databases in
+the field applied, and where it succeeded every value converted, so the guard
+held there.
+
 SQLite stores both as text already, and the model's types read them there.
 """
 
@@ -17,7 +24,7 @@ from collections.abc import Sequence
 
 from sqlalchemy.dialects import postgresql
 
-from migrations.steps import Item, Migration, pg_column_is, step
+from migrations.steps import Item, Migration, all_of, no_rows, pg_column_is, step
 
 _TIMESTAMP_COLUMNS = (
     ("sessions", "created_at"),
@@ -37,6 +44,14 @@ _JSON_COLUMNS = (
     ("session_runs", "options"),
 )
 
+_MAY_BE_REFUSED = r"\\u(0000|[dD][89a-fA-F])|[0-9][eE][-+]?[0-9]{4}"
+"""A NUL or surrogate escape, or an exponent of 4+ digits, anywhere in the JSON text."""
+
+
+def _may_be_refused(table: str, column: str) -> str:
+    return f"SELECT 1 FROM {table} WHERE CAST({column} AS TEXT) ~ :pattern"  # noqa: S608
+
+
 _POSTGRESQL: Sequence[Item] = (
     *(
         step(
@@ -51,7 +66,14 @@ _POSTGRESQL: Sequence[Item] = (
     *(
         step(
             f"ALTER TABLE {table} ALTER COLUMN {column} TYPE JSONB USING CAST({column} AS JSONB)",
-            only_if=pg_column_is(table, column, postgresql.JSON, "json"),
+            only_if=all_of(
+                pg_column_is(table, column, postgresql.JSON, "json"),
+                no_rows(
+                    f"no value of {table}.{column} may be refused by jsonb (else 0009 converts it)",
+                    _may_be_refused(table, column),
+                    params=lambda: {"pattern": _MAY_BE_REFUSED},
+                ),
+            ),
         )
         for table, column in _JSON_COLUMNS
     ),

@@ -7,7 +7,8 @@ highest ``id``) stays ``running``; each older one becomes ``failed`` with a
 ``latest_error`` saying why, ``finished_at`` set if empty. The changed runs
 are listed in the upgrade report. On PostgreSQL the table is locked against
 writers first, so no new running run can slip in between the repair and the
-index.
+index. The ``run_failed`` events of the runs failed here are appended by 0011
+(this migration's SQL stays what databases in the field applied).
 """
 
 from __future__ import annotations

@@ -4,12 +4,13 @@
 lets the event layer turn a replayed event into a conflict instead of a
 second row. Legacy events have no ``event_id`` and are not covered. Should a
 database already hold duplicates, the index is skipped and reported, never
-by deleting rows (see ``unique_index_unless_duplicates``).
+by deleting rows (see ``unique_index_unless_duplicates``), and the migration
+stays pending: every upgrade retries it until the index exists.
 """
 
 from __future__ import annotations
 
-from migrations.steps import Migration, unique_index_unless_duplicates
+from migrations.steps import Migration, index_exists, unique_index_unless_duplicates
 
 MIGRATION = Migration(
     version=7,
@@ -27,5 +28,6 @@ MIGRATION = Migration(
         "ORDER BY session_id, event_id",
         key="(session_id, event_id)",
     ),
+    complete_when=index_exists("session_events", "uq_session_events_session_event_id"),
 )
 migrate_unique_event_id_per_session = MIGRATION.apply

@@ -5,12 +5,13 @@ lock, so some databases hold two events with one ``seq``. Where none does,
 the unique index makes a racing writer fail instead of duplicating a
 ``seq``. Where some do, nothing is changed or deleted: the index is skipped,
 the duplicates are reported (upgrade output, log, the version row's notes,
-``status``), and ``idx_session_event_seq`` keeps serving reads.
+``status``), and ``idx_session_event_seq`` keeps serving reads. The migration
+then stays pending; every upgrade retries it until the duplicates are gone.
 """
 
 from __future__ import annotations
 
-from migrations.steps import Migration, unique_index_unless_duplicates
+from migrations.steps import Migration, index_exists, unique_index_unless_duplicates
 
 MIGRATION = Migration(
     version=8,
@@ -27,5 +28,6 @@ MIGRATION = Migration(
         "GROUP BY session_id, seq HAVING COUNT(*) > 1 ORDER BY session_id, seq",
         key="(session_id, seq)",
     ),
+    complete_when=index_exists("session_events", "uq_session_events_session_seq"),
 )
 migrate_unique_seq_per_session = MIGRATION.apply

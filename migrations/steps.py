@@ -5,9 +5,13 @@ A migration declares, per dialect, the full list of what it may do: ``Step``
 upgrade report, or an error). Either may carry a ``Check``: a condition on the
 database decided when the runner reaches it, because SQLite has no
 ``ADD COLUMN IF NOT EXISTS`` and neither dialect has ``ADD CONSTRAINT IF NOT
-EXISTS``. The declared list, checks included, is what the checksum covers and
-what ``python -m migrations sql`` prints, so both stay the same whatever state
-the target database is in.
+EXISTS``. The declared list, checks included, is what ``python -m migrations
+sql`` prints, the same whatever state the target database is in.
+
+The checksum covers the SQL a migration runs, statements and probe queries in
+order, and nothing else: rewording a check's description or a probe's
+report changes no checksum. A change to the SQL of a released migration is a
+new migration, never an edit (``docs/migrations.md``).
 
 Every value in a statement is a bound parameter; identifiers are constants of
 the migration modules. DDL cannot take parameters, so the few literals in DDL
@@ -26,6 +30,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 DIALECTS = ("sqlite", "postgresql")
+_CHECKSUM_SEPARATOR = "\n;\n"
 
 
 class MigrationError(Exception):
@@ -114,6 +119,14 @@ class Migration:
     name: str
     summary: str
     declare: Callable[[str], Sequence[Item]]
+    complete_when: Check | None = None
+
+    def is_complete(self, conn: Connection) -> bool:
+        """Whether an applied migration did all it declares (e.g. an index it had to skip).
+
+        An incomplete one counts as pending: ``upgrade`` runs it again.
+        """
+        return self.complete_when is None or self.complete_when.holds(conn)
 
     @property
     def label(self) -> str:
@@ -128,9 +141,17 @@ class Migration:
         rendered = [item.render() for item in self.items(dialect)]
         return "\n\n".join(rendered) if rendered else f"-- nothing to do on {dialect}"
 
+    def sql(self, dialect: str) -> tuple[str, ...]:
+        """Every statement and probe query the migration may run on ``dialect``, in order."""
+        return tuple(
+            statement
+            for item in self.items(dialect)
+            for statement in (item.statements if isinstance(item, Step) else (item.query,))
+        )
+
     def checksum(self, dialect: str) -> str:
-        """SHA-256 of everything the migration declares for ``dialect``, checks included."""
-        return hashlib.sha256(self.render_sql(dialect).encode()).hexdigest()
+        """SHA-256 of the SQL the migration runs on ``dialect`` (``sql``), and nothing else."""
+        return hashlib.sha256(_CHECKSUM_SEPARATOR.join(self.sql(dialect)).encode()).hexdigest()
 
     def apply(self, conn: Connection) -> list[str]:
         notes: list[str] = []
@@ -233,6 +254,13 @@ def pg_column_is(table: str, column: str, type_class: type[Any], description: st
     return Check(f"{table}.{column} is {description}", holds)
 
 
+def index_exists(table: str, index: str) -> Check:
+    return Check(
+        f"{table} has the index {index}",
+        lambda conn: index in {ix["name"] for ix in inspect(conn).get_indexes(table)},
+    )
+
+
 def no_rows(description: str, query: str, params: Params | None = None) -> Check:
     """Holds when ``query`` returns nothing (e.g. no duplicates block a unique index)."""
 
@@ -263,7 +291,9 @@ def unique_index_unless_duplicates(
 
     Legacy rows are never changed or deleted to make room for an index; the
     duplicates are listed in the report and in the version row, and the
-    index is skipped. On PostgreSQL the table is locked against writers (not
+    index is skipped. Give the migration ``complete_when=index_exists(...)``:
+    it then stays pending, and every ``upgrade`` retries it, until the index
+    exists. On PostgreSQL the table is locked against writers (not
     readers) first, so no duplicate can appear between the check and the
     index.
     """
@@ -272,7 +302,8 @@ def unique_index_unless_duplicates(
         return (
             f"{index} was NOT created: {len(rows)} {key} values occur more than once in "
             f"{table} ({key}, rows): {sample(rows)}. No row was changed. Resolve the "
-            f"duplicates, then run: {ddl}"
+            "duplicates, then rerun upgrade: it retries the index (status shows this "
+            "migration pending until then)"
         )
 
     lock = (step(f"LOCK TABLE {table} IN SHARE MODE"),) if dialect == "postgresql" else ()

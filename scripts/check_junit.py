@@ -7,7 +7,11 @@ import xml.etree.ElementTree as ET
 
 
 def main(path: str) -> int:
-    cases = ET.parse(path).getroot().iter("testcase")
+    try:
+        cases = ET.parse(path).getroot().iter("testcase")
+    except (OSError, ET.ParseError) as exc:
+        print(f"ci: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
     counts = {"postgresql": 0, "sqlite": 0}
     skipped_pg: list[str] = []
     for case in cases:
@@ -30,4 +34,7 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: scripts/check_junit.py JUNIT_XML", file=sys.stderr)
+        sys.exit(2)
     sys.exit(main(sys.argv[1]))

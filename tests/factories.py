@@ -1,8 +1,10 @@
 """factory-boy factories for the tables, writing through the test's session.
 
-The ``session`` fixture binds them (``bind_factories``); each ``create()``
-adds the object and flushes, so database defaults and constraints apply at
-once while the test keeps control of the transaction.
+The ``db`` and ``session`` fixtures and ``tests.concurrency.seed`` bind them
+(``bind_factories``); factory-boy asks ``sqlalchemy_session_factory`` for that
+session on every ``create()``, which adds the object and flushes, so database
+defaults and constraints apply at once while the test keeps control of the
+transaction.
 """
 
 from __future__ import annotations
@@ -21,10 +23,22 @@ from app.models import (
     new_id,
 )
 
+_bound_session: DbSession | None = None
+
+
+def bound_session() -> DbSession:
+    if _bound_session is None:
+        raise RuntimeError(
+            "the factories are bound to no session: use the db or session fixture, "
+            "or tests.concurrency.seed"
+        )
+    return _bound_session
+
 
 class _BoundFactory(SQLAlchemyModelFactory):
     class Meta:
         abstract = True
+        sqlalchemy_session_factory = bound_session
         sqlalchemy_session_persistence = "flush"
 
 
@@ -69,14 +83,7 @@ class SessionEventFactory(_BoundFactory):
     source = EventSource.SESSION
 
 
-FACTORIES: tuple[type[_BoundFactory], ...] = (
-    SessionFactory,
-    SessionRunFactory,
-    SessionEventFactory,
-)
-
-
 def bind_factories(session: DbSession | None) -> None:
-    for factory_class in FACTORIES:
-        factory_class._meta.sqlalchemy_session = session
+    global _bound_session
+    _bound_session = session
     SessionEventFactory.reset_sequence()

@@ -1,10 +1,10 @@
 """How the test suite builds the schema of a fresh database, and how it compares schemas.
 
-The suite builds every schema through the migrations: every test that uses
-the ``engine`` fixture runs the same path as an
-adopted v0.7 database (baseline, then each migration), and
-``tests/test_schema_drift.py`` proves that path ends at what ``app.models``
-declares.
+The suite builds every schema through the migrations: the harness
+(``conftest.py``) migrates one template per run and backend along the same
+path as an adopted v0.7 database (baseline, then each migration) and gives
+tests copies of it; ``tests/test_schema_drift.py`` proves that path ends at
+what ``app.models`` declares, and that a copy equals a migrated database.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import RunRepositoryDep, get_db_engine
+from app.api.deps import RunReaderDep, RunRepositoryDep, get_db_engine
 from app.api.main import create_app
 from app.models import RunStatus
 from app.repositories import RunRepository
@@ -309,14 +309,15 @@ def test_a_request_that_gets_no_database_slot_in_time_is_a_503(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Requests wait for a slot in the event loop, not on the pool in a thread;
-    one that waits past DB_POOL_TIMEOUT answers 503 with Retry-After."""
+    one that waits past DB_POOL_TIMEOUT answers 503 with Retry-After. (Two reads:
+    on SQLite, writers have a slot of their own.)"""
     monkeypatch.setenv("DB_REQUEST_SLOTS", "1")
     monkeypatch.setenv("DB_POOL_TIMEOUT", "0.3")
     run_id = run_in(engine, RunStatus.QUEUED)
     api = app_on(engine)
 
     @api.get("/slow")
-    def slow(runs: RunRepositoryDep) -> dict[str, str]:
+    def slow(runs: RunReaderDep) -> dict[str, str]:
         time.sleep(1.5)
         return {"status": runs.get(run_id).status}
 

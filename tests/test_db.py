@@ -157,6 +157,7 @@ _OPENER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_processes_opening_a_new_sqlite_file_together_all_get_wal(database_url: str) -> None:
     """App instances starting together on a new embedded database: each first

@@ -19,8 +19,8 @@ from tests.factories import SessionEventFactory, SessionFactory, SessionRunFacto
 
 
 @pytest.fixture
-def events(session: DbSession) -> EventRepository:
-    return EventRepository(session)
+def events(db: DbSession) -> EventRepository:
+    return EventRepository(db)
 
 
 def seqs(db: DbSession, session_id: str) -> list[int]:
@@ -46,25 +46,23 @@ def new_session(engine: Engine) -> str:
 
 
 def test_append_numbers_events_per_session_and_keeps_the_counter_true(
-    session: DbSession, events: EventRepository
+    db: DbSession, events: EventRepository
 ) -> None:
     chat, other = SessionFactory(), SessionFactory()
     first = events.append(chat.id, "message", {"text": "hi"})
     events.append(other.id, "message")
     second = events.append(chat.id, "plan_ready", None, source="plan")
-    session.commit()
+    db.commit()
 
     assert (first.seq, second.seq) == (1, 2)
     assert second.payload == {} and second.source is EventSource.PLAN
     assert first.created_at.tzinfo is not None and first.id is not None
-    assert first in session and not session.dirty
-    assert seqs(session, chat.id) == [1, 2] and seqs(session, other.id) == [1]
-    assert counter(session, chat.id) == 3
+    assert first in db and not db.dirty
+    assert seqs(db, chat.id) == [1, 2] and seqs(db, other.id) == [1]
+    assert counter(db, chat.id) == 3
 
 
-def test_the_returned_event_matches_what_is_stored(
-    session: DbSession, events: EventRepository
-) -> None:
+def test_the_returned_event_matches_what_is_stored(db: DbSession, events: EventRepository) -> None:
     run = SessionRunFactory()
     appended = events.append(
         run.session_id,
@@ -74,45 +72,45 @@ def test_the_returned_event_matches_what_is_stored(
         run_id=run.id,
         event_id="e",
     )
-    session.commit()
-    session.expire_all()
-    stored = session.get(SessionEvent, appended.id)
+    db.commit()
+    db.expire_all()
+    stored = db.get(SessionEvent, appended.id)
     fields = ("session_id", "seq", "type", "payload", "source", "created_at", "run_id", "event_id")
     assert {f: getattr(stored, f) for f in fields} == {f: getattr(appended, f) for f in fields}
 
 
 def test_source_is_the_native_enum_on_postgresql(
-    backend: str, session: DbSession, events: EventRepository
+    backend: str, db: DbSession, events: EventRepository
 ) -> None:
     chat = SessionFactory()
     events.append(chat.id, "task_done", source="task")
     if backend == "postgresql":
-        assert session.scalar(text("SELECT pg_typeof(source)::text FROM session_events")) == (
+        assert db.scalar(text("SELECT pg_typeof(source)::text FROM session_events")) == (
             "session_event_source"
         )
-    assert session.scalar(text("SELECT source FROM session_events")) == "task"
+    assert db.scalar(text("SELECT source FROM session_events")) == "task"
 
 
-def test_a_rollback_gives_the_number_back(session: DbSession, events: EventRepository) -> None:
+def test_a_rollback_gives_the_number_back(db: DbSession, events: EventRepository) -> None:
     chat = SessionFactory()
-    session.commit()
+    db.commit()
     events.append(chat.id, "lost")
-    session.rollback()
+    db.rollback()
     assert events.append(chat.id, "kept").seq == 1
 
 
 def test_a_legacy_session_continues_after_its_highest_seq(
-    session: DbSession, events: EventRepository
+    db: DbSession, events: EventRepository
 ) -> None:
     chat = SessionFactory()
     for seq in (1, 2, 7):
         SessionEventFactory(session=chat, seq=seq)
-    session.add(SessionEventSequence(session_id=chat.id, next_seq=3))  # behind, as v0.7 left it
+    db.add(SessionEventSequence(session_id=chat.id, next_seq=3))  # behind, as v0.7 left it
     other = SessionFactory()
     SessionEventFactory(session=other, seq=4)  # no counter row at all
     assert events.append(chat.id, "new").seq == 8
     assert events.append(other.id, "new").seq == 5
-    assert (counter(session, chat.id), counter(session, other.id)) == (9, 6)
+    assert (counter(db, chat.id), counter(db, other.id)) == (9, 6)
 
 
 @pytest.mark.parametrize(
@@ -129,18 +127,18 @@ def test_a_legacy_session_continues_after_its_highest_seq(
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(
-    session: DbSession, events: EventRepository, arguments: dict[str, Any], name: str
+    db: DbSession, events: EventRepository, arguments: dict[str, Any], name: str
 ) -> None:
     chat = SessionFactory()
     call = {"type": "message", **arguments}
     with pytest.raises(BadParameterError) as caught:
         events.append(chat.id, **call)
     assert caught.value.name == name and caught.value.status_code == 400
-    assert seqs(session, chat.id) == [] and counter(session, chat.id) is None
+    assert seqs(db, chat.id) == [] and counter(db, chat.id) is None
 
 
 def test_unknown_session_or_foreign_run_raise_and_keep_the_transaction(
-    session: DbSession, events: EventRepository
+    db: DbSession, events: EventRepository
 ) -> None:
     chat = SessionFactory()
     foreign = SessionRunFactory()
@@ -149,15 +147,15 @@ def test_unknown_session_or_foreign_run_raise_and_keep_the_transaction(
     with pytest.raises(RunNotFoundError, match=foreign.id):
         events.append(chat.id, "message", run_id=foreign.id)
     assert events.append(chat.id, "message").seq == 1
-    session.commit()
-    assert counter(session, "missing") is None
+    db.commit()
+    assert counter(db, "missing") is None
 
 
 # ----------------------------------------------------------- de-duplication
 
 
 def test_a_known_event_id_returns_the_stored_event_and_writes_nothing(
-    session: DbSession, events: EventRepository
+    db: DbSession, events: EventRepository
 ) -> None:
     chat = SessionFactory()
     original = events.append(chat.id, "message", {"v": 1}, event_id="evt-1")
@@ -166,7 +164,7 @@ def test_a_known_event_id_returns_the_stored_event_and_writes_nothing(
     elsewhere = events.append(SessionFactory().id, "message", event_id="evt-1")
     assert elsewhere.id != original.id  # event ids are unique per session
     assert events.append(chat.id, "next").seq == 2  # no number was used up
-    assert counter(session, chat.id) == 3
+    assert counter(db, chat.id) == 3
 
 
 def test_concurrent_appends_with_one_event_id_store_it_once(engine: Engine) -> None:
@@ -192,6 +190,7 @@ def test_concurrent_appends_with_one_event_id_store_it_once(engine: Engine) -> N
 # ---------------------------------------------------------------- concurrency
 
 
+@pytest.mark.slow
 def test_eight_writers_of_250_events_get_seqs_exactly_1_to_2000(engine: Engine) -> None:
     session_id = new_session(engine)
 
@@ -352,7 +351,7 @@ def test_append_waits_for_an_uncommitted_old_writer_and_takes_the_next_number(
 # ------------------------------------------------------------------- replay
 
 
-def test_session_and_run_views(session: DbSession, events: EventRepository) -> None:
+def test_session_and_run_views(db: DbSession, events: EventRepository) -> None:
     run = SessionRunFactory()
     chat_id = run.session_id
     SessionEventFactory(session=run.session, seq=1, type="legacy")  # v0.7 event, run_id NULL

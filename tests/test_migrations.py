@@ -30,7 +30,6 @@ from migrations import (
 )
 from migrations import m0002_v08_run_model as m0002
 from migrations import m0003_v08_event_run_columns as m0003
-from migrations.runner import _advisory_key
 from migrations.steps import step
 from tests.schema import describe_schema
 
@@ -599,19 +598,6 @@ def test_a_changed_migration_is_refused_unless_allowed(empty_engine: Engine) -> 
         upgrade(empty_engine)
     assert upgrade(empty_engine, allow_changed=True) == []
     assert all(state.state == "applied" for state in status(empty_engine))
-
-
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_postgresql_lock_held_elsewhere_times_out(empty_engine: Engine) -> None:
-    with empty_engine.connect() as holder:
-        key = _advisory_key(holder)
-        holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
-        holder.commit()
-        with pytest.raises(MigrationLockTimeoutError, match="advisory key"):
-            upgrade(empty_engine, lock_timeout=0.5)
-        holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-        holder.commit()
-    assert status(empty_engine)[0].state == "pending"
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -21,37 +21,37 @@ from app.models import (
 from tests.factories import SessionEventFactory, SessionFactory, SessionRunFactory
 
 
-def test_session_run_crud(session: DbSession) -> None:
+def test_session_run_crud(db: DbSession) -> None:
     chat = SessionFactory()
     run = SessionRun(session_id=chat.id, trigger_source=TriggerSource.CHAT, input_message="hi")
-    session.add(run)
-    session.commit()
+    db.add(run)
+    db.commit()
 
-    loaded = session.get(SessionRun, run.id)
+    loaded = db.get(SessionRun, run.id)
     assert loaded is not None
     assert loaded.input_message == "hi"
     assert loaded.session.id == chat.id
     assert [r.id for r in chat.runs] == [run.id]
 
     loaded.checkpoint_ns = "ns-1"
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).checkpoint_ns == "ns-1"
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).checkpoint_ns == "ns-1"
 
-    session.delete(loaded)
-    session.commit()
-    assert session.get(SessionRun, run.id) is None
+    db.delete(loaded)
+    db.commit()
+    assert db.get(SessionRun, run.id) is None
 
 
-def test_session_run_defaults(session: DbSession) -> None:
+def test_session_run_defaults(db: DbSession) -> None:
     chat = SessionFactory()
     before = datetime.now(UTC)
     run = SessionRun(session_id=chat.id, trigger_source=TriggerSource.SYSTEM)
-    session.add(run)
-    session.commit()
-    session.expire_all()
+    db.add(run)
+    db.commit()
+    db.expire_all()
 
-    loaded = session.get(SessionRun, run.id)
+    loaded = db.get(SessionRun, run.id)
     assert loaded.status is RunStatus.QUEUED
     assert len(loaded.id) == 32 and int(loaded.id, 16) >= 0
     assert before <= loaded.created_at <= datetime.now(UTC)
@@ -60,109 +60,109 @@ def test_session_run_defaults(session: DbSession) -> None:
     assert loaded.metrics is None and loaded.latest_error is None
 
 
-def test_status_server_default_applies_to_raw_inserts(session: DbSession) -> None:
+def test_status_server_default_applies_to_raw_inserts(db: DbSession) -> None:
     chat = SessionFactory()
-    session.commit()
-    session.execute(
+    db.commit()
+    db.execute(
         text(
             "INSERT INTO session_runs (id, session_id, trigger_source, created_at, updated_at) "
             "VALUES ('r1', :sid, 'chat', :now, :now)"
         ),
         {"sid": chat.id, "now": datetime(2026, 1, 1)},
     )
-    assert session.scalar(text("SELECT status FROM session_runs WHERE id = 'r1'")) == "queued"
+    assert db.scalar(text("SELECT status FROM session_runs WHERE id = 'r1'")) == "queued"
 
 
-def test_updated_at_moves_on_every_change(session: DbSession) -> None:
+def test_updated_at_moves_on_every_change(db: DbSession) -> None:
     run = SessionRunFactory()
-    session.commit()
+    db.commit()
     first = run.updated_at
     run.checkpoint_ns = "changed"
-    session.commit()
-    session.refresh(run)
+    db.commit()
+    db.refresh(run)
     assert run.updated_at > first
 
 
-def test_ids_are_unique_uuid_hex(session: DbSession) -> None:
+def test_ids_are_unique_uuid_hex(db: DbSession) -> None:
     ids = {SessionRunFactory().id for _ in range(20)}
     assert len(ids) == 20
 
 
-def test_deleting_a_session_cascades_to_runs_and_events(session: DbSession) -> None:
+def test_deleting_a_session_cascades_to_runs_and_events(db: DbSession) -> None:
     chat = SessionFactory()
     other = SessionFactory()
     run = SessionRunFactory(session=chat)
     SessionEventFactory(session=chat, run_id=run.id)
     SessionEventFactory(session=chat)
     kept = SessionRunFactory(session=other)
-    session.commit()
+    db.commit()
 
-    session.execute(text("DELETE FROM sessions WHERE id = :id"), {"id": chat.id})
-    session.commit()
+    db.execute(text("DELETE FROM sessions WHERE id = :id"), {"id": chat.id})
+    db.commit()
 
-    assert session.scalar(select(func.count()).select_from(SessionRun)) == 1
-    assert session.scalar(select(func.count()).select_from(SessionEvent)) == 0
-    assert session.get(SessionRun, kept.id) is not None
+    assert db.scalar(select(func.count()).select_from(SessionRun)) == 1
+    assert db.scalar(select(func.count()).select_from(SessionEvent)) == 0
+    assert db.get(SessionRun, kept.id) is not None
 
 
-def test_orm_delete_of_session_relies_on_database_cascade(session: DbSession) -> None:
+def test_orm_delete_of_session_relies_on_database_cascade(db: DbSession) -> None:
     chat = SessionFactory()
     SessionRunFactory(session=chat)
-    session.commit()
-    session.expire_all()
-    session.delete(session.get(Session, chat.id))
-    session.commit()
-    assert session.scalar(select(func.count()).select_from(SessionRun)) == 0
+    db.commit()
+    db.expire_all()
+    db.delete(db.get(Session, chat.id))
+    db.commit()
+    assert db.scalar(select(func.count()).select_from(SessionRun)) == 0
 
 
-def test_run_requires_an_existing_session(session: DbSession) -> None:
-    session.add(SessionRun(session_id="missing", trigger_source=TriggerSource.CHAT))
+def test_run_requires_an_existing_session(db: DbSession) -> None:
+    db.add(SessionRun(session_id="missing", trigger_source=TriggerSource.CHAT))
     with pytest.raises(IntegrityError):
-        session.flush()
+        db.flush()
 
 
-def test_deleting_a_parent_run_keeps_the_child(session: DbSession) -> None:
+def test_deleting_a_parent_run_keeps_the_child(db: DbSession) -> None:
     parent = SessionRunFactory(status=RunStatus.FAILED)
     child = SessionRunFactory(
         session=parent.session, parent_run_id=parent.id, trigger_source=TriggerSource.RETRY
     )
-    session.commit()
-    session.execute(text("DELETE FROM session_runs WHERE id = :id"), {"id": parent.id})
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, child.id).parent_run_id is None
+    db.commit()
+    db.execute(text("DELETE FROM session_runs WHERE id = :id"), {"id": parent.id})
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, child.id).parent_run_id is None
 
 
 @pytest.mark.parametrize(
     ("column", "value"),
     [("status", "paused"), ("status", "QUEUED"), ("trigger_source", "webhook")],
 )
-def test_check_constraints_reject_raw_sql(session: DbSession, column: str, value: str) -> None:
+def test_check_constraints_reject_raw_sql(db: DbSession, column: str, value: str) -> None:
     run = SessionRunFactory()
-    session.commit()
+    db.commit()
     with pytest.raises(IntegrityError):
-        session.execute(
+        db.execute(
             # the column name is one of the parametrize constants above
             text(f"UPDATE session_runs SET {column} = :value WHERE id = :id"),  # noqa: S608
             {"value": value, "id": run.id},
         )
-    session.rollback()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).status is RunStatus.QUEUED
+    db.rollback()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).status is RunStatus.QUEUED
 
 
-def test_enums_are_stored_by_value(session: DbSession) -> None:
+def test_enums_are_stored_by_value(db: DbSession) -> None:
     run = SessionRunFactory(status=RunStatus.WAITING_INPUT, trigger_source=TriggerSource.RETRY)
     SessionEventFactory(session=run.session, source=EventSource.PLAN)
-    session.commit()
-    row = session.execute(
+    db.commit()
+    row = db.execute(
         text("SELECT status, trigger_source FROM session_runs WHERE id = :id"), {"id": run.id}
     ).one()
     assert tuple(row) == ("waiting_input", "retry")
-    assert session.scalar(text("SELECT CAST(source AS VARCHAR) FROM session_events")) == "plan"
+    assert db.scalar(text("SELECT CAST(source AS VARCHAR) FROM session_events")) == "plan"
 
 
-def test_an_unknown_enum_value_is_refused_at_assignment(session: DbSession) -> None:
+def test_an_unknown_enum_value_is_refused_at_assignment(db: DbSession) -> None:
     chat = SessionFactory()
     with pytest.raises(ValueError, match=r"SessionRun\.status: expected one of queued, .*'paused'"):
         SessionRun(session_id=chat.id, status="paused")
@@ -175,58 +175,58 @@ def test_an_unknown_enum_value_is_refused_at_assignment(session: DbSession) -> N
     assert run.status is RunStatus.RUNNING
 
 
-def test_timestamps_are_aware_utc_after_a_round_trip(session: DbSession) -> None:
+def test_timestamps_are_aware_utc_after_a_round_trip(db: DbSession) -> None:
     plus_two = timezone(timedelta(hours=2))
     started = datetime(2026, 3, 1, 14, 30, 15, 123456, tzinfo=plus_two)
     run = SessionRunFactory(started_at=started)
-    session.commit()
-    session.expire_all()
+    db.commit()
+    db.expire_all()
 
-    loaded = session.get(SessionRun, run.id)
+    loaded = db.get(SessionRun, run.id)
     for value in (loaded.started_at, loaded.created_at, loaded.updated_at):
         assert value.tzinfo is not None and value.utcoffset() == timedelta(0)
     assert loaded.started_at == started
     assert loaded.started_at.hour == 12
 
 
-def test_a_naive_datetime_is_taken_as_utc(session: DbSession) -> None:
+def test_a_naive_datetime_is_taken_as_utc(db: DbSession) -> None:
     run = SessionRunFactory(started_at=datetime(2026, 3, 1, 12, 0))
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).started_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).started_at == datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def test_naive_legacy_timestamps_read_as_utc(session: DbSession) -> None:
-    session.execute(
+def test_naive_legacy_timestamps_read_as_utc(db: DbSession) -> None:
+    db.execute(
         text("INSERT INTO sessions (id, title, created_at) VALUES ('legacy', 't', :at)"),
         {"at": datetime(2025, 6, 1, 8, 0)},
     )
-    session.commit()
-    assert session.get(Session, "legacy").created_at == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
+    db.commit()
+    assert db.get(Session, "legacy").created_at == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
 
 
-def test_json_columns_round_trip_and_track_top_level_changes(session: DbSession) -> None:
+def test_json_columns_round_trip_and_track_top_level_changes(db: DbSession) -> None:
     nested = {"tokens": {"in": 10, "out": 20}, "cost": 0.25, "tags": ["a", "ü"], "ok": True}
     run = SessionRunFactory(metrics=nested, latest_error=None)
-    session.commit()
-    session.expire_all()
+    db.commit()
+    db.expire_all()
 
-    loaded = session.get(SessionRun, run.id)
+    loaded = db.get(SessionRun, run.id)
     assert loaded.metrics == nested
     loaded.options = {"pages": 3}
-    session.commit()
+    db.commit()
     loaded.options["duration_ms"] = 1500
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).options == {"pages": 3, "duration_ms": 1500}
-    assert session.scalar(text("SELECT COUNT(*) FROM session_runs WHERE latest_error IS NULL")) == 1
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).options == {"pages": 3, "duration_ms": 1500}
+    assert db.scalar(text("SELECT COUNT(*) FROM session_runs WHERE latest_error IS NULL")) == 1
 
 
-def test_event_run_and_event_ids_are_nullable(session: DbSession) -> None:
+def test_event_run_and_event_ids_are_nullable(db: DbSession) -> None:
     event = SessionEventFactory(run_id=None, event_id=None)
-    session.commit()
-    session.expire_all()
-    loaded = session.get(SessionEvent, event.id)
+    db.commit()
+    db.expire_all()
+    loaded = db.get(SessionEvent, event.id)
     assert loaded.run_id is None and loaded.event_id is None
     assert loaded.source is EventSource.SESSION
 

@@ -54,16 +54,14 @@ def make_run(status: RunStatus, **fields: Any) -> SessionRun:
 
 
 @pytest.fixture
-def runs(session: DbSession) -> RunRepository:
-    return RunRepository(session)
+def runs(db: DbSession) -> RunRepository:
+    return RunRepository(db)
 
 
 # ------------------------------------------------------------------ create
 
 
-def test_create_persists_input_options_and_defaults(
-    session: DbSession, runs: RunRepository
-) -> None:
+def test_create_persists_input_options_and_defaults(db: DbSession, runs: RunRepository) -> None:
     chat = SessionFactory()
     run = runs.create(
         {
@@ -75,10 +73,10 @@ def test_create_persists_input_options_and_defaults(
         },
         checkpoint_ns="ns",
     )
-    session.commit()
-    session.expire_all()
+    db.commit()
+    db.expire_all()
 
-    stored = session.get(SessionRun, run.id)
+    stored = db.get(SessionRun, run.id)
     assert len(run.id) == 32 and int(run.id, 16) >= 0
     assert stored.status is RunStatus.QUEUED
     assert stored.trigger_source is TriggerSource.CHAT
@@ -91,7 +89,7 @@ def test_create_persists_input_options_and_defaults(
     assert stored.checkpoint_thread == f"{chat.id}:{run.id}"
     assert stored.checkpoint_ns == "ns"
     assert stored.created_at.tzinfo is UTC and stored.started_at is None
-    assert lifecycle(session, run.id) == ["run_created"]
+    assert lifecycle(db, run.id) == ["run_created"]
 
 
 @pytest.mark.parametrize(
@@ -104,22 +102,22 @@ def test_create_persists_input_options_and_defaults(
     ],
 )
 def test_create_validates_a_dict_through_the_schema(
-    session: DbSession, runs: RunRepository, body: dict[str, Any]
+    db: DbSession, runs: RunRepository, body: dict[str, Any]
 ) -> None:
     SessionFactory(id="s")
     with pytest.raises(ValidationFailedError) as caught:
         runs.create(body)
     assert caught.value.status_code == 422
-    assert session.scalar(select(func.count()).select_from(SessionRun)) == 0
-    assert session.scalar(select(func.count()).select_from(SessionEvent)) == 0
+    assert db.scalar(select(func.count()).select_from(SessionRun)) == 0
+    assert db.scalar(select(func.count()).select_from(SessionEvent)) == 0
 
 
 def test_create_in_an_unknown_session_raises_and_writes_nothing(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     with pytest.raises(SessionNotFoundError, match="'nope'"):
         runs.create({"session_id": "nope", "message": "hi"})
-    assert session.scalar(select(func.count()).select_from(SessionRun)) == 0
+    assert db.scalar(select(func.count()).select_from(SessionRun)) == 0
 
 
 def test_create_refuses_a_parent_from_another_session(runs: RunRepository) -> None:
@@ -142,21 +140,21 @@ def test_create_refuses_an_unknown_trigger_source(runs: RunRepository) -> None:
     ("transition", "status"), CASES, ids=[f"{t.name}-from-{s.value}" for t, s in CASES]
 )
 def test_every_transition_from_every_status(
-    session: DbSession, runs: RunRepository, transition: Transition, status: RunStatus
+    db: DbSession, runs: RunRepository, transition: Transition, status: RunStatus
 ) -> None:
     run = make_run(status)
-    session.commit()
+    db.commit()
     allowed = status in transition.sources
 
     if allowed:
         moved = CALLS[transition.name](runs, run.id)
         assert moved is run  # the session's object, refreshed
         assert moved.status is transition.target
-        assert lifecycle(session, run.id) == [transition.event_type.value]
+        assert lifecycle(db, run.id) == [transition.event_type.value]
     elif transition.name == "cancel":
         unchanged, changed = runs.cancel(run.id)
         assert (unchanged.status, changed) == (status, False)
-        assert lifecycle(session, run.id) == []
+        assert lifecycle(db, run.id) == []
     else:
         with pytest.raises(InvalidTransitionError) as caught:
             CALLS[transition.name](runs, run.id)
@@ -165,9 +163,9 @@ def test_every_transition_from_every_status(
         assert set(error.allowed_from) == {s.value for s in transition.sources}
         assert error.status_code == 409
         assert f"run {run.id} is {status.value}" in str(error)
-        session.expire_all()
-        assert session.get(SessionRun, run.id).status is status
-        assert lifecycle(session, run.id) == []
+        db.expire_all()
+        assert db.get(SessionRun, run.id).status is status
+        assert lifecycle(db, run.id) == []
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
@@ -176,7 +174,7 @@ def test_a_transition_of_an_unknown_run_raises_not_found(runs: RunRepository, na
         CALLS[name](runs, "missing")
 
 
-def test_timestamps_and_fields_along_a_run_life(session: DbSession, runs: RunRepository) -> None:
+def test_timestamps_and_fields_along_a_run_life(db: DbSession, runs: RunRepository) -> None:
     run = runs.create({"session_id": SessionFactory().id, "message": "hi"})
     created = run.updated_at
 
@@ -196,11 +194,11 @@ def test_timestamps_and_fields_along_a_run_life(session: DbSession, runs: RunRep
     runs.complete(run.id, {"tokens": 5})
     assert run.finished_at is not None and run.finished_at >= started
     assert run.updated_at == run.finished_at
-    session.commit()
-    session.expire_all()
-    stored = session.get(SessionRun, run.id)
+    db.commit()
+    db.expire_all()
+    stored = db.get(SessionRun, run.id)
     assert stored.finished_at.tzinfo is UTC and stored.metrics == {"tokens": 5}
-    assert lifecycle(session, run.id) == [
+    assert lifecycle(db, run.id) == [
         "run_created",
         "run_started",
         "run_waiting_input",
@@ -210,7 +208,7 @@ def test_timestamps_and_fields_along_a_run_life(session: DbSession, runs: RunRep
 
 
 def test_cancel_clears_the_waiting_reason_and_sets_finished_at(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     run = make_run(RunStatus.WAITING_INPUT)
     cancelled, changed = runs.cancel(run.id)
@@ -226,17 +224,17 @@ def test_fail_stores_the_error(runs: RunRepository) -> None:
 
 
 def test_complete_merges_metrics_key_by_key_on_both_backends(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     run = make_run(
         RunStatus.RUNNING,
         metrics={"tokens": 1, "cost": {"usd": 0.1}, "flag": True, "note": 'a.b "q"'},
     )
-    session.commit()
+    db.commit()
     runs.complete(run.id, {"tokens": 7, "cost": {"eur": 0.2}, "gone": None, "ok": False})
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).metrics == {
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).metrics == {
         "tokens": 7,
         "cost": {"eur": 0.2},  # replaced, not merged recursively
         "flag": True,
@@ -246,64 +244,62 @@ def test_complete_merges_metrics_key_by_key_on_both_backends(
     }
 
 
-def test_complete_without_metrics_keeps_the_stored_ones(
-    session: DbSession, runs: RunRepository
-) -> None:
+def test_complete_without_metrics_keeps_the_stored_ones(db: DbSession, runs: RunRepository) -> None:
     run = make_run(RunStatus.RUNNING, metrics={"tokens": 3})
     assert runs.complete(run.id).metrics == {"tokens": 3}
     other = make_run(RunStatus.RUNNING, session=SessionFactory())
     assert runs.complete(other.id).metrics == {}
 
 
-def test_cancel_is_idempotent(session: DbSession, runs: RunRepository) -> None:
+def test_cancel_is_idempotent(db: DbSession, runs: RunRepository) -> None:
     run = make_run(RunStatus.QUEUED)
     first, changed = runs.cancel(run.id)
     finished = first.finished_at
     again, changed_again = runs.cancel(run.id)
     assert (changed, changed_again) == (True, False)
     assert again.status is RunStatus.CANCELLED and again.finished_at == finished
-    assert lifecycle(session, run.id) == ["run_cancelled"]
+    assert lifecycle(db, run.id) == ["run_cancelled"]
 
 
 @pytest.mark.parametrize(
     "payload", [None, "text", ["list"], {"bad": float("nan")}, {"nul": "a\x00b"}]
 )
 def test_a_bad_resume_payload_is_a_400_and_changes_nothing(
-    session: DbSession, runs: RunRepository, payload: Any
+    db: DbSession, runs: RunRepository, payload: Any
 ) -> None:
     run = make_run(RunStatus.WAITING_INPUT)
-    session.commit()
+    db.commit()
     with pytest.raises(BadParameterError) as caught:
         runs.resume(run.id, payload)
     assert caught.value.status_code == 400
-    session.expire_all()
-    assert session.get(SessionRun, run.id).status is RunStatus.WAITING_INPUT
-    assert lifecycle(session, run.id) == []
+    db.expire_all()
+    assert db.get(SessionRun, run.id).status is RunStatus.WAITING_INPUT
+    assert lifecycle(db, run.id) == []
 
 
 def test_lifecycle_event_shares_the_transaction_of_the_change(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     run = make_run(RunStatus.QUEUED)
-    session.commit()
+    db.commit()
     runs.start(run.id)
-    session.rollback()
-    session.expire_all()
-    assert session.get(SessionRun, run.id).status is RunStatus.QUEUED
-    assert lifecycle(session, run.id) == []
+    db.rollback()
+    db.expire_all()
+    assert db.get(SessionRun, run.id).status is RunStatus.QUEUED
+    assert lifecycle(db, run.id) == []
 
 
 # ------------------------------------------------------ one running per session
 
 
 def test_starting_while_another_run_runs_raises_and_keeps_the_transaction(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     chat = SessionFactory()
     running = make_run(RunStatus.RUNNING, session=chat)
     queued = make_run(RunStatus.QUEUED, session=chat)
     waiting = make_run(RunStatus.WAITING_INPUT, session=chat)
-    session.commit()
+    db.commit()
 
     with pytest.raises(ActiveRunExistsError) as caught:
         runs.start(queued.id)
@@ -315,10 +311,10 @@ def test_starting_while_another_run_runs_raises_and_keeps_the_transaction(
     # The transaction survived: more work commits.
     runs.complete(running.id)
     runs.start(queued.id)
-    session.commit()
-    session.expire_all()
-    assert session.get(SessionRun, queued.id).status is RunStatus.RUNNING
-    assert lifecycle(session, queued.id) == ["run_started"]
+    db.commit()
+    db.expire_all()
+    assert db.get(SessionRun, queued.id).status is RunStatus.RUNNING
+    assert lifecycle(db, queued.id) == ["run_started"]
 
 
 def test_concurrent_starts_in_one_session_let_exactly_one_win(engine: Engine) -> None:
@@ -438,29 +434,29 @@ def _canceller(run_id: str) -> Callable[[DbSession], tuple[SessionRun, bool]]:
 # ------------------------------------------------------------- stale runs
 
 
-def _age(session: DbSession, run_id: str, by: timedelta) -> None:
-    session.execute(
+def _age(db: DbSession, run_id: str, by: timedelta) -> None:
+    db.execute(
         update(SessionRun).where(SessionRun.id == run_id).values(updated_at=datetime.now(UTC) - by)
     )
-    session.commit()
+    db.commit()
 
 
 def test_fail_stale_fails_silent_runs_and_a_late_complete_is_refused(
-    session: DbSession, runs: RunRepository
+    db: DbSession, runs: RunRepository
 ) -> None:
     stale = make_run(RunStatus.RUNNING)
     alive = make_run(RunStatus.RUNNING)
     waiting = make_run(RunStatus.WAITING_INPUT)
-    session.commit()
+    db.commit()
     for run_id in (stale.id, alive.id, waiting.id):
-        _age(session, run_id, timedelta(minutes=30))
+        _age(db, run_id, timedelta(minutes=30))
     runs.heartbeat(alive.id)
 
     assert runs.fail_stale(timedelta(minutes=10)) == [stale.id]
-    session.commit()
+    db.commit()
     assert stale.status is RunStatus.FAILED and stale.finished_at is not None
     assert stale.latest_error["code"] == "stale_run"
-    assert lifecycle(session, stale.id) == ["run_failed"]
+    assert lifecycle(db, stale.id) == ["run_failed"]
     assert alive.status is RunStatus.RUNNING and waiting.status is RunStatus.WAITING_INPUT
 
     with pytest.raises(InvalidTransitionError, match="is failed; cannot move to completed"):
@@ -477,21 +473,17 @@ def test_fail_stale_refuses_a_non_positive_age(runs: RunRepository) -> None:
 # ----------------------------------------------------------- reads, retry
 
 
-def test_get_refreshes_and_raises_for_unknown(session: DbSession, runs: RunRepository) -> None:
+def test_get_refreshes_and_raises_for_unknown(db: DbSession, runs: RunRepository) -> None:
     run = make_run(RunStatus.QUEUED)
-    session.commit()
-    session.execute(
-        update(SessionRun).where(SessionRun.id == run.id).values(checkpoint_ns="elsewhere")
-    )
+    db.commit()
+    db.execute(update(SessionRun).where(SessionRun.id == run.id).values(checkpoint_ns="elsewhere"))
     assert runs.get(run.id).checkpoint_ns == "elsewhere"
     assert runs.get_or_none("missing") is None
     with pytest.raises(RunNotFoundError):
         runs.get("missing")
 
 
-def test_list_for_session_pages_newest_first_with_ties(
-    session: DbSession, runs: RunRepository
-) -> None:
+def test_list_for_session_pages_newest_first_with_ties(db: DbSession, runs: RunRepository) -> None:
     chat = SessionFactory()
     same_time = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
     created = [make_run(RunStatus.QUEUED, session=chat, created_at=same_time) for _ in range(4)]
@@ -499,8 +491,8 @@ def test_list_for_session_pages_newest_first_with_ties(
         make_run(RunStatus.FAILED, session=chat, created_at=same_time + timedelta(seconds=n))
         for n in (1, 2, 3)
     ]
-    make_run(RunStatus.QUEUED)  # another session
-    session.commit()
+    make_run(RunStatus.QUEUED)  # another db
+    db.commit()
     expected = [r.id for r in sorted(created, key=lambda r: (r.created_at, r.id), reverse=True)]
 
     pages: list[list[str]] = []
@@ -528,15 +520,13 @@ def test_list_for_session_pages_newest_first_with_ties(
         runs.list_for_session(chat.id, status="paused")
 
 
-def test_list_by_status_children_and_latest_waiting(
-    session: DbSession, runs: RunRepository
-) -> None:
+def test_list_by_status_children_and_latest_waiting(db: DbSession, runs: RunRepository) -> None:
     chat = SessionFactory()
     base = datetime(2026, 5, 1, tzinfo=UTC)
     old_wait = make_run(RunStatus.WAITING_INPUT, session=chat, created_at=base)
     new_wait = make_run(RunStatus.WAITING_INPUT, session=chat, created_at=base + timedelta(1))
     make_run(RunStatus.COMPLETED, session=chat, created_at=base + timedelta(2))
-    session.commit()
+    db.commit()
 
     assert [r.id for r in runs.list_by_status(RunStatus.WAITING_INPUT, limit=10)] == [
         old_wait.id,
@@ -550,9 +540,7 @@ def test_list_by_status_children_and_latest_waiting(
         runs.children("missing")
 
 
-def test_retry_copies_input_and_options_of_a_failed_run(
-    session: DbSession, runs: RunRepository
-) -> None:
+def test_retry_copies_input_and_options_of_a_failed_run(db: DbSession, runs: RunRepository) -> None:
     failed = make_run(
         RunStatus.FAILED,
         input_message="draw it",
@@ -564,39 +552,40 @@ def test_retry_copies_input_and_options_of_a_failed_run(
     assert (retried.input_message, retried.options) == (failed.input_message, failed.options)
     assert retried.checkpoint_thread == f"{failed.session_id}:{retried.id}"
     assert [r.id for r in runs.children(failed.id)] == [retried.id]
-    assert lifecycle(session, retried.id) == ["run_created"]
+    assert lifecycle(db, retried.id) == ["run_created"]
 
     done = make_run(RunStatus.COMPLETED)
     with pytest.raises(InvalidTransitionError, match="allowed from: cancelled, failed"):
         runs.retry(done.id)
 
 
-def test_delete_removes_the_run_and_its_events(session: DbSession, runs: RunRepository) -> None:
+def test_delete_removes_the_run_and_its_events(db: DbSession, runs: RunRepository) -> None:
     run = runs.create({"session_id": SessionFactory().id, "message": "x"})
-    session.commit()
+    db.commit()
     runs.delete(run.id)
-    session.commit()
+    db.commit()
     assert runs.get_or_none(run.id) is None
-    assert lifecycle(session, run.id) == []
+    assert lifecycle(db, run.id) == []
     with pytest.raises(RunNotFoundError):
         runs.delete(run.id)
 
 
-def test_lifecycle_events_use_the_session_seq(session: DbSession, runs: RunRepository) -> None:
+def test_lifecycle_events_use_the_session_seq(db: DbSession, runs: RunRepository) -> None:
     chat = SessionFactory()
-    EventRepository(session).append(chat.id, "message", {"text": "hi"})
+    EventRepository(db).append(chat.id, "message", {"text": "hi"})
     run = runs.create({"session_id": chat.id, "message": "hi"})
     runs.start(run.id)
-    events = EventRepository(session).list_for_run(run.id)
+    events = EventRepository(db).list_for_run(run.id)
     assert [(e.seq, e.type) for e in events] == [(2, "run_created"), (3, "run_started")]
 
 
 def test_runs_returned_by_the_repository_track_json_changes(
-    engine: Engine, session: DbSession, runs: RunRepository
+    engine: Engine, session: DbSession
 ) -> None:
     """Objects built from Core rows (``app.repositories.rows``) behave like ORM-loaded ones:
     a top-level change to a writable JSON column is saved on commit, in the session's
     identity map, and so is a value assigned and then changed in place."""
+    runs = RunRepository(session)
     run = make_run(RunStatus.QUEUED, options={"pages": 1})
     session.commit()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from sqlalchemy import Engine, text
 from sqlmodel import SQLModel
 
 from app.db import create_db_engine
@@ -57,3 +58,24 @@ def test_the_comparison_notices_a_missing_partial_index(
         "event_id IS NOT NULL",
     )
     assert "uq_session_events_session_event_id" not in after["session_events"]["indexes"]
+
+
+def test_a_tests_migrated_database_equals_a_freshly_migrated_one(
+    engine: Engine, make_database_url: Callable[[], str]
+) -> None:
+    """The harness does not migrate per test: it copies a migrated SQLite file, or
+    replays the recorded migration into a new PostgreSQL schema (``conftest.py``).
+    What a test's ``engine`` gets must be exactly what ``upgrade`` builds."""
+    migrated = create_db_engine(make_database_url())
+    try:
+        upgrade(migrated)
+        assert describe_schema(engine) == describe_schema(migrated)
+        assert _versions(engine) == _versions(migrated)
+    finally:
+        migrated.dispose()
+
+
+def _versions(engine: Engine) -> list[tuple[int, str, str]]:
+    query = text("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(query)]

@@ -11,10 +11,10 @@ If every thread waited for a pooled connection while the requests that hold
 the connections waited for a thread to finish their response, the app would
 stall until ``pool_timeout`` and answer 500. So a request first waits, in the
 event loop and holding nothing, for one of the engine's *slots* (as many as
-the pool has connections); only then does it take a thread and a
-connection. Commit and rollback run in a thread of their own, outside the
-shared threadpool, so a request that holds a connection never waits for a
-thread.
+the pool has connections; on SQLite one for writers, see ``_limiter``); only
+then does it take a thread and a connection. Commit and rollback run in a
+thread of their own, outside the shared threadpool, so a request that holds a
+connection never waits for a thread.
 
 Tests and apps that serve another database override ``get_db_engine``:
 ``app.dependency_overrides[get_db_engine] = lambda: engine``.
@@ -41,9 +41,9 @@ from app.errors import BadParameterError, DatabaseBusyError
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunResumeRequest
 
-_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, anyio.CapacityLimiter]] = (
-    weakref.WeakKeyDictionary()
-)
+_slots: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[int, bool], anyio.CapacityLimiter]
+] = weakref.WeakKeyDictionary()
 
 
 def get_db_engine() -> Engine:
@@ -74,11 +74,24 @@ def request_slots(engine: Engine) -> int:
     return 1
 
 
-def _limiter(engine: Engine) -> anyio.CapacityLimiter:
+def _limiter(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
+    """The slots a request waits for: one set per engine and event loop.
+
+    On SQLite one writer at a time holds the write lock whatever the pool size,
+    so writers get a slot of their own and queue for it here, in order and at
+    no cost, instead of polling the lock on SQLite's busy timeout; readers
+    share the rest of the pool. On PostgreSQL every request shares the slots.
+    """
     per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
-    limiter = per_loop.get(id(engine))
+    key = (id(engine), readonly and engine.dialect.name == "sqlite")
+    limiter = per_loop.get(key)
     if limiter is None:
-        limiter = per_loop[id(engine)] = anyio.CapacityLimiter(request_slots(engine))
+        total = request_slots(engine)
+        if engine.dialect.name != "sqlite":
+            slots = total
+        else:
+            slots = max(total - 1, 1) if readonly else 1
+        limiter = per_loop[key] = anyio.CapacityLimiter(slots)
     return limiter
 
 
@@ -88,7 +101,10 @@ def _slot_timeout() -> float:
 
 
 async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
-    limiter, borrower = _limiter(engine), object()  # a route may hold two sessions
+    limiter, borrower = (
+        _limiter(engine, readonly=readonly),
+        object(),
+    )  # a route may hold two sessions
     try:
         with anyio.fail_after(_slot_timeout()):
             await limiter.acquire_on_behalf_of(borrower)

@@ -1,7 +1,7 @@
 """Repositories: the Run Service's way into the database.
 
 They execute and flush inside the caller's transaction and never commit: the
-caller owns the unit of work (``app.db.get_session`` commits per request).
+caller owns the unit of work (docs/unit-of-work.md).
 """
 
 from app.repositories.events import EventRepository

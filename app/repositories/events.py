@@ -1,35 +1,17 @@
 """The event log of a session: ``seq`` allocation, de-duplication and replay.
 
-How ``append`` allocates ``seq``
-    Each session has a counter row in ``session_event_sequences`` (the v0.7
-    table). One upsert takes the next number and locks that row until the
-    transaction ends:
+``append`` gives the session's next ``seq`` without duplicates or gaps among
+committed events, also next to v0.7 writers; writers of one session commit in
+``seq`` order; a known ``event_id`` returns the stored event; no statement of
+an append fails inside the caller's transaction. Pages are snapshots that
+belong to no session. The transaction must use READ COMMITTED on PostgreSQL.
 
-    * writers of one session queue on the lock, so their events commit in
-      ``seq`` order (a reader polling with ``since_seq`` never skips an event
-      that commits later), and a rollback gives its number back (no gap);
-    * the counter moves to ``max(next_seq, MAX(seq) + 1) + 1``: the guard
-      repairs a counter that a v0.7 writer (which reads the row and writes it
-      back without a lock) left behind the real maximum;
-    * the event is inserted with ``ON CONFLICT DO NOTHING``. If it collides with
-      an event a v0.7 writer inserted meanwhile (unique ``(session_id, seq)``)
-      or with the same ``event_id`` written concurrently, nothing is inserted,
-      the number is given back and the allocation is retried or the stored event
-      returned. No statement fails, so the caller's transaction stays usable
-      without savepoints (a failed statement aborts a PostgreSQL transaction).
+Contract: docs/reference.md (EventRepository). How and why: docs/design.md
+(``seq`` allocation).
 
-    On PostgreSQL the upsert and the insert are one statement (data-modifying
-    CTEs): one round trip per append. SQLite has no DML in CTEs and runs them
-    as two statements; its ``BEGIN IMMEDIATE`` transactions serialize writers.
-    The PostgreSQL statement also calls ``pg_notify`` (channel ``EVENTS_CHANNEL``,
-    payload the session id): the commit wakes ``app.feed``'s followers.
-    ``append_many`` does the same for a burst (``app.repositories._batch``).
-
-    Limits: the transaction must use READ COMMITTED on PostgreSQL (the
-    default). On a database adopted from v0.7 whose duplicate seqs kept the
-    migration from creating ``uq_session_events_session_seq``, a v0.7 writer
-    racing with ``append`` can still duplicate a number; the new code never
-    reuses one that is committed.
+On PostgreSQL ``append`` and ``append_many`` call ``pg_notify`` (channel
+``EVENTS_CHANNEL``, payload the session id) in their statement, so a commit
+wakes ``app.feed``'s followers; bursts: docs/events.md.
 """
 
 from __future__ import annotations

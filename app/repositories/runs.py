@@ -1,28 +1,15 @@
 """Runs and their state machine.
 
-Every transition of ``app.state_machine`` is one conditional write,
-``UPDATE session_runs SET ... WHERE id = :run_id AND status IN (<allowed>)
-RETURNING *``, and the matching lifecycle event is appended in the same
-transaction, so the run table and the event log never disagree. The run is
-never read to decide whether it may move: a concurrent writer either changed
-the row first (our UPDATE matches nothing and we explain why with one read) or
-waits for our row lock. The returned row refreshes the session's object
-(``populate_existing``), so the caller sees what was written.
+Each transition of ``app.state_machine`` is one conditional ``UPDATE ...
+WHERE id = :run_id AND status IN (<allowed>) RETURNING *`` plus its lifecycle
+event, in the caller's transaction. At most one run per session is running
+(``ActiveRunExistsError``); a start that loses a race on PostgreSQL leaves its
+transaction aborted (``_lost_race_to_run``; a later ``commit()`` raises
+``TransactionAbortedError``). On PostgreSQL a transition locks the
+run row, then the session's event counter: move a run before appending to its
+session in one transaction.
 
-At most one run per session is ``running`` (the partial unique index
-``uq_session_runs_one_running``). The UPDATE of a start or resume carries
-``NOT EXISTS (another running run of the session)``, so a conflict with a
-committed run matches no row and the caller gets ``ActiveRunExistsError`` with
-its transaction usable. Two starts racing in one session on PostgreSQL both
-pass that guard; the index makes the later one wait for the first to commit
-and then fail: ``ActiveRunExistsError`` too, but that transaction is aborted
-and must be rolled back (see ``_lost_race_to_run``). SQLite's ``BEGIN IMMEDIATE``
-transactions never race.
-
-Locking note for PostgreSQL: a transition locks the run row, then its
-session's event counter. A transaction that appends an event and then moves a
-run of the same session takes them in the other order and may deadlock with a
-concurrent transition (PostgreSQL then aborts one of them): move the run first.
+Contract: docs/reference.md (RunRepository). Why: docs/design.md (Transitions).
 """
 
 from __future__ import annotations

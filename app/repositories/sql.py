@@ -23,7 +23,6 @@ from app.types import JSONDocument, UTCDateTime
 
 POSTGRESQL = "postgresql"
 SQLITE = "sqlite"
-DIALECTS = (SQLITE, POSTGRESQL)
 
 InsertFactory = Callable[..., Any]
 

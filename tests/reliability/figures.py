@@ -2,7 +2,7 @@
 
 Tests record what they did (``record("faults survived", 1, backend)``); the
 suite's conftest prints one table per run and writes ``reports/reliability.json``
-so the README's table can be refreshed from a real run.
+so the table in docs/reliability.md can be refreshed from a real run.
 """
 
 from __future__ import annotations

@@ -495,6 +495,7 @@ ATTEMPTS: dict[str, Callable[[Seeded], st.SearchStrategy[Attempt]]] = {
 }
 
 
+@pytest.mark.slow  # 120 examples per group of entry points: seconds each
 @pytest.mark.parametrize("entry_points", sorted(ATTEMPTS))
 @EXAMPLES
 @given(data=st.data())

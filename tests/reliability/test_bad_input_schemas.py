@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -43,6 +44,7 @@ def _storable(value: Any) -> bool:
     return True
 
 
+@pytest.mark.slow  # 300 examples: seconds
 @SETTINGS
 @given(
     session_id=st.text(max_size=300) | anything,
@@ -88,6 +90,7 @@ def test_run_create_accepts_exactly_storable_input(
     json.loads(parsed.model_dump_json())
 
 
+@pytest.mark.slow  # 300 examples: seconds
 @SETTINGS
 @given(resume=anything)
 def test_resume_request_accepts_only_storable_objects(resume: Any) -> None:

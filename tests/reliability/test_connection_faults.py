@@ -113,6 +113,7 @@ _LOCK_HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_sqlite_lock_held_past_the_busy_timeout(
     engine: Engine, database_url: str, backend: str, monkeypatch: pytest.MonkeyPatch

@@ -44,6 +44,8 @@ from tests.reliability.figures import record
 from tests.reliability.workers import read_journal
 from tests.schema import describe_schema
 
+pytestmark = pytest.mark.slow  # every test starts and kills Python processes
+
 ROOT = Path(__file__).resolve().parents[2]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 

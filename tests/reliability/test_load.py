@@ -18,6 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
 
 from app.models import Session
@@ -25,6 +26,8 @@ from tests.concurrency import seed
 from tests.reliability import invariants
 from tests.reliability.figures import record
 from tests.reliability.workers import Tally, drive
+
+pytestmark = pytest.mark.slow  # seconds of load, and processes on SQLite
 
 ROOT = Path(__file__).resolve().parents[2]
 THREADS = {"sqlite": 4, "postgresql": 6}
