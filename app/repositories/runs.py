@@ -63,6 +63,7 @@ from app.models import RunOptions, RunStatus, Session, SessionRun, TriggerSource
 from app.repositories.events import EventRepository
 from app.repositories.params import (
     enum_param,
+    event_payload_param,
     json_object_param,
     optional_text_param,
     page_size,
@@ -507,6 +508,7 @@ class RunRepository:
         None when the run is not in a source status (or does not exist).
         """
         params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
+        event_payload = event_payload_param(event_payload)
         statement = self._sql.transitions[transition.name]
         if transition.target is RunStatus.RUNNING:
             run = self._enter_running(statement, params)

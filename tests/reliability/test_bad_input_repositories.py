@@ -519,7 +519,7 @@ def test_entry_points_refuse_bad_input(
 )
 @given(
     text=hostile_text.filter(lambda s: len(s) <= 100),
-    number=st.integers() | st.floats(min_value=-1e15, max_value=1e15),
+    number=st.integers(-(2**63), 2**63 - 1) | st.floats(min_value=-1e15, max_value=1e15),
 )
 def test_hostile_text_round_trips_verbatim(engine: Engine, text: str, number: float) -> None:
     """Every text field the layer writes, and JSON keys and values, come back as given."""
@@ -594,7 +594,7 @@ def test_floats_that_jsonb_would_change_are_refused(
 
 
 def test_numbers_below_the_limit_round_trip_with_their_type(engine: Engine, backend: str) -> None:
-    kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 10**30}
+    kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 2**63 - 1}
 
     def write(db: DbSession) -> str:
         session_id = db.merge(Session(title="numbers")).id

@@ -36,6 +36,8 @@ def _storable(value: Any) -> bool:
         return "\x00" not in value and value.encode("utf-8", "replace").decode() == value
     if isinstance(value, float):
         return math.isfinite(value) and abs(value) < 1e16
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**63
     if isinstance(value, dict):
         return all(_storable(k) and _storable(v) for k, v in value.items())
     if isinstance(value, list):
