@@ -100,6 +100,6 @@ def enum_param(enum_class: type[E], value: Any, name: str) -> E:
     try:
         return enum_class(value)
     except ValueError:
-        choices = ", ".join(member.value for member in enum_class)
-        problem = f"expected one of {choices}, got {described(value)}"
-        raise BadParameterError(name, problem) from None
+        pass  # raised below, so that the ValueError quoting the value is not its context
+    choices = ", ".join(member.value for member in enum_class)
+    raise BadParameterError(name, f"expected one of {choices}, got {described(value)}")

@@ -48,7 +48,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session as DbSession
 
 from app.errors import (
@@ -84,11 +83,10 @@ from app.state_machine import (
     RunEventType,
     Transition,
 )
-from app.types import UTCDateTime, utc_now
+from app.types import UTCDateTime, is_name, utc_now
 
 RUNS = SessionRun.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
-ONE_RUNNING_INDEX = "uq_session_runs_one_running"
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
 
@@ -525,14 +523,10 @@ class RunRepository:
         Only the second case is an error, and on PostgreSQL an error aborts the
         transaction (a savepoint around every start would cost two round trips
         to keep it usable in a rare race): the caller gets
-        ``ActiveRunExistsError`` and must roll back, as after any database error.
+        ``ActiveRunExistsError`` (``_driver_errors``) and must roll back, as
+        after any database error.
         """
-        try:
-            return self._run(statement, params)
-        except IntegrityError as exc:
-            if not _violates_one_running(exc):
-                raise
-            raise ActiveRunExistsError(None, params["run_id"]) from None
+        return self._run(statement, params)
 
     def _raise_active_run_exists(self, run_id: str) -> NoReturn:
         row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
@@ -555,16 +549,9 @@ class RunRepository:
         )
 
 
-def _violates_one_running(exc: IntegrityError) -> bool:
-    """Whether the driver error comes from ``uq_session_runs_one_running``.
-
-    PostgreSQL names the index; SQLite names the column, which no other
-    unique index of the table covers alone.
-    """
-    diagnostics = getattr(exc.orig, "diag", None)
-    if diagnostics is not None:
-        return diagnostics.constraint_name == ONE_RUNNING_INDEX
-    return "UNIQUE constraint failed: session_runs.session_id" in str(exc.orig)
+def _loc_part(part: str | int) -> str:
+    """A field name or index; an unknown field that is not a name is not quoted."""
+    return str(part) if isinstance(part, int) or is_name(part) else "(unknown field)"
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:
@@ -574,10 +561,12 @@ def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:
         return RunCreate.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors()
+            f"{'.'.join(_loc_part(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
         )
-        raise ValidationFailedError(f"invalid run: {problems}") from None
+    # Raised outside the except block: the ValidationError (which holds the input)
+    # must not travel along as the error's context.
+    raise ValidationFailedError(f"invalid run: {problems}")
 
 
 __all__ = ["RunRepository"]
