@@ -192,7 +192,10 @@ def _statements(dialect: str) -> _Statements:
             if after_cursor:
                 cursor = (
                     select(RUNS.c.created_at, RUNS.c.id)
-                    .where(RUNS.c.id == bindparam("before", type_=String()))
+                    .where(
+                        RUNS.c.id == bindparam("before", type_=String()),
+                        RUNS.c.session_id == SESSION_ID,
+                    )
                     .subquery("cursor")
                 )
                 page = page.join(cursor, true()).where(
@@ -326,7 +329,8 @@ class RunRepository:
 
         Keyset pagination: ``before`` is the ``id`` of the last run of the
         previous page; the page holds the runs that come after it in this
-        order. An unknown ``before`` run raises ``RunNotFoundError``.
+        order. An unknown ``before`` run raises ``RunNotFoundError``, a run of
+        another session ``BadParameterError``.
         """
         params: dict[str, Any] = {
             "session_id": text_param(session_id, "session_id"),
@@ -337,8 +341,14 @@ class RunRepository:
             params["status"] = enum_param(RunStatus, status, "status")
         page = self._sql.pages[status is not None, before is not None]
         runs = self._runs(page, params)
-        if not runs and before is not None and self.get_or_none(before) is None:
-            raise RunNotFoundError(before)
+        if not runs and before is not None:
+            cursor = self.get_or_none(before)
+            if cursor is None:
+                raise RunNotFoundError(before)
+            if cursor.session_id != session_id:
+                raise BadParameterError(
+                    "before", f"run {before} belongs to another session, not to {session_id}"
+                )
         return runs
 
     def list_by_status(self, status: RunStatus | str, *, limit: int) -> list[SessionRun]:
