@@ -52,7 +52,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
-from app.errors import ConflictError, RunNotFoundError, SessionNotFoundError
+from app.errors import BadParameterError, ConflictError, RunNotFoundError, SessionNotFoundError
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories.params import (
     enum_param,
@@ -64,6 +64,7 @@ from app.repositories.params import (
 )
 from app.repositories.rows import detached, execute_core, snapshots
 from app.repositories.sql import LIMIT, NOW, POSTGRESQL, RUN_ID, SESSION_ID, greatest, insert_for
+from app.state_machine import RUN_SCOPED_EVENT_TYPES
 from app.types import utc_now
 
 EVENTS = SessionEvent.__table__
@@ -224,7 +225,8 @@ class EventRepository:
         With an ``event_id`` already stored for the session, the stored event
         comes back and nothing is written. Raises ``SessionNotFoundError``,
         ``RunNotFoundError`` (the run is not in that session) or
-        ``BadParameterError`` before anything is written.
+        ``BadParameterError`` (also for a run-scoped type without ``run_id``,
+        see ``RUN_SCOPED_EVENT_TYPES``) before anything is written.
         """
         params = {
             "session_id": text_param(session_id, "session_id"),
@@ -234,6 +236,8 @@ class EventRepository:
             "run_id": optional_text_param(run_id, "run_id"),
             "event_id": optional_text_param(event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH),
         }
+        if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
+            raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
         for _attempt in range(ALLOCATION_ATTEMPTS):
             params["now"] = utc_now()
             seq, new_id = self._allocate_and_insert(params)
