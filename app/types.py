@@ -198,7 +198,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
     huge value is refused without being walked whole). Messages name the place
     and the limit, never a value.
     """
-    size = 0
+    size = 1  # every value takes a byte at least, counted when it is met; the rest when read
     ancestors: set[int] = set()
     stack: list[tuple[Any, Any, int]] = [(value, name, 1)]
     while stack:
@@ -210,16 +210,15 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             problem = text_problem(item)
             if problem:
                 return f"{_render(path)} {problem}"
-            size += len(item) + 2
+            size += len(item) + 1
         elif item is None or isinstance(item, bool):
-            size += 4
+            size += 3
         elif isinstance(item, int):
             if not JSON_INT_MIN <= item <= JSON_INT_MAX:
                 return (
                     f"{_render(path)} is an integer outside the signed 64-bit range "
                     "(-2**63 to 2**63-1) that both backends read back exactly; send a string"
                 )
-            size += 1
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return f"{_render(path)} is NaN or infinite, not a JSON number"
@@ -228,7 +227,6 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
                     f"{_render(path)} is a float of magnitude 1e16 or more, which PostgreSQL's "
                     "JSONB does not store exactly; send an integer or a string"
                 )
-            size += 1
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 return f"{_render(path)} is nested deeper than {max_depth} levels"
@@ -237,7 +235,12 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             ancestors.add(id(item))
             stack.append((_LEAVE, id(item), depth))
             children: list[tuple[Any, Any, int]] = []
-            size += 2
+            size += 1
+            # A wide container is refused before its elements are looked at: each
+            # takes 2 bytes at least (``0,``), an object member 5 (``"":0,``).
+            if size + len(item) * (5 if isinstance(item, dict) else 2) - 1 > max_bytes:
+                size += len(item) * 2
+                break
             if isinstance(item, dict):
                 for position, (key, child) in enumerate(item.items()):
                     if not isinstance(key, str):
@@ -246,13 +249,13 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
                     problem = text_problem(key)
                     if problem:
                         return f"{_render(path)} has a key that {problem}"
-                    size += len(key) + 3 + (position > 0)  # "key": and a comma
+                    size += len(key) + 4 + (position > 0)  # "key": value, and a comma
                     if size > max_bytes:
                         break
                     children.append((child, (path, (key, position)), depth + 1))
             else:
                 for index, child in enumerate(item):
-                    size += index > 0  # a comma
+                    size += 1 + (index > 0)  # the value and a comma
                     if size > max_bytes:
                         break
                     children.append((child, (path, index), depth + 1))

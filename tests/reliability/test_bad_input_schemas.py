@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from app.schemas import RunCreate, RunResumeRequest
 from tests.reliability.figures import record
+from tests.reliability.strategies import beyond_the_limits
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -73,7 +74,7 @@ def test_run_create_accepts_exactly_storable_input(
         and message != ""
         and (style_reference is None or isinstance(style_reference, dict))
         and isinstance(target_pages, list)
-        and all(isinstance(p, str) for p in target_pages)
+        and all(isinstance(p, str) and p != "" for p in target_pages)
         and _storable([session_id, message, style_reference, target_pages])
     )
     record("bad inputs tried", 0 if valid else 1, "schemas")
@@ -102,3 +103,23 @@ def test_resume_request_accepts_only_storable_objects(resume: Any) -> None:
         return
     assert valid
     assert parsed.resume == resume
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bad=beyond_the_limits, field=st.sampled_from(["resume", "style_reference"]))
+def test_json_beyond_the_limits_is_refused_by_the_schemas(bad: dict, field: str) -> None:
+    """Deep, wide, self-referencing, huge, or with an integer past 64 bits: a validation
+    error on the field, never a RecursionError or an encoder error."""
+    record("bad inputs tried", 1, "schemas")
+    body: dict[str, Any] = {"resume": bad}
+    schema: type[RunCreate | RunResumeRequest] = RunResumeRequest
+    if field == "style_reference":
+        schema, body = RunCreate, {"session_id": "s", "message": "m", field: bad}
+    try:
+        schema.model_validate(body)
+    except ValidationError as error:
+        (problem,) = error.errors(include_input=False)
+        assert problem["loc"] == (field,), problem
+        return
+    record("bad inputs accepted", 1, "schemas")
+    raise AssertionError(f"{field} accepted a value beyond the limits")
