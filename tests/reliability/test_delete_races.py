@@ -27,10 +27,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, text
 from sqlmodel import Session as DbSession
 
-from app.errors import DataLayerError
+from app.errors import ConflictError, DataLayerError
 from app.models import RunStatus, Session, SessionRun
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import in_own_transaction
@@ -268,3 +270,142 @@ def _violations(engine: Engine, deleted: str) -> list[str]:
             if "counter next_seq" not in problem and "duplicated []" not in problem
         ]
     return found
+
+
+WRITERS = sorted(
+    name
+    for name in METHODS
+    if name.split("(")[0]
+    in {
+        "create",
+        "retry",
+        "start",
+        "wait_for_input",
+        "resume",
+        "complete",
+        "fail",
+        "cancel",
+        "fail_stale",
+        "events.append",
+    }
+)
+"""The methods that append an event: they lock their run first, then the session's counter."""
+
+
+def race_with_delete_mid_call(
+    engine: Engine, call: Call, target: Target, deleted: str
+) -> BaseException | None:
+    """The delete arrives while the call holds its first locks and waits for the counter.
+
+    A third transaction holds the session's counter row (PostgreSQL: ``FOR UPDATE``;
+    SQLite: the write lock) while the call starts and blocks on it, and the delete
+    starts and blocks behind the call. Then the counter is let go: on PostgreSQL the
+    call and the delete may deadlock, and the database aborts one of them.
+    """
+    postgresql = engine.dialect.name == "postgresql"
+    holder = DbSession(engine)
+    if postgresql:
+        holder.execute(
+            text("SELECT next_seq FROM session_event_sequences WHERE session_id = :sid FOR UPDATE"),
+            {"sid": target.session_id},
+        )
+    else:
+        holder.execute(text("SELECT 1"))  # BEGIN IMMEDIATE: the database's write lock
+    outcome: dict[str, BaseException] = {}
+    call_done, delete_done = threading.Event(), threading.Event()
+    pids: queue.Queue[tuple[str, int]] = queue.Queue()
+
+    def in_session(name: str, done: threading.Event, work: Callable[[DbSession], object]) -> None:
+        with DbSession(engine, expire_on_commit=False) as db:
+            if postgresql:
+                pid = db.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                pids.put((name, pid))
+            try:
+                work(db)
+                db.commit()
+            except BaseException as exc:  # inspected by the test
+                outcome[name] = exc
+                db.rollback()
+            finally:
+                done.set()
+
+    def delete_target(db: DbSession) -> None:
+        model, key = (
+            (Session, target.session_id) if deleted == "session" else (SessionRun, target.run_id)
+        )
+        db.execute(delete(model).where(model.id == key))  # type: ignore[arg-type]
+
+    threads = []
+    try:
+        for name, done, work in (
+            ("call", call_done, lambda db: call(db, target)),
+            ("delete", delete_done, delete_target),
+        ):
+            threads.append(
+                threading.Thread(target=in_session, args=(name, done, work), daemon=True)
+            )
+            threads[-1].start()
+            if postgresql:
+                _, pid = pids.get(timeout=CALL_TIMEOUT)
+                _wait_until_blocked(engine, pid, done)
+            else:
+                done.wait(0.2)
+    finally:
+        holder.rollback()
+        holder.close()
+        for thread in threads:
+            thread.join(CALL_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads), "a transaction never finished"
+    return outcome.get("call")
+
+
+@pytest.mark.parametrize("deleted", ["session", "run"])
+@pytest.mark.parametrize("method", WRITERS)
+def test_a_delete_arriving_mid_call_gives_domain_errors_only(
+    engine: Engine,
+    backend: str,
+    method: str,
+    deleted: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    status, call = METHODS[method]
+    target = _seed(engine, status)
+    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.DEBUG, logger="app")
+    error = race_with_delete_mid_call(engine, call, target, deleted)
+    record("delete races", 1, backend)
+    record("delete races: aborted", int(isinstance(error, ConflictError)), backend)
+    record("raw errors", int(error is not None and not isinstance(error, DataLayerError)), backend)
+    if error is not None:
+        assert isinstance(error, DataLayerError), f"{method}: raw {type(error).__name__}: {error}"
+    assert leaks(error, caplog.records) == []
+    assert _violations(engine, deleted) == []
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.sampled_from(sorted(METHODS)),
+    deleted=st.sampled_from(["session", "run"]),
+    mid_call=st.booleans(),
+)
+def test_random_entry_points_race_deletes(
+    engine: Engine, backend: str, method: str, deleted: str, mid_call: bool
+) -> None:
+    """A few random draws of the two races above (method, what is deleted, when), as a
+    property: a draw that fails is shrunk and kept in hypothesis' example database."""
+    status, call = METHODS[method]
+    if mid_call and method not in WRITERS:
+        mid_call = False
+    target = _seed(engine, status)
+    if mid_call:
+        error = race_with_delete_mid_call(engine, call, target, deleted)
+    else:
+        _, error, _ = race_with_delete(engine, call, target, deleted)
+    record("delete races", 1, backend)
+    assert error is None or isinstance(error, DataLayerError), f"{method}: {type(error).__name__}"
+    assert leaks(error, []) == []
+    assert _violations(engine, "run") == []  # the examples share a database: earlier runs deleted
