@@ -199,6 +199,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
     and the limit, never a value.
     """
     size = 1  # every value takes a byte at least, counted when it is met; the rest when read
+    most = 0  # and at most: 6 bytes a character (\u001f), 20 an integer, 24 a float
     ancestors: set[int] = set()
     stack: list[tuple[Any, Any, int]] = [(value, name, 1)]
     while stack:
@@ -211,14 +212,17 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             if problem:
                 return f"{_render(path)} {problem}"
             size += len(item) + 1
+            most += 6 * len(item) + 2
         elif item is None or isinstance(item, bool):
             size += 3
+            most += 5
         elif isinstance(item, int):
             if not JSON_INT_MIN <= item <= JSON_INT_MAX:
                 return (
                     f"{_render(path)} is an integer outside the signed 64-bit range "
                     "(-2**63 to 2**63-1) that both backends read back exactly; send a string"
                 )
+            most += 20
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return f"{_render(path)} is NaN or infinite, not a JSON number"
@@ -227,6 +231,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
                     f"{_render(path)} is a float of magnitude 1e16 or more, which PostgreSQL's "
                     "JSONB does not store exactly; send an integer or a string"
                 )
+            most += 24
         elif isinstance(item, dict | list | tuple):
             if depth > max_depth:
                 return f"{_render(path)} is nested deeper than {max_depth} levels"
@@ -236,6 +241,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             stack.append((_LEAVE, id(item), depth))
             children: list[tuple[Any, Any, int]] = []
             size += 1
+            most += 2 + max(len(item) - 1, 0)  # brackets and commas
             # A wide container is refused before its elements are looked at: each
             # takes 2 bytes at least (``0,``), an object member 5 (``"":0,``).
             if size + len(item) * (5 if isinstance(item, dict) else 2) - 1 > max_bytes:
@@ -250,6 +256,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
                     if problem:
                         return f"{_render(path)} has a key that {problem}"
                     size += len(key) + 4 + (position > 0)  # "key": value, and a comma
+                    most += 6 * len(key) + 3
                     if size > max_bytes:
                         break
                     children.append((child, (path, (key, position)), depth + 1))
@@ -264,7 +271,7 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             return f"{_render(path)} is a {type(item).__name__}, which JSON cannot represent"
         if size > max_bytes:
             break
-    if size <= max_bytes:
+    if size <= max_bytes < most:
         # The exact count, once the walk has proved the value finite and encodable.
         size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
     if size > max_bytes:

@@ -10,11 +10,13 @@ import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from app.schemas import RunCreate, RunResumeRequest
+from app.types import ensure_json_object
 from tests.reliability.figures import record
 from tests.reliability.strategies import beyond_the_limits
 
@@ -123,3 +125,31 @@ def test_json_beyond_the_limits_is_refused_by_the_schemas(bad: dict, field: str)
         return
     record("bad inputs accepted", 1, "schemas")
     raise AssertionError(f"{field} accepted a value beyond the limits")
+
+
+storable_text = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=8
+)
+storable_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(-1e15, 1e15)
+    | st.floats(-1e-300, 1e-300)
+    | storable_text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(storable_text, children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(value=st.dictionaries(storable_text, storable_json, max_size=4))
+def test_the_size_limit_counts_the_compact_utf8_encoding_exactly(value: dict) -> None:
+    """A value of n bytes fits a limit of n and not of n - 1, whichever of the walk's
+    bounds (from below, from above) or the exact count decides."""
+    size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    assert ensure_json_object(value, "v", max_bytes=size) is value
+    with pytest.raises(ValueError, match="larger than"):
+        ensure_json_object(value, "v", max_bytes=size - 1)
