@@ -244,8 +244,9 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
             most += 2 + max(len(item) - 1, 0)  # brackets and commas
             # A wide container is refused before its elements are looked at: each
             # takes 2 bytes at least (``0,``), an object member 5 (``"":0,``).
-            if size + len(item) * (5 if isinstance(item, dict) else 2) - 1 > max_bytes:
-                size += len(item) * 2
+            floor = len(item) * (5 if isinstance(item, dict) else 2) - 1
+            if size + floor > max_bytes:
+                size += floor
                 break
             if isinstance(item, dict):
                 for position, (key, child) in enumerate(item.items()):

@@ -74,6 +74,9 @@ BAD_VALUES: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "-2**63 - 1": (lambda: {"v": JSON_INT_MIN - 1}, "64-bit"),
     "over 1 MiB": (lambda: {"v": "x" * DEFAULT_MAX_JSON_BYTES}, MAX_JSON_BYTES_ENV),
     "150,000 keys": (lambda: {f"k{i}": i for i in range(150_000)}, MAX_JSON_BYTES_ENV),
+    # Over the limit by their element count alone (``"":0,`` takes 5 bytes, ``0,`` 2):
+    "210,000 keys": (lambda: {f"k{i}": i for i in range(210_000)}, MAX_JSON_BYTES_ENV),
+    "524,289 zeros": (lambda: {"v": [0] * (DEFAULT_MAX_JSON_BYTES // 2 + 1)}, MAX_JSON_BYTES_ENV),
 }
 
 Seeded = dict[str, str]
