@@ -33,6 +33,20 @@ class RunEventType(StrEnum):
     RUN_CANCELLED = "run_cancelled"
 
 
+RUN_SCOPED_EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        *(event_type.value for event_type in RunEventType),
+        "verify_start",
+        "verify_pass",
+        "verify_fail",
+        "tool_policy_blocked",
+        "tool_policy_warn",
+    }
+)
+"""Event types that belong to a run (spec section 7): ``EventRepository.append``
+requires their ``run_id``. Rows stored earlier are read as they are."""
+
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     name: str
@@ -80,6 +94,7 @@ __all__ = [
     "EVENT_TARGET",
     "FAIL",
     "RESUME",
+    "RUN_SCOPED_EVENT_TYPES",
     "START",
     "TERMINAL_STATUSES",
     "TRANSITIONS",

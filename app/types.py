@@ -12,14 +12,17 @@
 * ``StrEnumType``: a ``StrEnum`` stored by its *value* in ``VARCHAR(n)`` (the
   table carries a CHECK constraint listing the values). SQLModel's default
   would store member names and create native PostgreSQL enum types.
-* ``ensure_json_object``: the rule for payloads that cross the API: a JSON
-  object whose text PostgreSQL and SQLite both store unchanged.
+* ``ensure_json_object``: the rule for JSON that enters the layer: an object
+  whose text PostgreSQL and SQLite both store unchanged, bounded in depth,
+  integer range and size (``docs/input-limits.md``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -110,7 +113,41 @@ def check_in(column: str, enum_class: type[StrEnum]) -> str:
 FLOAT_EXACT_LIMIT = 1e16
 """Floats from this magnitude up print in exponent form; PostgreSQL's JSONB keeps
 numbers as ``numeric`` and gives them back as integers, so both backends would
-disagree. Integers of any size are stored exactly on both."""
+disagree."""
+
+MAX_JSON_DEPTH = 64
+"""Containers nested at most this deep (the top-level object is level 1). Every
+reader parses that back from any call stack; a value ~980 levels deep would be
+stored and then fail to load from an async route."""
+
+JSON_INT_MIN = -(2**63)
+JSON_INT_MAX = 2**63 - 1
+"""Integers are signed 64-bit: SQLite's JSON functions read larger ones as floats
+and PostgreSQL casts them to ``bigint`` only within this range; Python's encoder
+refuses integers of more than 4300 digits outright."""
+
+MAX_JSON_BYTES_ENV = "RUN_DATA_MAX_JSON_BYTES"
+DEFAULT_MAX_JSON_BYTES = 1024 * 1024
+"""Largest JSON value (UTF-8 bytes of its compact encoding) and largest text argument."""
+
+_NAME_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+"""Keys that error messages quote: short identifiers are names. Any other key is
+payload content and is named by its position (``[key 3]``)."""
+
+
+def is_name(key: str) -> bool:
+    """Whether an error message may quote ``key`` (a short identifier), see ``_NAME_KEY``."""
+    return _NAME_KEY.fullmatch(key) is not None
+
+
+def max_json_bytes() -> int:
+    """The size limit: ``RUN_DATA_MAX_JSON_BYTES`` if set, else 1 MiB (read at each call)."""
+    raw = os.environ.get(MAX_JSON_BYTES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_JSON_BYTES
+    if not raw.isdigit() or int(raw) <= 0:
+        raise RuntimeError(f"{MAX_JSON_BYTES_ENV} must be a positive number of bytes")
+    return int(raw)
 
 
 def text_problem(value: str) -> str | None:
@@ -129,62 +166,161 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _find_unstorable(value: Any, path: str) -> str | None:
-    """Why ``value`` cannot be stored verbatim as JSON on both backends, or None."""
-    if isinstance(value, str):
-        problem = text_problem(value)
-        return f"{path} {problem}" if problem else None
-    if isinstance(value, bool) or value is None or isinstance(value, int):
-        return None
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return f"{path} is {value!r}, not a JSON number"
-        if abs(value) >= FLOAT_EXACT_LIMIT:
-            return (
-                f"{path} is {value!r}: floats of magnitude 1e16 and more are not stored "
-                "exactly by PostgreSQL's JSONB; send an integer or a string"
-            )
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{path} has a non-string key {key!r}"
-            problem = text_problem(key)
-            if problem:
-                return f"{path} has a key that {problem}"
-            problem = _find_unstorable(item, f"{path}.{key}")
-            if problem:
-                return problem
-        return None
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            problem = _find_unstorable(item, f"{path}[{index}]")
-            if problem:
-                return problem
-        return None
-    return f"{path} is a {type(value).__name__}, which JSON cannot represent"
+_Path = str | tuple[Any, Any]
+"""A place in a value: the argument's name, or (parent place, list index or (key, position))."""
 
 
-def ensure_json_object(value: Any, name: str = "payload") -> dict[str, Any]:
+def _render(path: _Path) -> str:
+    steps: list[str] = []
+    while isinstance(path, tuple):
+        path, step = path
+        if isinstance(step, int):
+            steps.append(f"[{step}]")
+        else:
+            key, position = step
+            steps.append(f".{key}" if is_name(key) else f"[key {position}]")
+    steps.reverse()
+    if len(steps) > 8:  # deep places: their start and end say enough
+        steps[4:-4] = [f"...({len(steps) - 8} levels)..."]
+    return str(path) + "".join(steps)
+
+
+_LEAVE = object()
+
+
+def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> str | None:
+    """Why ``value`` cannot be stored verbatim as JSON on both backends, or None.
+
+    An iterative walk (no recursion, whatever the depth) that stops at the first
+    problem: a container deeper than ``max_depth`` or inside itself, an integer
+    outside 64 bits, a float JSONB would change, text PostgreSQL refuses, a type
+    JSON lacks, or more than ``max_bytes`` (counted from below as it goes, so a
+    huge value is refused without being walked whole). Messages name the place
+    and the limit, never a value.
+    """
+    size = 1  # every value takes a byte at least, counted when it is met; the rest when read
+    most = 0  # and at most: 6 bytes a character (\u001f), 20 an integer, 24 a float
+    ancestors: set[int] = set()
+    stack: list[tuple[Any, Any, int]] = [(value, name, 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if item is _LEAVE:
+            ancestors.discard(path)
+            continue
+        if isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                return f"{_render(path)} {problem}"
+            size += len(item) + 1
+            most += 6 * len(item) + 2
+        elif item is None or isinstance(item, bool):
+            size += 3
+            most += 5
+        elif isinstance(item, int):
+            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                return (
+                    f"{_render(path)} is an integer outside the signed 64-bit range "
+                    "(-2**63 to 2**63-1) that both backends read back exactly; send a string"
+                )
+            most += 20
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{_render(path)} is NaN or infinite, not a JSON number"
+            if abs(item) >= FLOAT_EXACT_LIMIT:
+                return (
+                    f"{_render(path)} is a float of magnitude 1e16 or more, which PostgreSQL's "
+                    "JSONB does not store exactly; send an integer or a string"
+                )
+            most += 24
+        elif isinstance(item, dict | list | tuple):
+            if depth > max_depth:
+                return f"{_render(path)} is nested deeper than {max_depth} levels"
+            if id(item) in ancestors:
+                return f"{_render(path)} contains itself; a self-referencing value is not JSON"
+            ancestors.add(id(item))
+            stack.append((_LEAVE, id(item), depth))
+            children: list[tuple[Any, Any, int]] = []
+            size += 1
+            most += 2 + max(len(item) - 1, 0)  # brackets and commas
+            # A wide container is refused before its elements are looked at: each
+            # takes 2 bytes at least (``0,``), an object member 5 (``"":0,``).
+            floor = len(item) * (5 if isinstance(item, dict) else 2) - 1
+            if size + floor > max_bytes:
+                size += floor
+                break
+            if isinstance(item, dict):
+                for position, (key, child) in enumerate(item.items()):
+                    if not isinstance(key, str):
+                        kind = type(key).__name__
+                        return f"{_render(path)} has a key of type {kind}, not a string"
+                    problem = text_problem(key)
+                    if problem:
+                        return f"{_render(path)} has a key that {problem}"
+                    size += len(key) + 4 + (position > 0)  # "key": value, and a comma
+                    most += 6 * len(key) + 3
+                    if size > max_bytes:
+                        break
+                    children.append((child, (path, (key, position)), depth + 1))
+            else:
+                for index, child in enumerate(item):
+                    size += 1 + (index > 0)  # the value and a comma
+                    if size > max_bytes:
+                        break
+                    children.append((child, (path, index), depth + 1))
+            stack.extend(reversed(children))
+        else:
+            return f"{_render(path)} is a {type(item).__name__}, which JSON cannot represent"
+        if size > max_bytes:
+            break
+    if size <= max_bytes < most:
+        # The exact count, once the walk has proved the value finite and encodable.
+        size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > max_bytes:
+        return (
+            f"{name} is larger than {max_bytes} bytes as JSON "
+            f"(the limit is set by {MAX_JSON_BYTES_ENV})"
+        )
+    return None
+
+
+def ensure_json_object(
+    value: Any,
+    name: str = "payload",
+    *,
+    max_depth: int = MAX_JSON_DEPTH,
+    max_bytes: int | None = None,
+) -> dict[str, Any]:
     """Return ``value`` if it is a JSON object both backends store unchanged.
 
-    PostgreSQL's JSONB rejects NUL characters, lone surrogates and NaN, and
-    turns floats from 1e16 up into integers; SQLite would keep them. Rejecting
-    them here keeps the two backends in agreement and turns a driver error in
-    the middle of a transaction into a clear input error. Raises
-    ``ValueError`` naming the offending place.
+    The one rule for JSON that enters the layer (schemas, repository arguments,
+    model attributes); the limits are in ``docs/input-limits.md``. PostgreSQL's
+    JSONB rejects NUL characters, lone surrogates and NaN, and turns floats from
+    1e16 up into integers; SQLite would keep them. The value is bounded in depth
+    (``MAX_JSON_DEPTH``), integer range (signed 64-bit) and encoded size
+    (``max_json_bytes()``), and must not contain itself. Raises ``ValueError``
+    naming the offending place and the limit, never quoting a value.
     """
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
-    problem = _find_unstorable(value, name)
+    limit = max_json_bytes() if max_bytes is None else max_bytes
+    problem = _find_unstorable(value, name, max_depth, limit)
     if problem:
         raise ValueError(problem)
     return value
 
 
+def text_size_problem(value: str) -> str | None:
+    """Why ``value`` is too long to take as a text argument, or None (see ``max_json_bytes``)."""
+    limit = max_json_bytes()
+    if len(value) * 4 > limit and len(value.encode("utf-8", "surrogatepass")) > limit:
+        return f"is longer than {limit} bytes (the limit is set by {MAX_JSON_BYTES_ENV})"
+    return None
+
+
 def ensure_storable_text(value: str, name: str) -> str:
-    """Text that both backends store verbatim; ``ValueError`` naming ``name`` otherwise."""
-    problem = text_problem(value)
+    """Text that both backends store verbatim, within the size limit; ``ValueError``
+    naming ``name`` otherwise."""
+    problem = text_problem(value) or text_size_problem(value)
     if problem:
         raise ValueError(f"{name} {problem}")
     return value

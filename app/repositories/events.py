@@ -70,6 +70,7 @@ from app.repositories.sql import (
     greatest,
     insert_for,
 )
+from app.state_machine import RUN_SCOPED_EVENT_TYPES
 from app.types import utc_now
 
 EVENTS = SessionEvent.__table__
@@ -237,7 +238,8 @@ class EventRepository:
         With an ``event_id`` already stored for the session, the stored event
         comes back and nothing is written. Raises ``SessionNotFoundError``,
         ``RunNotFoundError`` (the run is not in that session) or
-        ``BadParameterError`` before anything is written.
+        ``BadParameterError`` (also for a run-scoped type without ``run_id``,
+        see ``RUN_SCOPED_EVENT_TYPES``) before anything is written.
         """
         params = {
             "session_id": text_param(session_id, "session_id"),
@@ -247,6 +249,8 @@ class EventRepository:
             "run_id": optional_text_param(run_id, "run_id"),
             "event_id": optional_text_param(event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH),
         }
+        if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
+            raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
         for _attempt in range(ALLOCATION_ATTEMPTS):
             params["now"] = utc_now()
             seq, new_id = self._allocate_and_insert(params)

@@ -1,7 +1,9 @@
 """Checks on repository arguments, run before any SQL so that bad input writes nothing.
 
 Each check raises a domain error naming the argument and what was expected;
-the Run API answers them with 400.
+the Run API answers them with 400. Messages describe a bad value by its type
+(and an integer by its value), never by its text: arguments carry user content,
+and error messages reach logs and responses. Limits: ``docs/input-limits.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from app.errors import BadParameterError
-from app.types import ensure_json_object, text_problem
+from app.types import ensure_json_object, text_problem, text_size_problem
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -19,12 +21,25 @@ MAX_SEQ = 2**31 - 1
 """``seq`` is an INTEGER column: a larger ``since_seq`` would be a driver error."""
 
 
+def described(value: Any) -> str:
+    """What a bad argument was, without its content: ``an empty str``, ``a str of 12
+    characters``, ``the integer 5``, ``a dict``."""
+    if isinstance(value, str):
+        return f"a str of {len(value)} characters" if value else "an empty str"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**12:
+        return f"the integer {value}"
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
 def text_param(value: Any, name: str, *, max_length: int | None = None) -> str:
     """A non-empty string the database can store (PostgreSQL refuses NUL characters;
-    neither driver can encode a lone surrogate, which a decoded JSON body may carry)."""
+    neither driver can encode a lone surrogate, which a decoded JSON body may carry),
+    within the size limit of ``app.types.max_json_bytes``."""
     if not isinstance(value, str) or not value:
-        raise BadParameterError(name, f"expected a non-empty string, got {value!r}")
-    problem = text_problem(value)
+        raise BadParameterError(name, f"expected a non-empty string, got {described(value)}")
+    problem = text_problem(value) or text_size_problem(value)
     if problem:
         raise BadParameterError(name, problem)
     if max_length is not None and len(value) > max_length:
@@ -46,6 +61,17 @@ def json_object_param(value: Any, name: str) -> dict[str, Any]:
         raise BadParameterError(name, str(exc)) from None
 
 
+def event_payload_param(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload ``{argument: value}`` of the lifecycle event a transition appends,
+    checked before the run moves: the value fits the limits on its own, but one
+    level and a few bytes more may not, and the run must not move without its event."""
+    try:
+        return ensure_json_object(payload, "payload")
+    except ValueError as exc:
+        name = ", ".join(payload) or "payload"
+        raise BadParameterError(name, f"does not fit in the run's lifecycle event: {exc}") from None
+
+
 def _int_in(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -53,7 +79,7 @@ def _int_in(value: Any, low: int, high: int) -> bool:
 def page_size(limit: Any) -> int:
     if not _int_in(limit, 1, MAX_PAGE_SIZE):
         raise BadParameterError(
-            "limit", f"expected an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}"
+            "limit", f"expected an integer from 1 to {MAX_PAGE_SIZE}, got {described(limit)}"
         )
     return limit
 
@@ -65,7 +91,7 @@ def since_seq_param(since_seq: Any) -> int:
         or not 0 <= since_seq <= MAX_SEQ
     ):
         raise BadParameterError(
-            "since_seq", f"expected an integer from 0 to {MAX_SEQ}, got {since_seq!r}"
+            "since_seq", f"expected an integer from 0 to {MAX_SEQ}, got {described(since_seq)}"
         )
     return since_seq
 
@@ -74,5 +100,6 @@ def enum_param(enum_class: type[E], value: Any, name: str) -> E:
     try:
         return enum_class(value)
     except ValueError:
-        choices = ", ".join(member.value for member in enum_class)
-        raise BadParameterError(name, f"expected one of {choices}, got {value!r}") from None
+        pass  # raised below, so that the ValueError quoting the value is not its context
+    choices = ", ".join(member.value for member in enum_class)
+    raise BadParameterError(name, f"expected one of {choices}, got {described(value)}")

@@ -23,9 +23,12 @@ from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, Executable
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper, class_mapper, make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlmodel import Session as DbSession
+
+from app.repositories._driver_errors import domain_error
 
 M = TypeVar("M")
 
@@ -33,9 +36,19 @@ M = TypeVar("M")
 def execute_core(
     session: DbSession, statement: Executable, params: dict[str, Any]
 ) -> CursorResult[Any]:
-    """A Core statement on the session's connection, after the session's pending changes."""
+    """A Core statement on the session's connection, after the session's pending changes.
+
+    A driver error becomes a domain error (``_driver_errors``), raised outside the
+    ``except`` block so that no chained exception carries the statement's parameters.
+    """
     session.flush()
-    return session.connection().execute(statement, params)
+    try:
+        return session.connection().execute(statement, params)
+    except DBAPIError as exc:
+        error = domain_error(exc, params)
+        if error is None:
+            raise
+    raise error
 
 
 @cache

@@ -4,7 +4,7 @@ Each transition of ``app.state_machine`` is one conditional ``UPDATE ...
 WHERE id = :run_id AND status IN (<allowed>) RETURNING *`` plus its lifecycle
 event, in the caller's transaction. At most one run per session is running
 (``ActiveRunExistsError``); a start that loses a race on PostgreSQL leaves its
-transaction aborted (``_lost_race_to_run``; a later ``commit()`` raises
+transaction aborted (``_driver_errors``, ``_move``; a later ``commit()`` raises
 ``TransactionAbortedError``). On PostgreSQL a transition locks the
 run row, then the session's event counter: move a run before appending to its
 session in one transaction.
@@ -35,12 +35,12 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session as DbSession
 
 from app.errors import (
     ActiveRunExistsError,
     BadParameterError,
+    ConflictError,
     InvalidTransitionError,
     RunNotFoundError,
     SessionNotFoundError,
@@ -50,6 +50,7 @@ from app.models import RunOptions, RunStatus, Session, SessionRun, TriggerSource
 from app.repositories.events import EventRepository
 from app.repositories.params import (
     enum_param,
+    event_payload_param,
     json_object_param,
     optional_text_param,
     page_size,
@@ -70,12 +71,10 @@ from app.state_machine import (
     RunEventType,
     Transition,
 )
-from app.types import UTCDateTime, utc_now
+from app.types import UTCDateTime, is_name, utc_now
 
 RUNS = SessionRun.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
-ONE_RUNNING_INDEX = "uq_session_runs_one_running"
-DEADLOCK_DETECTED = "40P01"
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
 
@@ -182,7 +181,10 @@ def _statements(dialect: str) -> _Statements:
             if after_cursor:
                 cursor = (
                     select(RUNS.c.created_at, RUNS.c.id)
-                    .where(RUNS.c.id == bindparam("before", type_=String()))
+                    .where(
+                        RUNS.c.id == bindparam("before", type_=String()),
+                        RUNS.c.session_id == SESSION_ID,
+                    )
                     .subquery("cursor")
                 )
                 page = page.join(cursor, true()).where(
@@ -321,7 +323,8 @@ class RunRepository:
 
         Keyset pagination: ``before`` is the ``id`` of the last run of the
         previous page; the page holds the runs that come after it in this
-        order. An unknown ``before`` run raises ``RunNotFoundError``.
+        order. An unknown ``before`` run raises ``RunNotFoundError``, a run of
+        another session ``BadParameterError``.
         """
         params: dict[str, Any] = {
             "session_id": text_param(session_id, "session_id"),
@@ -332,8 +335,14 @@ class RunRepository:
             params["status"] = enum_param(RunStatus, status, "status")
         page = self._sql.pages[status is not None, before is not None]
         runs = self._runs(page, params)
-        if not runs and before is not None and self.get_or_none(before) is None:
-            raise RunNotFoundError(before)
+        if not runs and before is not None:
+            cursor = self.get_or_none(before)
+            if cursor is None:
+                raise RunNotFoundError(before)
+            if cursor.session_id != session_id:
+                raise BadParameterError(
+                    "before", f"run {before} belongs to another session, not to {session_id}"
+                )
         return runs
 
     def list_by_status(self, status: RunStatus | str, *, limit: int) -> list[SessionRun]:
@@ -519,6 +528,7 @@ class RunRepository:
         None when the run is not in a source status (or does not exist).
         """
         params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
+        event_payload = event_payload_param(event_payload)
         statement = self._sql.transitions[transition.name]
         try:
             run = self._run(statement, params)
@@ -527,10 +537,15 @@ class RunRepository:
                     run.session_id, transition.event_type, event_payload, run_id=run.id
                 )
             return run
-        except DBAPIError as exc:
-            if transition.target is not RunStatus.RUNNING or not _lost_race_to_run(exc):
+        except ConflictError as exc:
+            if transition.target is not RunStatus.RUNNING or isinstance(exc, ActiveRunExistsError):
                 raise
-            raise ActiveRunExistsError(None, params["run_id"]) from None
+        # A deadlock while entering running (``_driver_errors`` maps it to a plain
+        # ConflictError): a transaction that created a run, so holds its session's
+        # event counter, and then starts it, against a concurrent start that holds
+        # the one-running index entry and waits for that counter. PostgreSQL aborts
+        # one of the two; for the caller, another run of the session got there first.
+        raise ActiveRunExistsError(None, params["run_id"])
 
     def _raise_active_run_exists(self, run_id: str) -> NoReturn:
         row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
@@ -553,29 +568,9 @@ class RunRepository:
         )
 
 
-def _lost_race_to_run(exc: DBAPIError) -> bool:
-    """Whether the driver error means another run of the session got to ``running`` first.
-
-    The UPDATE's ``NOT EXISTS`` guard sees a running run that is committed; one
-    that commits meanwhile is caught by ``uq_session_runs_one_running``
-    (PostgreSQL names the index; SQLite names the column, which no other
-    unique index of the table covers alone). A transaction that created a run
-    (so holds its session's event counter) and then starts it can also
-    deadlock with a concurrent start, which holds the index entry and waits
-    for the counter; PostgreSQL aborts one of the two (SQLSTATE 40P01).
-
-    On PostgreSQL both errors abort the transaction: the caller gets
-    ``ActiveRunExistsError`` and must roll back, and a ``commit()`` raises
-    ``TransactionAbortedError`` (``app.db``) instead of losing the
-    transaction's writes quietly. A savepoint around every start would keep
-    the transaction usable at two more round trips per start.
-    """
-    diagnostics = getattr(exc.orig, "diag", None)
-    if isinstance(exc, IntegrityError):
-        if diagnostics is not None:
-            return diagnostics.constraint_name == ONE_RUNNING_INDEX
-        return "UNIQUE constraint failed: session_runs.session_id" in str(exc.orig)
-    return getattr(exc.orig, "sqlstate", None) == DEADLOCK_DETECTED
+def _loc_part(part: str | int) -> str:
+    """A field name or index; an unknown field that is not a name is not quoted."""
+    return str(part) if isinstance(part, int) or is_name(part) else "(unknown field)"
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:
@@ -585,10 +580,12 @@ def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:
         return RunCreate.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors()
+            f"{'.'.join(_loc_part(part) for part in error['loc']) or 'body'}: {error['msg']}"
+            for error in exc.errors(include_input=False)
         )
-        raise ValidationFailedError(f"invalid run: {problems}") from None
+    # Raised outside the except block: the ValidationError (which holds the input)
+    # must not travel along as the error's context.
+    raise ValidationFailedError(f"invalid run: {problems}")
 
 
 __all__ = ["RunRepository"]

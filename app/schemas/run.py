@@ -7,16 +7,29 @@ through these classes: they validate, table models do not.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, ConfigDict, Strict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Strict,
+    StringConstraints,
+    ValidationInfo,
+    model_validator,
+)
 from sqlmodel import Field, SQLModel
 
 from app.models import RunOptions, RunState, RunStatus, TriggerSource
 from app.types import ensure_json_object, ensure_storable_text
 
-JSONObject = Annotated[dict[str, Any], AfterValidator(lambda v: ensure_json_object(v, "value"))]
-"""A JSON object that both backends store verbatim (no NUL, no NaN)."""
+
+def _json_object(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    return ensure_json_object(value, info.field_name or "value")
+
+
+JSONObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
+"""A JSON object that both backends store verbatim, within the limits of
+``app.types.ensure_json_object`` (depth, 64-bit integers, size; no NUL, no NaN)."""
 
 
 StorableText = Annotated[
@@ -26,19 +39,28 @@ StorableText = Annotated[
     AfterValidator(lambda v: ensure_storable_text(v, "the text")),
 ]
 """Text given as ``str`` (bytes are refused, not decoded) that both backends store
-verbatim (no NUL, no lone surrogate), not empty. Errors carry the field's name in
-their location."""
+verbatim (no NUL, no lone surrogate), not empty, within the size limit. Errors carry
+the field's name in their location."""
+
+NO_INPUT_IN_ERRORS = ConfigDict(hide_input_in_errors=True)
+"""``str(ValidationError)`` names fields and problems, never the input (user content)."""
 
 
 class RunCreate(RunOptions):
-    """Body of ``POST /api/runs``. Unknown fields are rejected."""
+    """Body of ``POST /api/runs``. Unknown fields are rejected; the options together
+    (stored as one JSON column) must fit the JSON limits."""
 
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment,misc]
 
     session_id: StorableText
     message: StorableText
     style_reference: JSONObject | None = None
     target_pages: list[StorableText] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> Self:
+        ensure_json_object(self.model_dump(include=set(RunOptions.model_fields)), "options")
+        return self
 
 
 class RunResponse(RunState):
@@ -55,7 +77,7 @@ class RunResponse(RunState):
 class RunResumeRequest(SQLModel):
     """Body of ``POST /api/runs/{run_id}/resume``: ``{"resume": {...}}``."""
 
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment,misc]
 
     resume: JSONObject
 

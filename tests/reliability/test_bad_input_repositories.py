@@ -2,7 +2,8 @@
 
 Each example makes one argument bad (random unicode with lone surrogates, NUL
 bytes, very long strings, wrong types, unknown fields, huge or negative
-limits, non-object payloads, unknown ids, a transition from the wrong status)
+limits, non-object payloads, JSON past the depth, size and integer limits or
+containing itself, unknown ids, a transition from the wrong status)
 and keeps the others valid. The call must raise a ``DataLayerError`` whose
 message names what was wrong, never a driver error; then the caller commits
 anyway (as a careless caller would) and every table's fingerprint must equal
@@ -33,6 +34,7 @@ from app.state_machine import TRANSITIONS
 from tests.concurrency import in_own_transaction
 from tests.reliability import invariants
 from tests.reliability.figures import record
+from tests.reliability.strategies import beyond_the_limits
 
 EXAMPLES = settings(
     max_examples=120,
@@ -99,8 +101,9 @@ def _unstorable_objects(bad_text: st.SearchStrategy[str]) -> st.SearchStrategy[d
     )
 
 
-bad_object = not_an_object | _unstorable_objects(with_nul | with_surrogate)
-"""Never ``None``: it means ``{}``, a valid payload."""
+bad_object = not_an_object | _unstorable_objects(with_nul | with_surrogate) | beyond_the_limits
+"""Never ``None``: it means ``{}``, a valid payload. Includes deep, wide, self-referencing
+and huge objects and integers past 64 bits (``strategies.beyond_the_limits``)."""
 
 bad_limit = (
     st.integers(max_value=0)
@@ -247,7 +250,10 @@ def create_attempts(draw: st.DrawFn, seeded: Seeded) -> Attempt:
                 lambda n: st.tuples(st.just(n), bad_required_text)
             )
             # Lone surrogates here: see test_surrogate_in_style_reference_is_refused.
-            | st.tuples(st.just("style_reference"), not_an_object | _unstorable_objects(with_nul))
+            | st.tuples(
+                st.just("style_reference"),
+                not_an_object | _unstorable_objects(with_nul) | beyond_the_limits,
+            )
             | st.tuples(
                 st.just("target_pages"),
                 not_an_object.filter(lambda v: not isinstance(v, list))
@@ -520,7 +526,7 @@ def test_entry_points_refuse_bad_input(
 )
 @given(
     text=hostile_text.filter(lambda s: len(s) <= 100),
-    number=st.integers() | st.floats(min_value=-1e15, max_value=1e15),
+    number=st.integers(-(2**63), 2**63 - 1) | st.floats(min_value=-1e15, max_value=1e15),
 )
 def test_hostile_text_round_trips_verbatim(engine: Engine, text: str, number: float) -> None:
     """Every text field the layer writes, and JSON keys and values, come back as given."""
@@ -595,7 +601,7 @@ def test_floats_that_jsonb_would_change_are_refused(
 
 
 def test_numbers_below_the_limit_round_trip_with_their_type(engine: Engine, backend: str) -> None:
-    kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 10**30}
+    kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 2**63 - 1}
 
     def write(db: DbSession) -> str:
         session_id = db.merge(Session(title="numbers")).id
