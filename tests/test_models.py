@@ -266,11 +266,19 @@ def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
     assert columns["trigger_source"]["type"].length == 20
 
 
+DEEP: dict[str, object] = {}
+_level = DEEP
+for _ in range(70):
+    _level["a"] = _level = {}
+
+
 @pytest.mark.parametrize(
     ("field", "value", "problem"),
     [
         ("options", {"x": float("nan")}, "not a JSON number"),
-        ("options", {"x": 1e20}, "floats of magnitude 1e16"),
+        ("options", {"x": 1e20}, "float of magnitude 1e16"),
+        ("options", {"x": 10**30}, "outside the signed 64-bit range"),
+        ("options", {"a": {"a": {"a": {"a": {}}}}} | {"deep": DEEP}, "deeper than 64 levels"),
         ("options", {"x": "a\x00b"}, "NUL"),
         ("options", ["not", "an", "object"], "must be a JSON object"),
         ("input_message", "a\x00b", "NUL"),
