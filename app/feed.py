@@ -59,8 +59,8 @@ from app.db import unit_of_work
 from app.errors import RunNotFoundError
 from app.models import SessionEvent
 from app.repositories import EventRepository, RunRepository
-from app.repositories.params import page_size, since_seq_param, text_param
-from app.repositories.sql import EVENTS_CHANNEL, POSTGRESQL
+from app.repositories._params import page_size, since_seq_param, text_param
+from app.repositories._sql import EVENTS_CHANNEL, POSTGRESQL
 from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
 
 log = logging.getLogger("app.feed")

@@ -582,7 +582,7 @@ def test_lifecycle_events_use_the_session_seq(db: DbSession, runs: RunRepository
 def test_runs_returned_by_the_repository_track_json_changes(
     engine: Engine, session: DbSession
 ) -> None:
-    """Objects built from Core rows (``app.repositories.rows``) behave like ORM-loaded ones:
+    """Objects built from Core rows (``app.repositories._rows``) behave like ORM-loaded ones:
     a top-level change to a writable JSON column is saved on commit, in the session's
     identity map, and so is a value assigned and then changed in place."""
     runs = RunRepository(session)

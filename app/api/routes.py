@@ -30,7 +30,7 @@ from app.errors import BadParameterError
 from app.feed import get_feed
 from app.models import SessionEvent
 from app.repositories import RunRepository
-from app.repositories.params import MAX_PAGE_SIZE, MAX_SEQ
+from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ
 from app.schemas import (
     ErrorResponse,
     EventPage,

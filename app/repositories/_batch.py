@@ -29,7 +29,7 @@ from sqlalchemy import Integer, String, TextClause, bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from app.models import EventSource
-from app.repositories.sql import EVENTS_CHANNEL, NOW, POSTGRESQL
+from app.repositories._sql import EVENTS_CHANNEL, NOW, POSTGRESQL
 
 MAX_BATCH = 1000
 """Most events one ``append_many`` call takes (one JSON parameter, one statement)."""

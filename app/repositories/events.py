@@ -49,7 +49,7 @@ from app.errors import (
 )
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
-from app.repositories.params import (
+from app.repositories._params import (
     enum_param,
     json_object_param,
     optional_text_param,
@@ -57,8 +57,8 @@ from app.repositories.params import (
     since_seq_param,
     text_param,
 )
-from app.repositories.rows import execute_core, inserted, inserted_many, snapshots
-from app.repositories.sql import (
+from app.repositories._rows import execute_core, inserted, inserted_many, snapshots
+from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,
     NOW,
@@ -214,7 +214,7 @@ class EventRepository:
     """Appends to and reads the per-session event log; flushes, never commits.
 
     Pages (``list_for_*``) are snapshots in no session: events never change,
-    and skipping the ORM's loading halves a page's cost (``app.repositories.rows``).
+    and skipping the ORM's loading halves a page's cost (``app.repositories._rows``).
     """
 
     def __init__(self, session: DbSession) -> None:

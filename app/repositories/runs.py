@@ -47,8 +47,7 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.models import RunOptions, RunStatus, Session, SessionRun, TriggerSource, new_id
-from app.repositories.events import EventRepository
-from app.repositories.params import (
+from app.repositories._params import (
     enum_param,
     event_payload_param,
     json_object_param,
@@ -56,8 +55,9 @@ from app.repositories.params import (
     page_size,
     text_param,
 )
-from app.repositories.rows import execute_core, in_session, inserted
-from app.repositories.sql import LIMIT, NOW, RUN_ID, SESSION_EXISTS, SESSION_ID, merge_metrics
+from app.repositories._rows import execute_core, in_session, inserted
+from app.repositories._sql import LIMIT, NOW, RUN_ID, SESSION_EXISTS, SESSION_ID, merge_metrics
+from app.repositories.events import EventRepository
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
     CANCEL,
@@ -552,7 +552,7 @@ class RunRepository:
         raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
-        """One row of a Core statement as the session's run (see ``app.repositories.rows``).
+        """One row of a Core statement as the session's run (see ``app.repositories._rows``).
 
         For a single row this is about twice as cheap as the ORM's loading.
         """
