@@ -54,6 +54,8 @@ from app.db import create_db_engine
 from tests.factories import bind_factories
 from tests.schema import build_schema
 
+pytest_plugins = ("tests.reliability.report",)
+
 BACKENDS = ("sqlite", "postgresql")
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 MIGRATED = pytest.StashKey[bool]()

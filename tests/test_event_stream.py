@@ -22,6 +22,8 @@ from app.repositories import EventRepository, RunRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory
 
+pytestmark = pytest.mark.slow  # each test starts uvicorn
+
 
 @pytest.fixture
 def base_url(engine: Engine) -> Iterator[str]:

@@ -30,7 +30,10 @@ from migrations.runner import _advisory_key
 from migrations.steps import step
 from tests.test_migrations import make_v07_database
 
-pytestmark = pytest.mark.parametrize("backend", ["postgresql"])
+pytestmark = [
+    pytest.mark.parametrize("backend", ["postgresql"]),
+    pytest.mark.slow,  # lock waits of seconds on a live server
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 STATEMENT_LOCK = 0.5

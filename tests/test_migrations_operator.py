@@ -19,6 +19,8 @@ from sqlalchemy import Engine
 
 from migrations import MIGRATIONS, upgrade
 
+pytestmark = pytest.mark.slow  # every test starts Python processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine
+
+pytestmark = pytest.mark.slow  # the examples run in Python processes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

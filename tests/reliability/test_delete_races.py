@@ -39,6 +39,8 @@ from tests.concurrency import in_own_transaction
 from tests.reliability import invariants
 from tests.reliability.figures import record
 
+pytestmark = pytest.mark.slow  # each race waits for a blocked transaction
+
 MARKER = f"secret marker {uuid.uuid4().hex}"
 """In every text and JSON argument (values and keys); it must never appear in an
 error or a log record. Keys that are short identifiers are names and may be
