@@ -16,12 +16,14 @@ import os
 import platform
 import shutil
 import sqlite3
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import sqlalchemy
@@ -30,6 +32,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from app.db import create_db_engine, resolve_database_url
+
+T = TypeVar("T")
 
 DEFAULT_POSTGRESQL_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SQLITE_BUSY_TIMEOUT_MS = 5000
@@ -111,6 +115,24 @@ def postgresql_reachable(url: str) -> str | None:
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
     finally:
         engine.dispose()
+
+
+def on_each_backend(
+    backends: Iterable[str], label: str, measure: Callable[[str], T]
+) -> dict[str, T]:
+    """``measure(url)`` on a scratch database of each backend, removed afterwards.
+
+    PostgreSQL is skipped, with the reason on stderr, when its server does not answer.
+    """
+    server_url = postgresql_server_url()
+    results: dict[str, T] = {}
+    with scratch_databases(server_url) as databases:
+        for backend in backends:
+            if backend == "postgresql" and (reason := postgresql_reachable(server_url)):
+                print(f"postgresql skipped: {reason}", file=sys.stderr)
+                continue
+            results[backend] = measure(databases.url(backend, label))
+    return results
 
 
 @contextmanager

@@ -39,7 +39,7 @@ import httpx
 from app.db import create_db_engine, unit_of_work
 from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
-from benchmarks.environment import postgresql_reachable, postgresql_server_url, scratch_databases
+from benchmarks.environment import on_each_backend
 from migrations import upgrade
 
 HOST = "127.0.0.1"  # the only address this script ever talks to
@@ -283,16 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.url, requests=requests, workers=args.workers, deadline=args.deadline
         )
     else:
-        server_url = postgresql_server_url()
-        with scratch_databases(server_url) as databases:
-            for backend in args.backends.split(","):
-                if backend == "postgresql" and (reason := postgresql_reachable(server_url)):
-                    print(f"postgresql skipped: {reason}", file=sys.stderr)
-                    continue
-                url = databases.url(backend, "load")
-                results[backend] = run_load(
-                    url, requests=requests, workers=args.workers, deadline=args.deadline
-                )
+        results = on_each_backend(
+            args.backends.split(","),
+            "load",
+            lambda url: run_load(
+                url, requests=requests, workers=args.workers, deadline=args.deadline
+            ),
+        )
     if args.json:
         print(json.dumps(results))
     else:

@@ -44,7 +44,7 @@ from sqlalchemy.engine import make_url
 from app.db import create_db_engine, unit_of_work
 from app.models import Session
 from app.repositories import EventRepository, RunRepository
-from benchmarks.environment import postgresql_reachable, postgresql_server_url, scratch_databases
+from benchmarks.environment import on_each_backend
 from benchmarks.load import Server
 from migrations import upgrade
 
@@ -462,13 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         results[make_url(args.url).get_backend_name()] = measure(args.url, **options)
     else:
-        server_url = postgresql_server_url()
-        with scratch_databases(server_url) as databases:
-            for backend in args.backends.split(","):
-                if backend == "postgresql" and (reason := postgresql_reachable(server_url)):
-                    print(f"postgresql skipped: {reason}", file=sys.stderr)
-                    continue
-                results[backend] = measure(databases.url(backend, "stream"), **options)
+        results = on_each_backend(
+            args.backends.split(","), "stream", lambda url: measure(url, **options)
+        )
     if args.json:
         print(json.dumps(results))
     else:
