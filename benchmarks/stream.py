@@ -236,6 +236,24 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
 
 
+async def _start_writers(
+    url: str, seeded: Any, events: int, interval: float
+) -> asyncio.subprocess.Process:
+    """The writers, in a process of their own (``--writer``), with pipes to talk to it."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.stream",
+        "--writer",
+        url,
+        json.dumps(seeded),
+        str(events),
+        str(interval),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+
 def run_stream(
     url: str,
     *,
@@ -280,18 +298,7 @@ def run_stream(
                 ]
                 await asyncio.wait_for(asyncio.gather(*(c.wait() for c in connected)), deadline)
                 assert sampler is not None
-                writers_process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "benchmarks.stream",
-                    "--writer",
-                    url,
-                    json.dumps(seeded),
-                    str(events),
-                    str(interval),
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                )
+                writers_process = await _start_writers(url, seeded, events, interval)
                 assert writers_process.stdin and writers_process.stdout
                 ready = await asyncio.wait_for(writers_process.stdout.readline(), deadline)
                 assert ready.strip() == b"ready", ready
@@ -381,18 +388,7 @@ def run_feed_only(
 
     async def main() -> None:
         tasks = [asyncio.create_task(follow(*entry)) for entry in received]
-        writers_process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "benchmarks.stream",
-            "--writer",
-            url,
-            json.dumps(seeded),
-            str(events),
-            str(interval),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        writers_process = await _start_writers(url, seeded, events, interval)
         assert writers_process.stdout is not None
         await asyncio.wait_for(writers_process.stdout.readline(), deadline)
         await asyncio.sleep(1.0)
