@@ -6,9 +6,10 @@ status the Run API answers with (``status_code``) and a stable machine code
 
     DataLayerError (500)
     ├── NotFoundError (404): RunNotFoundError, SessionNotFoundError
-    ├── ConflictError (409): InvalidTransitionError, ActiveRunExistsError
+    ├── ConflictError (409): InvalidTransitionError, ActiveRunExistsError, LeaseNotHeldError
     ├── BadParameterError (400): a parameter out of range, a bad resume payload
     ├── ValidationFailedError (422): a body that does not validate
+    ├── IdempotencyKeyReusedError (422): one Idempotency-Key, two different requests
     ├── ReadOnlyFieldError (500): a stored row changed outside the repositories
     ├── TransactionAbortedError (500): commit of a transaction the database aborted
     └── DatabaseBusyError (503): no connection or lock within its timeout; retry
@@ -17,7 +18,7 @@ status the Run API answers with (``status_code``) and a stable machine code
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 
 class DataLayerError(Exception):
@@ -79,18 +80,54 @@ class ActiveRunExistsError(ConflictError):
     code = "active_run_exists"
 
     def __init__(
-        self, session_id: str | None, run_id: str, active_run_id: str | None = None
+        self,
+        session_id: str | None,
+        run_id: str | None,
+        active_run_id: str | None = None,
+        *,
+        message: str | None = None,
     ) -> None:
         """``session_id`` is None when a concurrent start won the race (the database's
-        unique index said so and the transaction is aborted; nothing more can be read)."""
-        other = f" (run {active_run_id})" if active_run_id else ""
-        whose = f"session {session_id}" if session_id else f"the session of run {run_id}"
-        super().__init__(
-            f"{whose} already has a running run{other}; run {run_id} cannot run until it stops"
-        )
+        unique index said so and the transaction is aborted; nothing more can be read).
+        ``run_id`` is None when no run was made (``create`` with ``reject``)."""
+        if message is None:
+            other = f" (run {active_run_id})" if active_run_id else ""
+            whose = f"session {session_id}" if session_id else f"the session of run {run_id}"
+            message = (
+                f"{whose} already has a running run{other}; run {run_id} cannot run until it stops"
+            )
+        super().__init__(message)
         self.session_id = session_id
         self.run_id = run_id
         self.active_run_id = active_run_id
+
+    @classmethod
+    def rejected(cls, session_id: str, active_run_id: str, active_status: str) -> Self:
+        """``create(..., multitask_strategy="reject")`` while the session has an active run."""
+        return cls(
+            session_id,
+            None,
+            active_run_id,
+            message=f"session {session_id} already has an active run ({active_run_id} is "
+            f"{active_status}); no new run created (multitask_strategy=reject; use enqueue "
+            "to queue it, or interrupt to cancel the active runs)",
+        )
+
+
+class LeaseNotHeldError(ConflictError):
+    """A heartbeat from a worker that does not hold the run's lease."""
+
+    code = "lease_not_held"
+
+    def __init__(self, run_id: str, holder: str | None, caller: str | None) -> None:
+        held = f"worker {holder!r}" if holder is not None else "no worker (started without a lease)"
+        asked = f"worker {caller!r}" if caller is not None else "a caller without a worker_id"
+        super().__init__(
+            f"run {run_id} is leased to {held}; {asked} cannot extend it: stop working on it"
+        )
+        self.run_id = run_id
+        self.holder = holder
+        self.caller = caller
 
 
 class BadParameterError(DataLayerError):
@@ -106,6 +143,24 @@ class BadParameterError(DataLayerError):
 class ValidationFailedError(DataLayerError):
     status_code = 422
     code = "validation_failed"
+
+
+class IdempotencyKeyReusedError(DataLayerError):
+    """An ``Idempotency-Key`` seen within its window for a different request."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+    def __init__(self, scope: str, scope_id: str) -> None:
+        """The key itself is not in the message: clients choose it, it may carry content."""
+        owner = f"session {scope_id}" if scope == "create" else f"run {scope_id}"
+        super().__init__(
+            f"this Idempotency-Key was already used for a different {scope} request of "
+            f"{owner} within its window; send the same request to get its result, or use a "
+            "new key"
+        )
+        self.scope = scope
+        self.scope_id = scope_id
 
 
 class ReadOnlyFieldError(DataLayerError):
@@ -155,7 +210,9 @@ __all__ = [
     "ConflictError",
     "DataLayerError",
     "DatabaseBusyError",
+    "IdempotencyKeyReusedError",
     "InvalidTransitionError",
+    "LeaseNotHeldError",
     "NotFoundError",
     "ReadOnlyFieldError",
     "RunNotFoundError",

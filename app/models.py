@@ -45,6 +45,16 @@ class TriggerSource(StrEnum):
     SYSTEM = "system"
 
 
+class MultitaskStrategy(StrEnum):
+    """What ``RunRepository.create`` does when the session already has an active run
+    (LangGraph's *double texting*): queue the new run behind it, refuse it, or cancel
+    the active runs first."""
+
+    ENQUEUE = "enqueue"
+    REJECT = "reject"
+    INTERRUPT = "interrupt"
+
+
 class EventSource(StrEnum):
     SESSION = "session"
     PLAN = "plan"
@@ -118,6 +128,9 @@ class RunState(SQLModel):
     waiting_reason: str | None = Field(default=None, sa_type=Text)
 
 
+_ACTIVE_PREDICATE = "status IN ('queued', 'running', 'waiting_input')"
+
+
 class SessionRun(RunState, StoredModel, table=True):
     """One execution of the agent inside a session (table ``session_runs``).
 
@@ -144,6 +157,23 @@ class SessionRun(RunState, StoredModel, table=True):
             sqlite_where=text("status = 'running'"),
             postgresql_where=text("status = 'running'"),
         ),
+        # The run queue (extensions, migration 0012): queued runs oldest first, and
+        # per session the runs that hold it (active) or wait in line.
+        Index(
+            "idx_session_runs_queue",
+            "created_at",
+            "id",
+            sqlite_where=text("status = 'queued'"),
+            postgresql_where=text("status = 'queued'"),
+        ),
+        Index(
+            "idx_session_runs_active",
+            "session_id",
+            "created_at",
+            "id",
+            sqlite_where=text(_ACTIVE_PREDICATE),
+            postgresql_where=text(_ACTIVE_PREDICATE),
+        ),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True)
@@ -160,6 +190,10 @@ class SessionRun(RunState, StoredModel, table=True):
     updated_at: datetime = Field(
         default_factory=utc_now, sa_type=UTCDateTime, sa_column_kwargs={"onupdate": utc_now}
     )
+    # The worker executing the run and until when its lease holds (claim_next,
+    # heartbeat); NULL for runs started without a lease (start, resume).
+    worker_id: str | None = None
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     session: ChatSession = Relationship(back_populates="runs")
 
@@ -228,6 +262,43 @@ class SessionEventSequence(StoredModel, table=True):
     )
 
 
+# --------------------------------------------------------------------------
+# run_idempotency_keys
+
+
+class IdempotencyScope(StrEnum):
+    """What an ``Idempotency-Key`` is scoped to: a session's creates or a run's resumes."""
+
+    CREATE = "create"
+    RESUME = "resume"
+
+
+class IdempotencyKey(StoredModel, table=True):
+    """One ``Idempotency-Key`` seen within its window (extension, migration 0012).
+
+    ``scope_id`` is the session (``create``) or the run (``resume``);
+    ``request_hash`` fingerprints the request, so a key reused for a different
+    request is refused; ``run_id`` is the run the first request produced, NULL
+    until its transaction is done. Written by ``RunRepository`` only.
+    """
+
+    __tablename__ = "run_idempotency_keys"
+    __table_args__ = (
+        CheckConstraint(check_in("scope", IdempotencyScope), name="ck_run_idempotency_keys_scope"),
+        Index("idx_run_idempotency_keys_expires", "expires_at"),
+    )
+
+    scope: IdempotencyScope = Field(
+        primary_key=True, sa_type=StrEnumType(IdempotencyScope, length=10)
+    )
+    scope_id: str = Field(primary_key=True)
+    key: str = Field(primary_key=True, max_length=255)
+    request_hash: str = Field(max_length=64)
+    run_id: str | None = Field(default=None, foreign_key="session_runs.id", ondelete="CASCADE")
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+
+
 Session = ChatSession
 """The chat session model under the name earlier code imports it by."""
 
@@ -254,11 +325,19 @@ install(
     hint="events are immutable once written; append a new one",
 )
 install(SessionEventSequence, read_only_when_stored=(), hint="")
+install(
+    IdempotencyKey,
+    read_only_when_stored=IdempotencyKey.__table__.columns.keys(),
+    hint="idempotency keys are written by RunRepository",
+)
 
 __all__ = [
     "RUN_FIELDS_WRITABLE_WHEN_STORED",
     "ChatSession",
     "EventSource",
+    "IdempotencyKey",
+    "IdempotencyScope",
+    "MultitaskStrategy",
     "RunOptions",
     "RunState",
     "RunStatus",

@@ -62,6 +62,7 @@ from migrations import (
     m0009_legacy_json_kept_as_text,
     m0010_bigint_event_ids,
     m0011_run_failed_events_for_superseded_runs,
+    m0012_run_queue_and_idempotency_keys,
 )
 from migrations.steps import Migration, MigrationError
 
@@ -77,6 +78,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0009_legacy_json_kept_as_text.MIGRATION,
     m0010_bigint_event_ids.MIGRATION,
     m0011_run_failed_events_for_superseded_runs.MIGRATION,
+    m0012_run_queue_and_idempotency_keys.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

@@ -228,12 +228,20 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
     assert all(migration.notes == () for migration in applied)
     inspector = inspect(empty_engine)
     columns = {col["name"]: col["nullable"] for col in inspector.get_columns("session_runs")}
-    assert columns == {**PHASE_RUN_COLUMNS, "waiting_reason": True, "options": True}
+    assert columns == {
+        **PHASE_RUN_COLUMNS,
+        "waiting_reason": True,
+        "options": True,
+        "worker_id": True,
+        "lease_expires_at": True,
+    }
     assert {index["name"] for index in inspector.get_indexes("session_runs")} == {
         "idx_session_runs_session_created",
         "idx_session_runs_status",
         "idx_session_runs_parent",
         "uq_session_runs_one_running",
+        "idx_session_runs_queue",
+        "idx_session_runs_active",
     }
     event_columns = {
         col["name"]: col["nullable"] for col in inspector.get_columns("session_events")
@@ -439,7 +447,13 @@ def test_hand_made_session_runs_is_completed_keeping_its_rows(empty_engine: Engi
 
     inspector = inspect(empty_engine)
     columns = {col["name"]: col["nullable"] for col in inspector.get_columns("session_runs")}
-    assert columns == {**PHASE_RUN_COLUMNS, "waiting_reason": True, "options": True}
+    assert columns == {
+        **PHASE_RUN_COLUMNS,
+        "waiting_reason": True,
+        "options": True,
+        "worker_id": True,
+        "lease_expires_at": True,
+    }
     checks = {ck["name"] for ck in inspector.get_check_constraints("session_runs")}
     assert {"ck_session_runs_status", "ck_session_runs_trigger_source"} <= checks
     with DbSession(empty_engine) as db:

@@ -259,6 +259,8 @@ def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
         "finished_at",
         "waiting_reason",
         "options",
+        "worker_id",
+        "lease_expires_at",
     }
     assert set(columns) == required | optional
     assert {name for name, c in columns.items() if not c["nullable"]} == required

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import cache
 from typing import Any, NoReturn
 
@@ -33,6 +33,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 from sqlmodel import Session as DbSession
@@ -42,12 +43,30 @@ from app.errors import (
     BadParameterError,
     ConflictError,
     InvalidTransitionError,
+    LeaseNotHeldError,
     RunNotFoundError,
     SessionNotFoundError,
     ValidationFailedError,
 )
-from app.models import RunOptions, RunStatus, Session, SessionRun, TriggerSource, new_id
+from app.models import (
+    IdempotencyScope,
+    MultitaskStrategy,
+    RunOptions,
+    RunStatus,
+    Session,
+    SessionRun,
+    TriggerSource,
+    new_id,
+)
+from app.repositories._batch import NewEvent
+from app.repositories._idempotency import (
+    IdempotencyKeys,
+    key_param,
+    window_from_environment,
+    window_param,
+)
 from app.repositories._params import (
+    described,
     enum_param,
     event_payload_param,
     json_object_param,
@@ -76,7 +95,22 @@ from app.types import UTCDateTime, is_name, utc_now
 RUNS = SessionRun.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING_INPUT})
+"""A session with a run in one of these is busy (``MultitaskStrategy``, ``claim_next``)."""
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
+DEFAULT_LEASE = timedelta(minutes=5)
+"""How long a ``claim_next`` lease holds without a ``heartbeat``."""
+WORKER_ID_MAX_LENGTH = 255
+
+
+def _literal(status: RunStatus) -> Any:
+    """A status as an SQL literal: PostgreSQL's generic plan of a prepared statement can
+    then use the partial indexes whose predicates name statuses (see ``_transition_update``)."""
+    return literal_column(f"'{status.value}'")
+
+
+def _literal_in(column: Any, statuses: frozenset[RunStatus]) -> Any:
+    return column.in_([_literal(status) for status in sorted(statuses)])
 
 
 def _status_in(statuses: frozenset[RunStatus]) -> Any:
@@ -98,6 +132,13 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
         values["waiting_reason"] = bindparam("reason", type_=RUNS.c.waiting_reason.type)
     elif RunStatus.WAITING_INPUT in transition.sources:
         values["waiting_reason"] = None
+    # worker_id and lease_expires_at describe the current execution: claim_next sets
+    # them, start and resume begin one without a lease, every move out of running
+    # ends the lease, and waiting for input ends the execution (the worker is gone).
+    if transition.target is RunStatus.RUNNING or RunStatus.RUNNING in transition.sources:
+        values["lease_expires_at"] = None
+    if transition.target is RunStatus.RUNNING or transition.target is RunStatus.WAITING_INPUT:
+        values["worker_id"] = None
     if transition is RESUME:
         values["resume_payload"] = bindparam("resume_payload", type_=RUNS.c.resume_payload.type)
     if transition is COMPLETE:
@@ -114,10 +155,44 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
         statement = statement.where(
             ~exists().where(
                 other.c.session_id == RUNS.c.session_id,
-                other.c.status == literal_column(f"'{RunStatus.RUNNING.value}'"),
+                other.c.status == _literal(RunStatus.RUNNING),
             )
         )
     return statement
+
+
+def _next_claimable() -> Any:
+    """The id of the run ``claim_next`` takes: the oldest queued run that heads its
+    session's queue (no older queued run) in a session with no running or waiting
+    run. On PostgreSQL the row is locked, and rows other claimers hold are skipped.
+
+    A claimer that skips a locked head moves on to other sessions: the run behind
+    that head is never a candidate while the head is queued, so per-session FIFO
+    holds. Served by ``idx_session_runs_queue`` and ``idx_session_runs_active``.
+    """
+    candidate = RUNS.alias("candidate")
+    busy = RUNS.alias("busy_run")
+    older = RUNS.alias("older_run")
+    return (
+        select(candidate.c.id)
+        .where(
+            candidate.c.status == _literal(RunStatus.QUEUED),
+            ~exists().where(
+                busy.c.session_id == candidate.c.session_id,
+                _literal_in(busy.c.status, frozenset({RunStatus.RUNNING, RunStatus.WAITING_INPUT})),
+            ),
+            ~exists().where(
+                older.c.session_id == candidate.c.session_id,
+                older.c.status == _literal(RunStatus.QUEUED),
+                tuple_(older.c.created_at, older.c.id)
+                < tuple_(candidate.c.created_at, candidate.c.id),
+            ),
+        )
+        .order_by(candidate.c.created_at, candidate.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
 
 
 def _loading(statement: Any) -> Executable:
@@ -130,10 +205,16 @@ class _Statements:
     create: Executable
     by_id: Executable
     transitions: dict[str, Executable]
+    claim: Executable
     heartbeat: Executable
+    heartbeat_leased: Executable
     update_metrics: Executable
     fail_stale: Executable
+    fail_expired_leases: Executable
     active_run: Executable
+    lock_session: Executable
+    first_active: Executable
+    interrupt: Executable
     pages: dict[tuple[bool, bool], Executable]  # (status filter?, before cursor?) -> page
     by_status: Executable
     children: Executable
@@ -145,6 +226,8 @@ class _Statements:
 def _statements(dialect: str) -> _Statements:
     parent_run_id = bindparam("parent_run_id", type_=String())
     status = bindparam("status", type_=RUNS.c.status.type)
+    worker_id = bindparam("worker_id", type_=String())
+    lease_expires_at = bindparam("lease_expires_at", type_=UTCDateTime())
 
     created_values = {
         "id": RUN_ID,
@@ -206,10 +289,22 @@ def _statements(dialect: str) -> _Statements:
             )
             for transition in TRANSITIONS
         },
+        claim=_loading(
+            _transition_update(dialect, START)
+            .where(RUNS.c.id == _next_claimable())
+            .values(worker_id=worker_id, lease_expires_at=lease_expires_at)
+        ),
         heartbeat=_loading(
             update(RUNS)
             .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
+            .where(RUNS.c.worker_id.is_(None))
             .values(updated_at=NOW)
+        ),
+        heartbeat_leased=_loading(
+            update(RUNS)
+            .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
+            .where(RUNS.c.worker_id == worker_id)
+            .values(updated_at=NOW, lease_expires_at=lease_expires_at)
         ),
         update_metrics=_loading(
             update(RUNS)
@@ -219,9 +314,13 @@ def _statements(dialect: str) -> _Statements:
         fail_stale=select(SessionRun).from_statement(
             _loading(
                 _transition_update(dialect, FAIL).where(
-                    RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime())
+                    RUNS.c.lease_expires_at.is_(None),
+                    RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime()),
                 )
             )
+        ),
+        fail_expired_leases=select(SessionRun).from_statement(
+            _loading(_transition_update(dialect, FAIL).where(RUNS.c.lease_expires_at < NOW))
         ),
         active_run=select(
             RUNS.c.session_id,
@@ -230,6 +329,18 @@ def _statements(dialect: str) -> _Statements:
             .scalar_subquery()
             .label("active_run_id"),
         ).where(RUNS.c.id == RUN_ID),
+        # FOR NO KEY UPDATE: serializes the creates that check the session's runs
+        # (reject, interrupt) without blocking inserts that reference the session.
+        lock_session=select(Session.__table__.c.id)
+        .where(Session.__table__.c.id == SESSION_ID)
+        .with_for_update(key_share=True),
+        first_active=select(RUNS.c.id, RUNS.c.status)
+        .where(RUNS.c.session_id == SESSION_ID, _literal_in(RUNS.c.status, ACTIVE_STATUSES))
+        .order_by(RUNS.c.created_at, RUNS.c.id)
+        .limit(1),
+        interrupt=select(SessionRun).from_statement(
+            _loading(_transition_update(dialect, CANCEL).where(RUNS.c.session_id == SESSION_ID))
+        ),
         pages=pages,
         # Oldest first: the order in which a worker should pick queued runs.
         by_status=select(SessionRun)
@@ -250,10 +361,19 @@ def _statements(dialect: str) -> _Statements:
 class RunRepository:
     """Creates, reads and moves runs; flushes, never commits (the caller owns the transaction)."""
 
-    def __init__(self, session: DbSession) -> None:
+    def __init__(self, session: DbSession, *, idempotency_window: timedelta | None = None) -> None:
+        """``idempotency_window``: how long an ``Idempotency-Key`` is remembered; default
+        ``RUN_IDEMPOTENCY_WINDOW_SECONDS``, else 24 hours."""
         self._session = session
         self._sql = _statements(session.get_bind().dialect.name)
         self._events = EventRepository(session)
+        self._idempotency_window = (
+            window_from_environment()
+            if idempotency_window is None
+            else window_param(idempotency_window)
+        )
+        self._keys: IdempotencyKeys | None = None
+        self._replayed: set[str] = set()
 
     # ---------------------------------------------------------------- create
 
@@ -264,6 +384,8 @@ class RunRepository:
         trigger_source: TriggerSource | str = TriggerSource.CHAT,
         parent_run_id: str | None = None,
         checkpoint_ns: str | None = None,
+        multitask_strategy: MultitaskStrategy | str | None = None,
+        idempotency_key: str | None = None,
     ) -> SessionRun:
         """A new ``queued`` run and its ``run_created`` event.
 
@@ -271,16 +393,60 @@ class RunRepository:
         the options are stored in ``session_runs.options``. An unknown session
         raises ``SessionNotFoundError``; a parent run outside that session
         ``RunNotFoundError``.
+
+        ``multitask_strategy`` (else the body's, default ``enqueue``) says what
+        happens when the session has a queued, running or waiting run:
+        ``enqueue`` queues the new run behind it; ``reject`` raises
+        ``ActiveRunExistsError``; ``interrupt`` cancels every active run (each
+        with its ``run_cancelled`` event) and then creates the run. ``reject``
+        and ``interrupt`` lock the session row first, so creates that check
+        never race each other.
+
+        With ``idempotency_key``, the same request with the same key within the
+        window returns the run the first one created and writes nothing
+        (``was_replayed(run)`` is then true); another request with that key
+        raises ``IdempotencyKeyReusedError``. Keys are scoped to the session.
         """
         body = _run_create(data)
-        return self._insert(
-            session_id=body.session_id,
-            input_message=body.message,
-            options=body.model_dump(include=OPTION_FIELDS),
-            trigger_source=enum_param(TriggerSource, trigger_source, "trigger_source"),
-            parent_run_id=optional_text_param(parent_run_id, "parent_run_id"),
-            checkpoint_ns=optional_text_param(checkpoint_ns, "checkpoint_ns"),
-        )
+        strategy = _strategy(body, multitask_strategy)
+        values = {
+            "session_id": body.session_id,
+            "input_message": body.message,
+            "options": body.model_dump(include=OPTION_FIELDS),
+            "trigger_source": enum_param(TriggerSource, trigger_source, "trigger_source"),
+            "parent_run_id": optional_text_param(parent_run_id, "parent_run_id"),
+            "checkpoint_ns": optional_text_param(checkpoint_ns, "checkpoint_ns"),
+        }
+        if idempotency_key is None:
+            return self._create(strategy, **values)
+        key = key_param(idempotency_key)
+        request = {
+            "body": body.model_dump(mode="json", exclude={"multitask_strategy"}),
+            "multitask_strategy": strategy.value,
+            **{name: values[name] for name in ("trigger_source", "parent_run_id", "checkpoint_ns")},
+        }
+        keys = self._idempotency_keys()
+        claim = keys.claim(IdempotencyScope.CREATE, body.session_id, key, request, utc_now())
+        if not claim.owned:
+            if claim.replay_run_id is None:
+                raise SessionNotFoundError(body.session_id)
+            return self._replay(claim.replay_run_id)
+        run = self._create(strategy, **values)
+        keys.record(IdempotencyScope.CREATE, body.session_id, key, run.id)
+        return run
+
+    def was_replayed(self, run: SessionRun) -> bool:
+        """Whether the latest keyed ``create`` or ``resume`` that returned ``run`` was a
+        replay of an earlier request (the Run API answers it with ``Idempotent-Replayed``)."""
+        return run.id in self._replayed
+
+    def purge_idempotency_keys(self) -> int:
+        """Delete the idempotency keys whose window has passed; returns how many.
+
+        Expired keys already count as unused; purging only keeps the table
+        small. Run it periodically (``python -m app.maintenance purge-keys``).
+        """
+        return self._idempotency_keys().purge_expired(utc_now())
 
     def retry(self, run_id: str) -> SessionRun:
         """A new queued run with the input and options of a failed or cancelled run.
@@ -371,13 +537,41 @@ class RunRepository:
         reason = text_param(reason, "reason")
         return self._transition(run_id, WAIT_FOR_INPUT, {"reason": reason}, {"reason": reason})
 
-    def resume(self, run_id: str, payload: dict[str, Any] | RunResumeRequest) -> SessionRun:
-        """Back to ``running`` with the user's answer (``BadParameterError`` if not an object)."""
+    def resume(
+        self,
+        run_id: str,
+        payload: dict[str, Any] | RunResumeRequest,
+        *,
+        idempotency_key: str | None = None,
+    ) -> SessionRun:
+        """Back to ``running`` with the user's answer (``BadParameterError`` if not an object).
+
+        With ``idempotency_key`` (scoped to the run), the same answer sent again
+        within the window returns the run and writes nothing, also when both
+        arrive at once; a different answer with that key raises
+        ``IdempotencyKeyReusedError``.
+        """
         if isinstance(payload, RunResumeRequest):
             payload = payload.resume
         if payload is None:
             raise BadParameterError("resume", "expected a JSON object, got None")
         payload = json_object_param(payload, "resume")
+        if idempotency_key is None:
+            return self._resume(run_id, payload)
+        run_id = text_param(run_id, "run_id")
+        key = key_param(idempotency_key)
+        keys = self._idempotency_keys()
+        claim = keys.claim(IdempotencyScope.RESUME, run_id, key, {"resume": payload}, utc_now())
+        if not claim.owned:
+            if claim.replay_run_id is None:
+                raise RunNotFoundError(run_id)
+            return self._replay(claim.replay_run_id)
+        run = self._resume(run_id, payload)
+        keys.record(IdempotencyScope.RESUME, run_id, key, run.id)
+        self._replayed.discard(run.id)
+        return run
+
+    def _resume(self, run_id: str, payload: dict[str, Any]) -> SessionRun:
         return self._transition(run_id, RESUME, {"resume_payload": payload}, {"resume": payload})
 
     def complete(self, run_id: str, metrics: dict[str, Any] | None = None) -> SessionRun:
@@ -416,27 +610,75 @@ class RunRepository:
             raise RunNotFoundError(run_id)
         return run
 
-    def heartbeat(self, run_id: str) -> SessionRun:
-        """Touch ``updated_at`` of a running run, so ``fail_stale`` leaves it alone.
+    # ------------------------------------------------------------ the queue
 
-        A run that is no longer running (for example failed as stale) raises
-        ``InvalidTransitionError``: the worker should stop.
+    def claim_next(self, worker_id: str, *, lease: timedelta = DEFAULT_LEASE) -> SessionRun | None:
+        """Take the next runnable queued run: ``running``, leased to ``worker_id``, with
+        its ``run_started`` event; ``None`` when no run is runnable.
+
+        Runnable: the oldest queued run of its session (``created_at``, then ``id``)
+        in a session with no running and no waiting run; across sessions the oldest
+        runnable run goes first. One UPDATE picks and moves it. On PostgreSQL
+        claimers never wait for each other (``FOR UPDATE SKIP LOCKED``) and never
+        take the same run; on SQLite the write lock serializes them. The lease
+        ends ``lease`` from now: ``heartbeat(run_id, worker_id=...)`` extends it,
+        and ``fail_stale`` fails the run once it has expired.
         """
-        params = {"run_id": text_param(run_id, "run_id"), "now": utc_now()}
-        run = self._run(self._sql.heartbeat, params)
-        if run is None:
-            current = self.get(run_id)
-            raise InvalidTransitionError(
-                run_id, current.status, "running (heartbeat)", {RunStatus.RUNNING}
+        worker_id = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
+        now = utc_now()
+        params = {
+            "worker_id": worker_id,
+            "lease_expires_at": _after(now, lease, "lease"),
+            "now": now,
+        }
+        # Only a ``start`` of another run of the same session at the same moment can
+        # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
+        run = self._run(self._sql.claim, params)
+        if run is not None:
+            self._events.append(
+                run.session_id, START.event_type, {"worker_id": worker_id}, run_id=run.id
             )
         return run
 
-    def fail_stale(self, older_than: timedelta) -> list[str]:
-        """Fail the runs left ``running`` without a heartbeat for ``older_than``.
+    def heartbeat(
+        self, run_id: str, *, worker_id: str | None = None, lease: timedelta = DEFAULT_LEASE
+    ) -> SessionRun:
+        """Tell ``fail_stale`` that a running run is alive.
 
-        One UPDATE picks and fails them; a worker that comes back late cannot
-        overwrite that, its ``complete`` raises ``InvalidTransitionError``.
-        Returns the ids of the failed runs.
+        A run claimed with ``claim_next`` takes its ``worker_id``, and only that
+        worker may extend the lease (to ``lease`` from now; ``LeaseNotHeldError``
+        for anyone else). A run started without a lease (``start``, ``resume``)
+        takes no ``worker_id``: its ``updated_at`` is touched. A run that is no
+        longer running (failed as stale, cancelled) raises
+        ``InvalidTransitionError``: the worker should stop.
+        """
+        params: dict[str, Any] = {"run_id": text_param(run_id, "run_id"), "now": utc_now()}
+        if worker_id is None:
+            statement = self._sql.heartbeat
+        else:
+            params["worker_id"] = text_param(
+                worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH
+            )
+            params["lease_expires_at"] = _after(params["now"], lease, "lease")
+            statement = self._sql.heartbeat_leased
+        run = self._run(statement, params)
+        if run is None:
+            current = self.get(run_id)
+            if current.status is not RunStatus.RUNNING:
+                raise InvalidTransitionError(
+                    run_id, current.status, "running (heartbeat)", {RunStatus.RUNNING}
+                )
+            raise LeaseNotHeldError(run_id, current.worker_id, worker_id)
+        return run
+
+    def fail_stale(self, older_than: timedelta) -> list[str]:
+        """Fail the running runs whose worker is presumed dead; returns their ids.
+
+        Those are the runs whose ``claim_next`` lease has expired, and the runs
+        without a lease left without a heartbeat for ``older_than``. Each gets
+        ``latest_error.code = "stale_run"`` and a ``run_failed`` event. The
+        UPDATE picks and fails them at once; a worker that comes back late
+        cannot overwrite that: its ``complete`` raises ``InvalidTransitionError``.
         """
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise BadParameterError(
@@ -449,14 +691,26 @@ class RunRepository:
             raise BadParameterError(
                 "older_than", f"reaches before the year 1, got {older_than!r}"
             ) from None
-        error = {
+        lease_error = {
+            "code": "stale_run",
+            "message": f"the worker's lease expired before {now.isoformat()}",
+        }
+        stale_error = {
             "code": "stale_run",
             "message": f"no heartbeat since {cutoff.isoformat()} (older than {older_than})",
         }
-        stale = self._runs(self._sql.fail_stale, {"now": now, "cutoff": cutoff, "error": error})
-        for run in stale:
-            self._events.append(run.session_id, FAIL.event_type, {"error": error}, run_id=run.id)
-        return [run.id for run in stale]
+        failed: list[str] = []
+        for statement, error, extra in (
+            (self._sql.fail_expired_leases, lease_error, {}),
+            (self._sql.fail_stale, stale_error, {"cutoff": cutoff}),
+        ):
+            stale = self._runs(statement, {"now": now, "error": error, **extra})
+            for run in stale:
+                self._events.append(
+                    run.session_id, FAIL.event_type, {"error": error}, run_id=run.id
+                )
+            failed.extend(run.id for run in stale)
+        return failed
 
     def delete(self, run_id: str) -> None:
         """Delete the run and its events; its retries keep living with ``parent_run_id`` NULL."""
@@ -465,6 +719,39 @@ class RunRepository:
             raise RunNotFoundError(run_id)
 
     # -------------------------------------------------------------- internal
+
+    def _create(self, strategy: MultitaskStrategy, **values: Any) -> SessionRun:
+        """``_insert`` after the strategy's check of the session's active runs."""
+        if strategy is MultitaskStrategy.ENQUEUE:
+            return self._insert(**values)
+        session_id = values["session_id"]
+        params = {"session_id": session_id}
+        if self._session.execute(self._sql.lock_session, params).first() is None:
+            raise SessionNotFoundError(session_id)
+        if strategy is MultitaskStrategy.REJECT:
+            active = self._session.execute(self._sql.first_active, params).first()
+            if active is not None:
+                raise ActiveRunExistsError.rejected(session_id, active.id, active.status)
+            return self._insert(**values)
+        run_id = new_id()
+        cancelled = self._runs(self._sql.interrupt, {**params, "now": utc_now()})
+        if cancelled:
+            payload = {"multitask_strategy": strategy.value, "interrupted_by": run_id}
+            self._events.append_many(
+                session_id,
+                [NewEvent(CANCEL.event_type, payload, run_id=run.id) for run in cancelled],
+            )
+        return self._insert(**values, run_id=run_id)
+
+    def _replay(self, run_id: str) -> SessionRun:
+        run = self.get(run_id)
+        self._replayed.add(run.id)
+        return run
+
+    def _idempotency_keys(self) -> IdempotencyKeys:
+        if self._keys is None:
+            self._keys = IdempotencyKeys(self._session, self._idempotency_window)
+        return self._keys
 
     def _insert(
         self,
@@ -475,8 +762,9 @@ class RunRepository:
         trigger_source: TriggerSource,
         parent_run_id: str | None,
         checkpoint_ns: str | None,
+        run_id: str | None = None,
     ) -> SessionRun:
-        run_id = new_id()
+        run_id = run_id or new_id()
         params = {
             "run_id": run_id,
             "session_id": session_id,
@@ -571,6 +859,29 @@ class RunRepository:
 def _loc_part(part: str | int) -> str:
     """A field name or index; an unknown field that is not a name is not quoted."""
     return str(part) if isinstance(part, int) or is_name(part) else "(unknown field)"
+
+
+def _strategy(body: RunCreate, given: MultitaskStrategy | str | None) -> MultitaskStrategy:
+    """The keyword's strategy, else the body's; the two must agree when both are set."""
+    if given is None:
+        return body.multitask_strategy
+    strategy = enum_param(MultitaskStrategy, given, "multitask_strategy")
+    if "multitask_strategy" in body.model_fields_set and body.multitask_strategy is not strategy:
+        raise BadParameterError(
+            "multitask_strategy",
+            f"the body says {body.multitask_strategy.value}, the argument {strategy.value}",
+        )
+    return strategy
+
+
+def _after(now: datetime, duration: Any, name: str) -> datetime:
+    """``now + duration`` for a positive ``timedelta`` that stays within the calendar."""
+    if not isinstance(duration, timedelta) or duration <= timedelta(0):
+        raise BadParameterError(name, f"expected a positive timedelta, got {described(duration)}")
+    try:
+        return now + duration
+    except OverflowError:
+        raise BadParameterError(name, f"reaches past the year 9999, got {duration!r}") from None
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:

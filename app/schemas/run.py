@@ -19,7 +19,7 @@ from pydantic import (
 )
 from sqlmodel import Field, SQLModel
 
-from app.models import RunOptions, RunState, RunStatus, TriggerSource
+from app.models import MultitaskStrategy, RunOptions, RunState, RunStatus, TriggerSource
 from app.types import ensure_json_object, ensure_storable_text
 
 
@@ -56,6 +56,11 @@ class RunCreate(RunOptions):
     message: StorableText
     style_reference: JSONObject | None = None
     target_pages: list[StorableText] = Field(default_factory=list)
+    multitask_strategy: MultitaskStrategy = Field(
+        default=MultitaskStrategy.ENQUEUE,
+        description="when the session already has an active run: enqueue behind it, "
+        "reject (409), or interrupt (cancel the active runs)",
+    )
 
     @model_validator(mode="after")
     def _options_fit(self) -> Self:
@@ -82,4 +87,11 @@ class RunResumeRequest(SQLModel):
     resume: JSONObject
 
 
-__all__ = ["RunCreate", "RunResponse", "RunResumeRequest", "RunStatus", "TriggerSource"]
+__all__ = [
+    "MultitaskStrategy",
+    "RunCreate",
+    "RunResponse",
+    "RunResumeRequest",
+    "RunStatus",
+    "TriggerSource",
+]
