@@ -28,7 +28,7 @@ from app.api.deps import (
 from app.db import unit_of_work
 from app.errors import BadParameterError
 from app.feed import get_feed
-from app.models import SessionEvent
+from app.models import SessionEvent, SessionRun
 from app.repositories import RunRepository
 from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ
 from app.schemas import (
@@ -45,8 +45,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     described = {
         400: "Bad parameter (query, path or resume body)",
         404: "Run or session not found",
-        409: "State conflict",
-        422: "Request body failed validation",
+        409: "State conflict (also: multitask_strategy=reject and the session is busy)",
+        422: "Request body failed validation, or Idempotency-Key reused for another request",
         503: "Database busy; retry after Retry-After seconds",
     }
     return {
@@ -60,10 +60,38 @@ SinceSeq = Annotated[int, Query(ge=0, le=MAX_SEQ, description="exclusive; 0 = fr
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
 
 
-@router.post("", status_code=201, responses=_errors(404, 422))
-def create_run(body: RunCreate, runs: RunRepositoryDep) -> RunResponse:
-    """Create a queued run in an existing chat session."""
-    return RunResponse.model_validate(runs.create(body))
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="1-255 printable ASCII characters; the same request with the same key "
+        "within 24 h returns the first answer (Idempotent-Replayed: true), another request "
+        "with it is a 422",
+    ),
+]
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+def _answer(runs: RunRepository, run: SessionRun, response: Response) -> RunResponse:
+    if runs.was_replayed(run):
+        response.headers[REPLAYED_HEADER] = "true"
+    return RunResponse.model_validate(run)
+
+
+@router.post("", status_code=201, responses=_errors(400, 404, 409, 422))
+def create_run(
+    body: RunCreate,
+    runs: RunRepositoryDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> RunResponse:
+    """Create a queued run in an existing chat session.
+
+    ``multitask_strategy`` says what happens when the session already has an
+    active run: ``enqueue`` (default) queues behind it, ``reject`` answers 409,
+    ``interrupt`` cancels the active runs first.
+    """
+    return _answer(runs, runs.create(body, idempotency_key=idempotency_key), response)
 
 
 @router.get("/{run_id}", responses=_errors(404))
@@ -74,7 +102,7 @@ def get_run(run_id: str, runs: RunReaderDep) -> RunResponse:
 @router.post(
     "/{run_id}/resume",
     status_code=202,
-    responses=_errors(400, 404, 409),
+    responses=_errors(400, 404, 409, 422),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -82,9 +110,15 @@ def get_run(run_id: str, runs: RunReaderDep) -> RunResponse:
         }
     },
 )
-def resume_run(run_id: str, body: ResumeRequestDep, runs: RunRepositoryDep) -> RunResponse:
+def resume_run(
+    run_id: str,
+    body: ResumeRequestDep,
+    runs: RunRepositoryDep,
+    response: Response,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> RunResponse:
     """Resume a run that waits for input; the same run goes back to running."""
-    return RunResponse.model_validate(runs.resume(run_id, body))
+    return _answer(runs, runs.resume(run_id, body, idempotency_key=idempotency_key), response)
 
 
 @router.post(

@@ -45,9 +45,10 @@ KEY_MAX_LENGTH = 255
 DEFAULT_WINDOW = timedelta(hours=24)
 WINDOW_ENVIRONMENT_VARIABLE = "RUN_IDEMPOTENCY_WINDOW_SECONDS"
 
-_SCOPE = bindparam("scope", type_=KEYS.c.scope.type)
-_SCOPE_ID = bindparam("scope_id", type_=String())
-_KEY = bindparam("key", type_=String())
+# Not the column names: those are reserved for the SET clauses of the same name.
+_SCOPE = bindparam("key_scope", type_=KEYS.c.scope.type)
+_SCOPE_ID = bindparam("key_owner", type_=String())
+_KEY = bindparam("key_text", type_=String())
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +75,9 @@ def _statements(dialect: str) -> _Statements:
                 _SCOPE,
                 _SCOPE_ID,
                 _KEY,
-                bindparam("request_hash", type_=String()),
+                bindparam("fingerprint", type_=String()),
                 NOW,
-                bindparam("expires_at", type_=UTCDateTime()),
+                bindparam("key_expires_at", type_=UTCDateTime()),
             ).where(owner),
         )
         claims[scope] = upsert.on_conflict_do_update(
@@ -93,7 +94,9 @@ def _statements(dialect: str) -> _Statements:
     return _Statements(
         claim=claims,
         lookup=select(KEYS.c.request_hash, KEYS.c.run_id).where(*primary_key),
-        record=update(KEYS).where(*primary_key).values(run_id=bindparam("run_id", type_=String())),
+        record=update(KEYS)
+        .where(*primary_key)
+        .values(run_id=bindparam("result_run_id", type_=String())),
         purge=delete(KEYS).where(KEYS.c.expires_at <= NOW),
     )
 
@@ -167,12 +170,12 @@ class IdempotencyKeys:
         """
         fingerprint = request_hash(request)
         params = {
-            "scope": scope,
-            "scope_id": scope_id,
-            "key": key,
-            "request_hash": fingerprint,
+            "key_scope": scope,
+            "key_owner": scope_id,
+            "key_text": key,
+            "fingerprint": fingerprint,
             "now": now,
-            "expires_at": now + self._window,
+            "key_expires_at": now + self._window,
         }
         if execute_core(self._session, self._sql.claim[scope], params).first() is not None:
             return Claim(owned=True)
@@ -184,7 +187,8 @@ class IdempotencyKeys:
         return Claim(owned=False, replay_run_id=stored.run_id)
 
     def record(self, scope: IdempotencyScope, scope_id: str, key: str, run_id: str) -> None:
-        params = {"scope": scope, "scope_id": scope_id, "key": key, "run_id": run_id}
+        params = {"key_scope": scope, "key_owner": scope_id, "key_text": key}
+        params["result_run_id"] = run_id
         execute_core(self._session, self._sql.record, params)
 
     def purge_expired(self, now: datetime) -> int:

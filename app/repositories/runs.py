@@ -226,8 +226,9 @@ class _Statements:
 def _statements(dialect: str) -> _Statements:
     parent_run_id = bindparam("parent_run_id", type_=String())
     status = bindparam("status", type_=RUNS.c.status.type)
-    worker_id = bindparam("worker_id", type_=String())
-    lease_expires_at = bindparam("lease_expires_at", type_=UTCDateTime())
+    # Not the column names: those are reserved for SET clauses of the same name.
+    worker_id = bindparam("worker", type_=String())
+    lease_expires_at = bindparam("lease_until", type_=UTCDateTime())
 
     created_values = {
         "id": RUN_ID,
@@ -339,7 +340,11 @@ def _statements(dialect: str) -> _Statements:
         .order_by(RUNS.c.created_at, RUNS.c.id)
         .limit(1),
         interrupt=select(SessionRun).from_statement(
-            _loading(_transition_update(dialect, CANCEL).where(RUNS.c.session_id == SESSION_ID))
+            _loading(
+                _transition_update(dialect, CANCEL).where(
+                    RUNS.c.session_id == bindparam("busy_session", type_=String())
+                )
+            )
         ),
         pages=pages,
         # Oldest first: the order in which a worker should pick queued runs.
@@ -626,11 +631,7 @@ class RunRepository:
         """
         worker_id = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
         now = utc_now()
-        params = {
-            "worker_id": worker_id,
-            "lease_expires_at": _after(now, lease, "lease"),
-            "now": now,
-        }
+        params = {"worker": worker_id, "lease_until": _after(now, lease, "lease"), "now": now}
         # Only a ``start`` of another run of the same session at the same moment can
         # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
         run = self._run(self._sql.claim, params)
@@ -656,10 +657,8 @@ class RunRepository:
         if worker_id is None:
             statement = self._sql.heartbeat
         else:
-            params["worker_id"] = text_param(
-                worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH
-            )
-            params["lease_expires_at"] = _after(params["now"], lease, "lease")
+            params["worker"] = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
+            params["lease_until"] = _after(params["now"], lease, "lease")
             statement = self._sql.heartbeat_leased
         run = self._run(statement, params)
         if run is None:
@@ -734,7 +733,7 @@ class RunRepository:
                 raise ActiveRunExistsError.rejected(session_id, active.id, active.status)
             return self._insert(**values)
         run_id = new_id()
-        cancelled = self._runs(self._sql.interrupt, {**params, "now": utc_now()})
+        cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id, "now": utc_now()})
         if cancelled:
             payload = {"multitask_strategy": strategy.value, "interrupted_by": run_id}
             self._events.append_many(
