@@ -140,6 +140,62 @@ def test_create_errors(client: TestClient, engine: Engine) -> None:
     assert count_runs(engine) == 0
 
 
+def test_create_with_reject_on_a_busy_session_is_a_409(client: TestClient, engine: Engine) -> None:
+    active = run_in(engine, RunStatus.RUNNING)
+    with engine.connect() as conn:
+        session_id = conn.execute(
+            text("SELECT session_id FROM session_runs WHERE id = :id"), {"id": active}
+        ).scalar_one()
+    body = {"session_id": session_id, "message": "x", "multitask_strategy": "reject"}
+    refused = client.post("/api/runs", json=body)
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "active_run_exists"
+    assert active in refused.json()["error"]["message"]
+    unknown = client.post("/api/runs", json={**body, "multitask_strategy": "rollback"})
+    assert unknown.status_code == 422 and "multitask_strategy" in unknown.text
+    interrupted = client.post("/api/runs", json={**body, "multitask_strategy": "interrupt"})
+    assert interrupted.status_code == 201, interrupted.text
+    assert client.get(f"/api/runs/{active}").json()["status"] == "cancelled"
+    assert count_runs(engine) == 2
+
+
+def test_idempotency_key_on_create(client: TestClient, engine: Engine) -> None:
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    body = {"session_id": session_id, "message": "slides"}
+    first = client.post("/api/runs", json=body, headers={"Idempotency-Key": "order-1"})
+    again = client.post("/api/runs", json=body, headers={"Idempotency-Key": "order-1"})
+    assert first.status_code == again.status_code == 201
+    assert "Idempotent-Replayed" not in first.headers
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["run_id"] == first.json()["run_id"]
+    reused = client.post(
+        "/api/runs", json={**body, "message": "other"}, headers={"Idempotency-Key": "order-1"}
+    )
+    assert reused.status_code == 422
+    assert reused.json()["error"]["code"] == "idempotency_key_reused"
+    too_long = client.post("/api/runs", json=body, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "bad_parameter"
+    assert count_runs(engine) == 1
+
+
+def test_idempotency_key_on_resume(client: TestClient, engine: Engine) -> None:
+    run_id = run_in(engine, RunStatus.WAITING_INPUT)
+    body, headers = {"resume": {"user_feedback": "ok"}}, {"Idempotency-Key": "answer-1"}
+    first = client.post(f"/api/runs/{run_id}/resume", json=body, headers=headers)
+    again = client.post(f"/api/runs/{run_id}/resume", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    unkeyed = client.post(f"/api/runs/{run_id}/resume", json=body)
+    assert unkeyed.status_code == 409
+    with engine.connect() as conn:
+        resumed = conn.execute(
+            text("SELECT COUNT(*) FROM session_events WHERE run_id = :id AND type = 'run_resumed'"),
+            {"id": run_id},
+        ).scalar_one()
+    assert resumed == 1
+
+
 def test_get_an_unknown_run_is_a_404_with_the_error_body(client: TestClient) -> None:
     response = client.get("/api/runs/missing")
     assert response.status_code == 404
