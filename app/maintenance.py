@@ -1,0 +1,82 @@
+"""Command line for periodic upkeep: ``python -m app.maintenance fail-stale|purge-keys``.
+
+* ``fail-stale --older-than SECONDS``: ``RunRepository.fail_stale``: fail the
+  running runs whose ``claim_next`` lease has expired, and those without a
+  lease silent for that long; prints their ids.
+* ``purge-keys``: ``RunRepository.purge_idempotency_keys``: delete the
+  idempotency keys whose window has passed; prints how many.
+
+Run both from cron or a scheduler every minute or so; several at once are safe
+(each is one transaction of guarded statements). The database is ``--url``,
+else ``DATABASE_URL``, else ``./runs.db``. Exit codes as for ``python -m
+migrations``: 0 done, 1 a database problem, 2 a usage or configuration mistake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.db import unit_of_work
+from app.errors import DataLayerError
+from app.repositories import RunRepository
+from migrations._operator import (
+    DATABASE,
+    OneLineParser,
+    OperatorError,
+    add_connect_timeout,
+    database_problem,
+    open_engine,
+    seconds,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m app.maintenance", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    stale = commands.add_parser("fail-stale", help="fail runs whose worker is presumed dead")
+    stale.add_argument(
+        "--older-than",
+        type=seconds,
+        required=True,
+        help="seconds without a heartbeat after which a run without a lease is failed",
+    )
+    commands.add_parser("purge-keys", help="delete expired idempotency keys")
+    for command in commands.choices.values():
+        command.add_argument("--url", help="database URL (default: $DATABASE_URL, else ./runs.db)")
+        add_connect_timeout(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        engine = open_engine(args.url, must_exist=True, connect_timeout=args.connect_timeout)
+    except OperatorError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        with unit_of_work(engine) as db:
+            runs = RunRepository(db)
+            if args.command == "fail-stale":
+                failed = runs.fail_stale(timedelta(seconds=args.older_than))
+                print(f"failed {len(failed)} stale runs" + "".join(f"\n{i}" for i in failed))
+            else:
+                print(f"purged {runs.purge_idempotency_keys()} expired idempotency keys")
+        return 0
+    except DataLayerError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return DATABASE
+    except SQLAlchemyError as exc:
+        print(f"{args.command} failed: {database_problem(exc, engine)}", file=sys.stderr)
+        return DATABASE
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
