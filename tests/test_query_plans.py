@@ -193,3 +193,41 @@ def test_starts_update_and_its_one_running_guard_are_index_served(
         engine, guarded, "other_run"
     )
     assert accesses and None not in accesses, accesses
+
+
+def _session_runs_accesses(engine: Engine, statement: CapturedStatement) -> set[str | None]:
+    """Index use of every access to ``session_runs``, under any of the queue's aliases."""
+    names = ("session_runs", "candidate", "busy_run", "older_run", "other_run")
+    return set().union(*(_indexes_on(engine, statement, name) for name in names))
+
+
+def test_claim_next_walks_the_queue_index_and_checks_sessions_through_indexes(
+    engine: Engine, population: Population
+) -> None:
+    """The candidate comes from ``idx_session_runs_queue`` in claim order; the checks
+    for a busy session and an older queued run are index lookups, never a scan."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE session_runs SET status = 'queued' WHERE id IN (:a, :b)"),
+            {"a": population.run_ids[4], "b": population.run_ids[7]},
+        )
+        conn.execute(text("ANALYZE session_runs"))
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        assert RunRepository(db).claim_next("plans") is not None
+        db.rollback()
+    (claim,) = [s for s in capture.statements if s.sql.lstrip().upper().startswith("UPDATE")]
+    accesses = _session_runs_accesses(engine, claim)
+    assert "idx_session_runs_queue" in accesses, accesses
+    assert None not in accesses, accesses
+
+
+def test_a_rejecting_create_finds_active_runs_through_an_index(
+    engine: Engine, population: Population
+) -> None:
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        body = {"session_id": population.session_id, "message": "plans"}
+        RunRepository(db).create(body, multitask_strategy="reject")
+        db.rollback()
+    (check,) = [s for s in capture.statements if "status IN ('queued'" in s.sql]
+    accesses = _session_runs_accesses(engine, check)
+    assert accesses and None not in accesses, accesses
