@@ -22,8 +22,8 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_examples_run(engine: Engine, database_url: str) -> None:
     blocks = python_blocks()
-    assert len(blocks) == 2
-    life, api = blocks
+    assert len(blocks) == 3
+    life, api, worker = blocks
     check_api = "\nfrom fastapi.testclient import TestClient\n" + (
         "print(TestClient(app).post('/api/runs/nope/start').json()['error']['code'])\n"
     )
@@ -31,6 +31,7 @@ def test_the_readme_examples_run(engine: Engine, database_url: str) -> None:
     expected = {
         life: ['"status":"completed"', "6 run_completed"],
         api + check_api: ["run_not_found"],
+        worker: ["a deck completed\nmake it blue completed"],
     }
     for source, lines in expected.items():
         finished = subprocess.run(
