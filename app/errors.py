@@ -90,7 +90,12 @@ class ActiveRunExistsError(ConflictError):
         """``session_id`` is None when a concurrent start won the race (the database's
         unique index said so and the transaction is aborted; nothing more can be read).
         ``run_id`` is None when no run was made (``create`` with ``reject``)."""
-        if message is None:
+        if message is None and run_id is None:
+            message = (
+                "another run of the session started at the same moment; this transaction "
+                "is aborted: roll back and try again"
+            )
+        elif message is None:
             other = f" (run {active_run_id})" if active_run_id else ""
             whose = f"session {session_id}" if session_id else f"the session of run {run_id}"
             message = (

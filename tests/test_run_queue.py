@@ -457,6 +457,7 @@ def test_an_expired_key_is_a_new_request_and_purge_removes_only_expired_keys(
     assert [key.key for key in keys(db)] == ["fresh"]
 
 
-def test_a_window_must_be_positive(db: DbSession) -> None:
+@pytest.mark.parametrize("window", [timedelta(0), timedelta(days=3_000_000), 60])
+def test_a_window_must_be_positive_and_within_ten_years(db: DbSession, window: Any) -> None:
     with pytest.raises(BadParameterError, match="idempotency_window"):
-        RunRepository(db, idempotency_window=timedelta(0))
+        RunRepository(db, idempotency_window=window)

@@ -58,7 +58,8 @@ def domain_error(exc: DBAPIError, params: Mapping[str, Any]) -> DataLayerError |
     if not isinstance(exc, IntegrityError):
         return None
     if _violates_one_running(exc):
-        return ActiveRunExistsError(None, str(params.get("run_id")))
+        run_id = params.get("run_id")
+        return ActiveRunExistsError(None, None if run_id is None else str(run_id))
     if "FOREIGN KEY constraint failed" in str(exc.orig):
         return _missing_reference("", params)
     name = getattr(diagnostics, "constraint_name", None) or "a constraint"

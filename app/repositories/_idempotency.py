@@ -43,6 +43,7 @@ from app.types import UTCDateTime
 KEYS = IdempotencyKey.__table__
 KEY_MAX_LENGTH = 255
 DEFAULT_WINDOW = timedelta(hours=24)
+MAX_WINDOW = timedelta(days=3650)
 WINDOW_ENVIRONMENT_VARIABLE = "RUN_IDEMPOTENCY_WINDOW_SECONDS"
 
 # Not the column names: those are reserved for the SET clauses of the same name.
@@ -115,7 +116,7 @@ def _parse_window(raw: str) -> timedelta:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= 10 * 365 * 86400:
+    if not 0 < seconds <= MAX_WINDOW.total_seconds():
         raise ValueError(
             f"{WINDOW_ENVIRONMENT_VARIABLE} must be a number of seconds from 0 (exclusive) "
             f"to ten years, got {raw!r}"
@@ -124,9 +125,11 @@ def _parse_window(raw: str) -> timedelta:
 
 
 def window_param(window: Any) -> timedelta:
-    if not isinstance(window, timedelta) or window <= timedelta(0):
+    """A positive window of at most ten years (so that ``now + window`` stays a date)."""
+    if not isinstance(window, timedelta) or not timedelta(0) < window <= MAX_WINDOW:
         raise BadParameterError(
-            "idempotency_window", f"expected a positive timedelta, got {window!r}"
+            "idempotency_window",
+            f"expected a positive timedelta of at most {MAX_WINDOW.days} days, got {window!r}",
         )
     return window
 
