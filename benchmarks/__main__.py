@@ -28,18 +28,21 @@ from benchmarks.environment import (
 )
 from benchmarks.migration import measure_migration
 from benchmarks.overhead import measure_overhead
+from benchmarks.queue import measure_claim_cost, measure_claim_rates
 from benchmarks.report import (
     header_section,
     migration_section,
     overhead_section,
+    queue_section,
     scaling_section,
     throughput_section,
 )
 from benchmarks.scaling import measure_scaling
 from benchmarks.throughput import measure_throughput
 
-PARTS = ("overhead", "batch", "scaling", "migration", "throughput")
+PARTS = ("overhead", "batch", "scaling", "migration", "throughput", "queue")
 BACKENDS = ("sqlite", "postgresql")
+QUEUE_SESSIONS = 200
 DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "reports" / "benchmarks.md"
 
 FULL = {
@@ -52,6 +55,9 @@ FULL = {
     "migration_sessions": 10_000,
     "writers": "1,4,16",
     "seconds": 10.0,
+    "claimers": "1,4,16",
+    "claim_seconds": 8.0,
+    "claim_runs": 10_000,
 }
 QUICK = {
     **FULL,
@@ -63,6 +69,8 @@ QUICK = {
     "migration_events": 100_000,
     "migration_sessions": 1_000,
     "seconds": 2.0,
+    "claim_seconds": 2.0,
+    "claim_runs": 3_000,
 }
 
 
@@ -87,6 +95,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--migration-sessions", type=int)
     parser.add_argument("--writers", help="throughput: writer counts, e.g. 1,4,16")
     parser.add_argument("--seconds", type=float, help="throughput: seconds per measurement")
+    parser.add_argument("--claimers", help="queue: worker process counts, e.g. 1,4,16")
+    parser.add_argument("--claim-seconds", type=float, help="queue: seconds per worker count")
+    parser.add_argument("--claim-runs", type=int, help="queue: runs seeded (and most claims)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report")
     args = parser.parse_args(argv)
     for key, default in (QUICK if args.quick else FULL).items():
@@ -156,6 +167,35 @@ def _throughput(
     return throughput_section(results, args.seconds)
 
 
+def _queue(args: argparse.Namespace, databases: ScratchDatabases, backends: list[str]) -> str:
+    rates = None
+    if "postgresql" in backends:
+        rates = measure_claim_rates(
+            databases,
+            worker_counts=tuple(int(count) for count in _csv(args.claimers)),
+            seconds=args.claim_seconds,
+            runs=args.claim_runs,
+            sessions=QUEUE_SESSIONS,
+        )
+    costs = []
+    for backend in backends:
+        # SQLite as the migrations leave it (no statistics), and after ANALYZE.
+        for analyze in (False, True) if backend == "sqlite" else (True,):
+            url = databases.url(backend, "queue_cost" + ("_analyzed" if analyze else ""))
+            costs.append(
+                measure_claim_cost(
+                    backend,
+                    url,
+                    rounds=args.rounds,
+                    batch=args.batch,
+                    sessions=QUEUE_SESSIONS,
+                    analyze=analyze,
+                )
+            )
+            databases.drop(url)
+    return queue_section(rates, costs, seconds=args.claim_seconds)
+
+
 Runner = Callable[[argparse.Namespace, ScratchDatabases, list[str]], str | None]
 RUNNERS: dict[str, Runner] = {
     "overhead": _overhead,
@@ -163,6 +203,7 @@ RUNNERS: dict[str, Runner] = {
     "scaling": _scaling,
     "migration": _migration,
     "throughput": _throughput,
+    "queue": _queue,
 }
 
 

@@ -19,6 +19,7 @@ from benchmarks.overhead import (
     REPOSITORY,
     OverheadResult,
 )
+from benchmarks.queue import CLAIM, COMPLETE, ClaimCostResult, ClaimRate
 from benchmarks.scaling import ScalingResult
 from benchmarks.stats import Summary, format_us
 from benchmarks.throughput import ThroughputResult
@@ -230,6 +231,176 @@ def throughput_section(results: Sequence[ThroughputResult], seconds: float) -> s
             "to be exactly 1..n.",
             "",
             table(["writers", "distinct sessions /s", "one session /s"], rows),
+        ]
+    )
+
+
+def queue_section(
+    rates: Sequence[ClaimRate] | None, costs: Sequence[ClaimCostResult], *, seconds: float
+) -> str:
+    parts = ["## Run queue: `claim_next`"]
+    if rates:
+        first = rates[0]
+        rows = [
+            [
+                str(rate.workers),
+                f"{rate.claims:,}",
+                f"{rate.seconds:.1f}",
+                f"{rate.per_second:,.0f}",
+                _median_p95_ms(rate.claim),
+                _median_p95_ms(rate.complete),
+                f"{rate.client_cpu_ms:.2f}",
+                "?" if rate.server_cpu_ms is None else f"{rate.server_cpu_ms:.2f}",
+                str(rate.conflicts),
+                "drained" if rate.drained else "no",
+                "ok" if not rate.problems else "**FAILED**",
+            ]
+            for rate in rates
+        ]
+        parts += [
+            "",
+            "### Claims per second on PostgreSQL, worker processes",
+            "",
+            f"Each worker a process (spawn) with its own engine (a pool of one connection) that "
+            f"loops `claim_next` in one unit of work, then `complete` in another, for at most "
+            f"{seconds:g} s (clock started when every worker was connected). A new database "
+            f"per worker count, with {first.seeded:,} queued runs over {first.sessions} "
+            "sessions (round-robin, as `create` leaves them, then `ANALYZE`); that is also the "
+            "most claims. Latencies: one unit of work each, median (p95) ms. Afterwards the "
+            "database is checked against the workers' reports: no run claimed twice (one "
+            "`run_started` per run, claimed by the one worker whose `worker_id` it holds), "
+            "every claimed run completed exactly once and the rest still queued, and in each "
+            "session's event log `run_started` / `run_completed` alternate for the same run "
+            "(never two running runs in a session). CPU: per claim (with its complete), "
+            "of the worker processes and of their PostgreSQL backends (`/proc`).",
+            "",
+            table(
+                [
+                    "workers",
+                    "claims",
+                    "s",
+                    "claims/s",
+                    "claim ms",
+                    "complete ms",
+                    "client CPU ms",
+                    "server CPU ms",
+                    "conflicts",
+                    "queue",
+                    "check",
+                ],
+                rows,
+                "rrrrrrrrrll",
+            ),
+            "",
+        ]
+        failed = [rate for rate in rates if rate.problems]
+        if failed:
+            parts += [
+                f"- **check failed** with {rate.workers} workers: {'; '.join(rate.problems)}"
+                for rate in failed
+            ]
+        else:
+            total = sum(rate.claims for rate in rates)
+            parts.append(
+                f"- check: **0 double claims** in {total:,} claims, every claimed run "
+                "completed exactly once, never two running runs in a session"
+            )
+        fifo = all(rate.fifo for rate in rates)
+        parts.append(
+            "- each session's runs started in their queue order (FIFO per session): "
+            + ("yes" if fifo else "**no**")
+        )
+        for rate in rates:
+            shares = ", ".join(
+                f"{state} {share:.0%}" for state, share in rate.backend_states if share >= 0.01
+            )
+            parts.append(
+                f"- {rate.workers} worker{'s' if rate.workers > 1 else ''}: where their "
+                f"backends were (`pg_stat_activity` every 20 ms): {shares or 'no samples'}"
+            )
+        parts.append(
+            "- process start-up (spawn, imports, connect), not counted: "
+            + ", ".join(f"{rate.spawn_seconds:.1f} s for {rate.workers}" for rate in rates)
+        )
+    if costs:
+        rows = []
+        for cost in costs:
+            target = RATIO_TARGETS[cost.backend]
+            row = [
+                BACKEND_NAMES[cost.backend]
+                + ("" if cost.analyzed else " (no statistics, as migrated)")
+            ]
+            for operation in (CLAIM, COMPLETE):
+                repository = cost.samples.summary(REPOSITORY, operation)
+                raw = cost.samples.summary(RAW, operation)
+                ratio = repository.median_us / raw.median_us
+                row += [_median_p95(repository), _median_p95(raw), f"{ratio:.2f}"]
+                if operation == CLAIM:
+                    row.append(_verdict(ratio <= target) + f" (≤ {target})")
+            row.append("ok" if not cost.problems else "**FAILED**: " + "; ".join(cost.problems))
+            rows.append(row)
+        first_cost = costs[0]
+        count = first_cost.samples.summary(REPOSITORY, CLAIM).count
+        parts += [
+            "",
+            "### `claim_next` versus the raw driver",
+            "",
+            "One transaction per operation, median (p95) µs, "
+            f"{count} samples per operation and side. *repository*: `claim_next` in "
+            "`unit_of_work`. *raw*: the statements one `claim_next` sent (SQLite's `BEGIN "
+            "IMMEDIATE`, the claim UPDATE, the `run_started` append), captured and replayed "
+            "on one `sqlite3` / `psycopg` connection, then the driver's commit; the run id "
+            "and session for the append come from the UPDATE's returned row, the lease is "
+            "now plus the captured 5 minutes. Both sides claim from one queue of "
+            f"{first_cost.depth} runs over {first_cost.sessions} sessions, batch by batch "
+            f"({first_cost.batch} per side), swapping who goes first every round; then each "
+            "completes its runs the same way, and the queue is refilled to its depth. "
+            "Every claim took a run; the check confirms both sides claimed and completed "
+            "the same number of runs, each with one `run_started` and one `run_completed`.",
+            "",
+            table(
+                [
+                    "backend",
+                    "claim_next repo µs",
+                    "raw µs",
+                    "ratio",
+                    "target met",
+                    "complete repo µs",
+                    "raw µs",
+                    "ratio",
+                    "check",
+                ],
+                rows,
+                "lrrrlrrrl",
+            ),
+        ]
+        parts.append("")
+        for cost in costs:
+            name = BACKEND_NAMES[cost.backend] + ("" if cost.analyzed else " without statistics")
+            parts.append(f"- plan of the claim UPDATE on {name}: " + "; ".join(cost.plan))
+        for cost in costs:
+            if cost.analyzed:
+                parts += ["", _claim_sql(cost)]
+    return "\n".join(parts)
+
+
+def _median_p95_ms(summary: Summary) -> str:
+    return f"{summary.median_us / 1000:.1f} ({summary.p95_us / 1000:.1f})"
+
+
+def _claim_sql(cost: ClaimCostResult) -> str:
+    postgresql = cost.backend == "postgresql"
+    return "\n".join(
+        [
+            "<details><summary>SQL of <code>claim_next</code> as captured and replayed on "
+            f"{BACKEND_NAMES[cost.backend]}</summary>",
+            "",
+            "```sql",
+            *(["-- BEGIN: sent by psycopg before the first statement"] if postgresql else []),
+            cost.claim_script.describe() + ";",
+            "-- COMMIT: the driver's commit()",
+            "```",
+            "</details>",
         ]
     )
 

@@ -14,7 +14,7 @@ Contract: docs/reference.md (RunRepository). Why: docs/design.md (Transitions).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cache
@@ -42,6 +42,7 @@ from app.errors import (
     ActiveRunExistsError,
     BadParameterError,
     ConflictError,
+    DataLayerError,
     InvalidTransitionError,
     LeaseNotHeldError,
     RunNotFoundError,
@@ -424,21 +425,17 @@ class RunRepository:
         }
         if idempotency_key is None:
             return self._create(strategy, **values)
-        key = key_param(idempotency_key)
         request = {
             "body": body.model_dump(mode="json", exclude={"multitask_strategy"}),
             "multitask_strategy": strategy.value,
             **{name: values[name] for name in ("trigger_source", "parent_run_id", "checkpoint_ns")},
         }
-        keys = self._idempotency_keys()
-        claim = keys.claim(IdempotencyScope.CREATE, body.session_id, key, request, utc_now())
-        if not claim.owned:
-            if claim.replay_run_id is None:
-                raise SessionNotFoundError(body.session_id)
-            return self._replay(claim.replay_run_id)
-        run = self._create(strategy, **values)
-        keys.record(IdempotencyScope.CREATE, body.session_id, key, run.id)
-        return run
+        return self._once(
+            (IdempotencyScope.CREATE, body.session_id, idempotency_key),
+            request,
+            lambda: self._create(strategy, **values),
+            lambda: SessionNotFoundError(body.session_id),
+        )
 
     def was_replayed(self, run: SessionRun) -> bool:
         """Whether the latest keyed ``create`` or ``resume`` that returned ``run`` was a
@@ -564,17 +561,12 @@ class RunRepository:
         if idempotency_key is None:
             return self._resume(run_id, payload)
         run_id = text_param(run_id, "run_id")
-        key = key_param(idempotency_key)
-        keys = self._idempotency_keys()
-        claim = keys.claim(IdempotencyScope.RESUME, run_id, key, {"resume": payload}, utc_now())
-        if not claim.owned:
-            if claim.replay_run_id is None:
-                raise RunNotFoundError(run_id)
-            return self._replay(claim.replay_run_id)
-        run = self._resume(run_id, payload)
-        keys.record(IdempotencyScope.RESUME, run_id, key, run.id)
-        self._replayed.discard(run.id)
-        return run
+        return self._once(
+            (IdempotencyScope.RESUME, run_id, idempotency_key),
+            {"resume": payload},
+            lambda: self._resume(run_id, payload),
+            lambda: RunNotFoundError(run_id),
+        )
 
     def _resume(self, run_id: str, payload: dict[str, Any]) -> SessionRun:
         return self._transition(run_id, RESUME, {"resume_payload": payload}, {"resume": payload})
@@ -742,9 +734,29 @@ class RunRepository:
             )
         return self._insert(**values, run_id=run_id)
 
-    def _replay(self, run_id: str) -> SessionRun:
-        run = self.get(run_id)
-        self._replayed.add(run.id)
+    def _once(
+        self,
+        key: tuple[IdempotencyScope, str, Any],
+        request: dict[str, Any],
+        work: Callable[[], SessionRun],
+        missing: Callable[[], DataLayerError],
+    ) -> SessionRun:
+        """``work()`` once per idempotency key (scope, owner, key): claim the key, do the
+        work, record its run; or replay the run of the request that did it first
+        (``app.repositories._idempotency``). ``missing()`` is raised when the owner
+        (session or run) does not exist."""
+        scope, owner, text = key[0], key[1], key_param(key[2])
+        keys = self._idempotency_keys()
+        claim = keys.claim(scope, owner, text, request, utc_now())
+        if not claim.owned:
+            if claim.replay_run_id is None:
+                raise missing()
+            run = self.get(claim.replay_run_id)
+            self._replayed.add(run.id)
+            return run
+        run = work()
+        keys.record(scope, owner, text, run.id)
+        self._replayed.discard(run.id)
         return run
 
     def _idempotency_keys(self) -> IdempotencyKeys:
