@@ -128,9 +128,6 @@ class RunState(SQLModel):
     waiting_reason: str | None = Field(default=None, sa_type=Text)
 
 
-_ACTIVE_PREDICATE = "status IN ('queued', 'running', 'waiting_input')"
-
-
 class SessionRun(RunState, StoredModel, table=True):
     """One execution of the agent inside a session (table ``session_runs``).
 
@@ -157,22 +154,16 @@ class SessionRun(RunState, StoredModel, table=True):
             sqlite_where=text("status = 'running'"),
             postgresql_where=text("status = 'running'"),
         ),
-        # The run queue (extensions, migration 0012): queued runs oldest first, and
-        # per session the runs that hold it (active) or wait in line.
+        # The run queue (extensions, migration 0012): runs of a status oldest first
+        # (queued ones for claim_next), and per session its runs by status.
+        Index("idx_session_runs_queue", "status", "created_at", "id"),
         Index(
-            "idx_session_runs_queue",
-            "created_at",
-            "id",
-            sqlite_where=text("status = 'queued'"),
-            postgresql_where=text("status = 'queued'"),
-        ),
-        Index(
-            "idx_session_runs_active",
+            "idx_session_runs_session_status",
             "session_id",
+            "status",
             "created_at",
             "id",
-            sqlite_where=text(_ACTIVE_PREDICATE),
-            postgresql_where=text(_ACTIVE_PREDICATE),
+            postgresql_where=text("status IN ('queued', 'running', 'waiting_input')"),
         ),
     )
 
@@ -286,6 +277,7 @@ class IdempotencyKey(StoredModel, table=True):
     __table_args__ = (
         CheckConstraint(check_in("scope", IdempotencyScope), name="ck_run_idempotency_keys_scope"),
         Index("idx_run_idempotency_keys_expires", "expires_at"),
+        Index("idx_run_idempotency_keys_run", "run_id"),
     )
 
     scope: IdempotencyScope = Field(

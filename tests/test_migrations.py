@@ -241,7 +241,7 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
         "idx_session_runs_parent",
         "uq_session_runs_one_running",
         "idx_session_runs_queue",
-        "idx_session_runs_active",
+        "idx_session_runs_session_status",
     }
     event_columns = {
         col["name"]: col["nullable"] for col in inspector.get_columns("session_events")

@@ -38,8 +38,8 @@ PINNED = {
     (10, "postgresql"): "50a415ead0b91de508a52b14d010fec107e2a03ed83893a667e48d53d942ea0a",
     (11, "sqlite"): "2d821de75ae884e835c985815a844aaec6cba268e1a8caaa11a49611821f22a2",
     (11, "postgresql"): "e9014816dfc5096ba4dae8b722a2176edf3d2c9cdfcf7576d4bc38a6bbb62c69",
-    (12, "sqlite"): "85b1ab221bf53b7e24b5ef323416d7c8f6985b78a42e86890cc64d5abf576e8f",
-    (12, "postgresql"): "b79b53e5c78beda76271cd8852d9762e80b9adb6a3483bb83b5a545be53982ce",
+    (12, "sqlite"): "ab008971e2ab610e11749cbdf7b8c7c10dab0cf71034a59c41dd9f86add0230f",
+    (12, "postgresql"): "298c7428883a7e1ffcd551843213126dc5ebd4411212d3adfaa910d4765b3230",
 }
 
 

@@ -169,7 +169,7 @@ def _next_claimable() -> Any:
 
     A claimer that skips a locked head moves on to other sessions: the run behind
     that head is never a candidate while the head is queued, so per-session FIFO
-    holds. Served by ``idx_session_runs_queue`` and ``idx_session_runs_active``.
+    holds. Served by ``idx_session_runs_queue`` and ``idx_session_runs_session_status``.
     """
     candidate = RUNS.alias("candidate")
     busy = RUNS.alias("busy_run")
