@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 from benchmarks.migration import MigrationResult
 from benchmarks.overhead import (
+    ADVANCED_ALCHEMY,
     FLOOR,
     NAIVE,
-    NAIVE_OPERATION,
+    NOT_REPORTED,
     OPERATIONS,
     RAW,
     REPOSITORY,
@@ -74,18 +75,6 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             row = [operation, _median_p95(repository), _median_p95(raw), f"{ratio:.2f}"]
             row.append("(floor)" if operation == FLOOR else _verdict(ratio <= target))
             rows.append(row)
-        naive = samples.summary(NAIVE, NAIVE_OPERATION)
-        raw_start = samples.summary(RAW, NAIVE_OPERATION)
-        naive_ratio = f"{naive.median_us / raw_start.median_us:.2f}"
-        rows.append(
-            [
-                f"{NAIVE_OPERATION}, naive ORM (get, set, add event, commit)",
-                _median_p95(naive),
-                _median_p95(raw_start),
-                naive_ratio,
-                "(baseline)",
-            ]
-        )
         header = ["operation", "repository µs", "raw µs", "ratio", f"≤ {target}"]
         count = samples.summary(REPOSITORY, "get run").count
         parts += [
@@ -94,9 +83,32 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             "",
             table(header, rows, "lrrrl"),
             "",
+            _peers_table(result),
+            "",
             _replayed_sql(result, "start"),
         ]
     return "\n".join(parts)
+
+
+def _peers_table(result: OverheadResult) -> str:
+    """The same operations written the usual ways, median µs and the ratio to raw."""
+    samples = result.samples
+    peers = [name for name in (NAIVE, ADVANCED_ALCHEMY) if samples.has(name, "get run")]
+    rows = []
+    for operation in OPERATIONS:
+        raw = samples.summary(RAW, operation).median_us
+        row = [operation, f"{format_us(samples.summary(REPOSITORY, operation).median_us)}"]
+        row[-1] += f" ({samples.summary(REPOSITORY, operation).median_us / raw:.2f}x)"
+        for peer in peers:
+            if (peer, operation) in NOT_REPORTED or not samples.has(peer, operation):
+                row.append(NOT_REPORTED.get((peer, operation), "n/a"))
+            else:
+                median = samples.summary(peer, operation).median_us
+                row.append(f"{format_us(median)} ({median / raw:.2f}x)")
+        row.append(format_us(raw))
+        rows.append(row)
+    header = ["operation", "repository µs (/raw)", *(f"{p} µs (/raw)" for p in peers), "raw µs"]
+    return "Peers, same operations on the same schema in the same run:\n\n" + table(header, rows)
 
 
 def _replayed_sql(result: OverheadResult, operation: str) -> str:
