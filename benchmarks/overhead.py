@@ -9,9 +9,10 @@ Sides, measured in one process on one database per backend:
   (``app._capture``, ``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
   open connection (made by ``create_db_engine``'s connect hooks, so with the
   same pragmas, SQL functions and settings, then used without SQLAlchemy):
-  the same SQL and parameters in an equivalent transaction (SQLite: the
-  captured ``BEGIN IMMEDIATE`` ... ``COMMIT``; PostgreSQL: psycopg's implicit
-  ``BEGIN`` ... ``COMMIT``), every result row fetched.
+  the same SQL and parameters in an equivalent transaction (SQLite:
+  ``BEGIN IMMEDIATE`` ... ``COMMIT``, as the engine's dialect sends them;
+  PostgreSQL: psycopg's implicit ``BEGIN`` ... ``COMMIT``), every result row
+  fetched.
 * peers (``benchmarks.peers``), for comparison: ``naive SQLModel`` (plain
   table models; load the run, set attributes, add an event object with the
   next seq from the session's counter row, commit: the usual ORM way) and
@@ -340,12 +341,17 @@ class RawSide:
     ) -> None:
         self._connection = connection
         self._scripts = scripts
+        # SQLite: the driver's own transaction handling is off (app.db), and the
+        # engine's dialect sends BEGIN IMMEDIATE itself, which no cursor event sees.
+        self._begin = "BEGIN IMMEDIATE" if isinstance(connection, sqlite3.Connection) else None
 
     def run(self, operation: str, chain: Chain) -> None:
         if operation == "create run":
             chain.run_id = new_id()
         ids = chain.ids
         connection = self._connection
+        if self._begin is not None:
+            connection.execute(self._begin)
         previous: Sequence[Any] | None = None
         for statement in self._scripts[operation].statements:
             cursor = connection.execute(statement.sql, statement.parameters(ids, previous))
@@ -433,7 +439,14 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
             RepositorySide(engine, _advanced_alchemy_operations(), name=ADVANCED_ALCHEMY)
         )
     read_chain = _read_fixture(engine, runs=PAGE_OF_RUNS + 10, events=3 * PAGE_OF_EVENTS)
-    scripts = _record_scripts(engine, repository, read_chain)
+    # Recorded on an engine of its own: SQLAlchemy keeps checking for event
+    # dispatch on an engine that ever had a cursor-event listener (the recorder's),
+    # which would slow down every later call of the measured side.
+    recorder = create_db_engine(url)
+    try:
+        scripts = _record_scripts(recorder, RepositorySide(recorder), read_chain)
+    finally:
+        recorder.dispose()
     # The driver connection is made by an engine of the same configuration, so
     # it has the same pragmas, SQL functions and session settings, and is then
     # used directly, without SQLAlchemy.

@@ -120,7 +120,9 @@ def _replayed_sql(result: OverheadResult, operation: str) -> str:
             f"{BACKEND_NAMES[result.backend]}</summary>",
             "",
             "```sql",
-            *(["-- BEGIN: sent by psycopg before the first statement"] if postgresql else []),
+            "-- BEGIN: sent by psycopg before the first statement"
+            if postgresql
+            else "BEGIN IMMEDIATE;  -- sent by the dialect's do_begin (app._dialects)",
             result.scripts[operation].describe() + ";",
             "-- COMMIT: the driver's commit()",
             "```",
