@@ -436,6 +436,33 @@ class EventRepository:
                 self._raise_not_found(session_id, run_id)
         self._raise_not_found(session_id, None)
 
+    def adopt(
+        self,
+        new_id: int,
+        session_id: str,
+        seq: int,
+        type: str,
+        payload: dict[str, Any],
+        run_id: str,
+        now: datetime,
+    ) -> SessionEvent:
+        """The event another repository's statement inserted (``RunRepository``'s
+        one-statement transitions on PostgreSQL), in the session as ``append`` leaves it."""
+        params = {
+            "session_id": session_id,
+            "type": type,
+            "payload": payload,
+            "source": EventSource.SESSION.value,
+            "now": now,
+            "run_id": run_id,
+            "event_id": None,
+        }
+        return self._stored(new_id, seq, params)
+
+    def give_back(self, session_id: str, seq: int, now: datetime) -> None:
+        """Undo an allocation whose insert collided (see ``_give_back``)."""
+        self._give_back(session_id, seq, now)
+
     def _give_back(self, session_id: str, seq: int, now: datetime) -> None:
         """Undo an allocation whose insert collided; this transaction still holds the row."""
         params = {"counter_session_id": session_id, "seq": seq, "now": now}
