@@ -11,7 +11,7 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   SQLAlchemy check for event dispatch at every execute (``Engine._has_events``,
   private: the reason for the gain, asserted here).
 * ``app.repositories._rows``: ORM internals with no public equivalent
-  (``Session._register_persistent``, ``Session._save_impl``; the instance
+  (``Session._register_persistent``, ``_save_impl``, ``_update_impl``; the instance
   state's ``load`` / ``refresh`` dispatch; ``ClassManager.new_instance``).
 """
 
@@ -92,7 +92,10 @@ def test_the_orm_internals_of_rows_are_there() -> None:
         "Session._register_persistent (private) is gone: app.repositories._rows.inserted"
     )
     assert callable(getattr(OrmSession, "_save_impl", None)), (
-        "Session._save_impl (private) is gone: app.repositories._rows.inserted_many"
+        "Session._save_impl (private) is gone: app.repositories._rows.inserted"
+    )
+    assert callable(getattr(OrmSession, "_update_impl", None)), (
+        "Session._update_impl (private) is gone: app.repositories._rows.in_session"
     )
     manager = class_mapper(SessionRun).class_manager
     instance = manager.new_instance()

@@ -7,8 +7,6 @@ the ORM's loader builds them:
 
 * ``snapshots``: events are immutable log entries; a page of them is a list
   of instances in no session, which is all a reader needs;
-* ``detached``: an instance that behaves like a row loaded earlier (identity
-  key, JSON columns tracked), ready to ``session.add`` without an INSERT;
 * ``in_session``: what ``populate_existing`` loading gives: the session's own
   instance refreshed with the row, or a new one added to the session;
 * ``inserted``: what a flush gives for a row this transaction inserted: after a
@@ -24,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, Executable
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Mapper, class_mapper, make_transient_to_detached
+from sqlalchemy.orm import Mapper, class_mapper
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlmodel import Session as DbSession
 
@@ -76,13 +74,12 @@ def snapshots(model: type[M], columns: tuple[str, ...], rows: Iterable[Any]) -> 
     return instances
 
 
-def detached(model: type[M], values: Mapping[str, Any]) -> M:
-    """An instance holding ``values`` (every column), as if loaded in an earlier session."""
-    (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
-    make_transient_to_detached(instance)
+def _instance(model: type[M], values: Mapping[str, Any]) -> tuple[M, Any]:
+    """A bare instance holding ``values`` (no attribute events, nothing tracked yet)."""
+    instance = _mapper(model).class_manager.new_instance()
     state = instance_state(instance)
-    state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
-    return instance
+    state.dict.update(values)
+    return instance, state
 
 
 def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M:
@@ -90,11 +87,12 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
 
     It is registered as the ORM's flush registers the rows it inserts
     (``Session._register_persistent``; no public API does this), so a rollback
-    expunges it with its values intact instead of expiring it.
+    expunges it with its values intact instead of expiring it. It joins the
+    session without ``session.add``'s cascade walk (``Session._save_impl``): its
+    related objects are not loaded, so the walk finds nothing.
     """
-    (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
-    state = instance_state(instance)
-    session.add(instance)
+    instance, state = _instance(model, values)
+    session._save_impl(state)
     session._register_persistent({state})
     state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
     return instance
@@ -103,7 +101,9 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
 def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row: Any) -> M:
     """The session's instance for ``row``, refreshed with it; a new one joins the session.
 
-    The session must hold no pending change to it (``execute_core`` flushes).
+    The session must hold no pending change to it (``execute_core`` flushes). A
+    new one is attached as ``session.add`` attaches a detached instance, without
+    the cascade walk (``Session._update_impl``; its related objects are not loaded).
     """
     values = dict(zip(columns, row, strict=True))
     key = _mapper(model).identity_key_from_primary_key(
@@ -111,8 +111,10 @@ def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row
     )
     existing = session.identity_map.get(key)
     if existing is None:
-        instance = detached(model, values)
-        session.add(instance)
+        instance, state = _instance(model, values)
+        state.key = key  # what make_transient_to_detached does for a fully loaded row
+        session._update_impl(state)
+        state.manager.dispatch.load(state, None)  # JSON columns become tracked
         return instance
     for name, value in values.items():
         set_committed_value(existing, name, value)
