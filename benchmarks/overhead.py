@@ -28,14 +28,16 @@ and is not counted.
 from __future__ import annotations
 
 import gc
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
@@ -49,7 +51,7 @@ from app.models import (
 )
 from app.repositories import EventRepository, RunRepository
 from app.state_machine import RunEventType
-from app.types import utc_now
+from app.types import StrEnumType, UTCDateTime, utc_now
 from benchmarks import peers
 from benchmarks.capture import Ids, Script, make_script
 from benchmarks.peers import NaiveRun
@@ -361,6 +363,72 @@ class RawSide:
         connection.commit()
 
 
+PAGES = {
+    "list_for_run (page of 100)": SessionEvent,
+    "list_for_session (page of 100 runs)": SessionRun,
+}
+"""The page reads, and the model a raw driver would build from their rows."""
+RAW_OBJECTS = "raw + objects"
+
+
+def _converter(column: Any, sqlite: bool) -> Callable[[Any], Any] | None:
+    """What hand-written driver code does to a column's value to get the model's type."""
+    type_ = column.type
+    if isinstance(type_, UTCDateTime):
+        if sqlite:
+            return lambda v: None if v is None else datetime.fromisoformat(v).replace(tzinfo=UTC)
+        return None  # psycopg returns aware datetimes (the session's TimeZone is UTC)
+    if isinstance(type_, StrEnumType):
+        return type_.enum_class
+    if isinstance(type_, SqlEnum) and type_.enum_class is not None:
+        return type_.enum_class
+    if sqlite and column.key in _JSON_COLUMNS:
+        return lambda v: None if v is None else json.loads(v)
+    return None  # psycopg decodes jsonb; text and integers are as they come
+
+
+_JSON_COLUMNS = frozenset({"payload", "latest_error", "metrics", "resume_payload", "options"})
+
+
+class RawObjectsSide(RawSide):
+    """The raw replay of a page that also builds the model instances from its rows, as
+    hand-written driver code would (aware datetimes, enums, decoded JSON), in no session."""
+
+    name = RAW_OBJECTS
+
+    def __init__(
+        self, connection: sqlite3.Connection | psycopg.Connection, scripts: dict[str, Script]
+    ) -> None:
+        super().__init__(connection, scripts)
+        sqlite = isinstance(connection, sqlite3.Connection)
+        self._models = {
+            operation: (
+                model,
+                tuple(column.key for column in model.__table__.c),
+                tuple(_converter(column, sqlite) for column in model.__table__.c),
+            )
+            for operation, model in PAGES.items()
+        }
+
+    def run(self, operation: str, chain: Chain) -> None:
+        model, columns, converters = self._models[operation]
+        (statement,) = self._scripts[operation].statements
+        connection = self._connection
+        if self._begin is not None:
+            connection.execute(self._begin)
+        rows = connection.execute(statement.sql, statement.parameters(chain.ids, None)).fetchall()
+        new_instance = model._sa_class_manager.new_instance
+        instances = []
+        for row in rows:
+            instance = new_instance()
+            instance.__dict__.update(
+                (name, value if convert is None else convert(value))
+                for name, convert, value in zip(columns, converters, row, strict=True)
+            )
+            instances.append(instance)
+        connection.commit()
+
+
 # --------------------------------------------------------------------------
 # Setup
 
@@ -455,6 +523,7 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     connection = pooled.driver_connection
     raw = RawSide(connection, scripts)
     sides: list[Side] = [repository, raw, *peer_sides]
+    raw_objects = RawObjectsSide(connection, scripts)
     # Each side has its own sessions; a lifecycle ends in a terminal status, so
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
@@ -470,7 +539,10 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
                     for side in order:
                         _time_batch(samples, side, operation, chains[side.name], counted)
             for operation in READS:
-                for side in order:
+                page_sides = order
+                if operation in PAGES:
+                    page_sides = [*order, raw_objects] if round_ % 2 == 0 else [raw_objects, *order]
+                for side in page_sides:
                     _time_batch(samples, side, operation, [read_chain] * batch, counted)
         _check_sides_agree(engine, sessions)
     finally:

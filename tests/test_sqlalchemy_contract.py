@@ -10,6 +10,9 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   engine carries no connection-event listener, because any listener makes
   SQLAlchemy check for event dispatch at every execute (``Engine._has_events``,
   private: the reason for the gain, asserted here).
+* ``app.repositories._rows._execute``: a statement's compiled form kept and
+  executed with ``Connection._execute_context`` (private), as SQLAlchemy does
+  after a cache hit.
 * ``app.repositories._rows``: ORM internals with no public equivalent
   (``Session._register_persistent``, ``_save_impl``, ``_update_impl``; the instance
   state's ``load`` / ``refresh`` dispatch; ``ClassManager.new_instance``).
@@ -20,7 +23,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import class_mapper
@@ -102,3 +105,25 @@ def test_the_orm_internals_of_rows_are_there() -> None:
     state = instance_state(instance)
     assert callable(state.manager.dispatch.load)
     assert callable(state.manager.dispatch.refresh)
+
+
+def test_precompiled_execution_matches_connection_execute(engine: Engine) -> None:
+    """``app.repositories._rows._execute``: the second execution of a statement goes
+    through ``Connection._execute_context`` with the first one's compiled form
+    (private: ``_execute_context``, ``execution_ctx_cls._init_compiled``,
+    ``Dialect.CACHE_HIT``, ``_generate_cache_key``, ``CursorResult.context.compiled``)."""
+    from app.repositories import _rows
+    from app.repositories._sql import RUN_EXISTS
+
+    assert callable(getattr(Connection, "_execute_context", None))
+    assert callable(getattr(engine.dialect.execution_ctx_cls, "_init_compiled", None))
+    _key, _extracted, _param_dict = RUN_EXISTS._generate_cache_key()
+    with engine.connect() as conn:
+        first = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"}).scalar()
+        plans = _rows._PLANS[engine.dialect]
+        assert any(plan[0] is RUN_EXISTS for plan in plans.values())
+        again = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"})
+        assert again.context.compiled is next(
+            plan[1] for plan in plans.values() if plan[0] is RUN_EXISTS
+        )
+        assert first is again.scalar() is False
