@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -193,13 +192,15 @@ def read_only(engine: Engine) -> Engine:
     run beside a writer). On PostgreSQL it is ``engine`` itself."""
     if engine.dialect.name != "sqlite":
         return engine
-    reader = _READERS.get(engine)
-    if reader is None:  # one per engine: an option engine carries an event listener
-        reader = _READERS[engine] = engine.execution_options(sqlite_begin="DEFERRED")
+    # One per engine, kept on it: the option engine carries a begin listener (app._dialects).
+    reader: Engine | None = engine.__dict__.get(_READER)
+    if reader is None:
+        reader = engine.execution_options(sqlite_begin="DEFERRED")
+        engine.__dict__[_READER] = reader
     return reader
 
 
-_READERS: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_READER = "_run_layer_reader"
 
 
 @contextmanager

@@ -120,7 +120,7 @@ def test_precompiled_execution_matches_connection_execute(engine: Engine) -> Non
     _key, _extracted, _param_dict = RUN_EXISTS._generate_cache_key()
     with engine.connect() as conn:
         first = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"}).scalar()
-        plans = _rows._PLANS[engine.dialect]
+        plans = _rows.plans_of(engine.dialect)
         assert any(plan[0] is RUN_EXISTS for plan in plans.values())
         again = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"})
         assert again.context.compiled is next(

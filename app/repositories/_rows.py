@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, TypeVar
-from weakref import WeakKeyDictionary
 
 from sqlalchemy import Connection, CursorResult, Executable
 from sqlalchemy.engine.interfaces import Dialect
@@ -53,7 +52,17 @@ def execute_core(
 
 
 _Plan = tuple[Executable, Compiled, Any, Any]
-_PLANS: WeakKeyDictionary[Dialect, dict[tuple[int, tuple[str, ...]], _Plan]] = WeakKeyDictionary()
+_PLANS = "_run_layer_plans"
+"""Attribute of a dialect holding its plans (the compiled forms refer to the dialect,
+so a mapping keyed by dialects would keep every engine's dialect alive)."""
+
+
+def plans_of(dialect: Dialect) -> dict[tuple[int, tuple[str, ...]], _Plan]:
+    plans = getattr(dialect, _PLANS, None)
+    if plans is None:
+        plans = {}
+        setattr(dialect, _PLANS, plans)
+    return plans
 
 
 def _execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Any:
@@ -72,9 +81,7 @@ def _execute(connection: Connection, statement: Executable, params: dict[str, An
     if connection._has_events or connection.engine._has_events or options:
         return connection.execute(statement, params)
     dialect = connection.dialect
-    plans = _PLANS.get(dialect)
-    if plans is None:
-        plans = _PLANS[dialect] = {}
+    plans = plans_of(dialect)
     key = (id(statement), tuple(sorted(params)))
     plan = plans.get(key)
     if plan is None or plan[0] is not statement:
