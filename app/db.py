@@ -9,8 +9,9 @@ timeout ``SQLITE_BUSY_TIMEOUT_MS``, and the SQL function ``json_merge_shallow``
 (``app.types.merge_json_objects``, what ``RunRepository.complete`` merges
 metrics with). Both: ``DB_CONNECT_TIMEOUT``, and a COMMIT refused with
 ``TransactionAbortedError`` when the database already rolled the transaction
-back. ``unit_of_work(engine)``: one transaction, committed when the block ends
-(the FastAPI request session is ``app.api.deps.SessionDep``).
+back (both rules are dialect methods, not engine events: ``app._dialects``).
+``unit_of_work(engine)``: one transaction, committed when the block ends (the
+FastAPI request session is ``app.api.deps.SessionDep``).
 
 Settings and defaults: README.md (Configuration). Why: docs/design.md
 (SQLite transactions, the idle ping).
@@ -26,21 +27,19 @@ from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
-from app.errors import TransactionAbortedError
+from app._dialects import install as install_transaction_rules
 from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
-SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
 
 def _env_float(name: str, default: float) -> float:
@@ -123,22 +122,6 @@ def _configure_sqlite(engine: Engine) -> None:
             "json_merge_shallow", 2, merge_json_objects, deterministic=True
         )
 
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        mode = str(connection.get_execution_options().get("sqlite_begin", "IMMEDIATE")).upper()
-        if mode not in SQLITE_BEGIN_MODES:
-            raise ValueError(
-                f"sqlite_begin must be one of {sorted(SQLITE_BEGIN_MODES)}, got {mode!r}"
-            )
-        connection.exec_driver_sql(f"BEGIN {mode}")
-
-    @event.listens_for(engine, "commit")
-    def _on_commit(connection: Any) -> None:
-        # SQLite rolls a transaction back by itself after some errors (SQLITE_FULL,
-        # SQLITE_IOERR, SQLITE_BUSY, ...); COMMIT would then succeed on nothing.
-        if not connection.connection.dbapi_connection.in_transaction:
-            raise TransactionAbortedError("SQLite rolled it back after an error")
-
 
 def _configure_postgresql(engine: Engine) -> None:
     ping_after_idle = _env_float("DB_POOL_PING_AFTER_IDLE", DEFAULT_PING_AFTER_IDLE)
@@ -150,14 +133,6 @@ def _configure_postgresql(engine: Engine) -> None:
         with dbapi_connection.cursor() as cursor:
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_connection.commit()
-
-    @event.listens_for(engine, "commit")
-    def _on_commit(connection: Any) -> None:
-        # After a failed statement PostgreSQL answers COMMIT with ROLLBACK and
-        # psycopg raises nothing: refuse, so the caller learns the writes are gone.
-        status = connection.connection.dbapi_connection.info.transaction_status
-        if status == TransactionStatus.INERROR:
-            raise TransactionAbortedError("a statement in it failed")
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -197,6 +172,7 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
             options["pool_timeout"] = _env_int("DB_POOL_TIMEOUT", 30)
     options.update(engine_kwargs)
     engine = create_engine(resolved, **options)
+    install_transaction_rules(engine)  # BEGIN IMMEDIATE on SQLite, the COMMIT guard
     if resolved.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
     else:
@@ -216,7 +192,15 @@ def read_only(engine: Engine) -> Engine:
     run beside a writer). On PostgreSQL it is ``engine`` itself."""
     if engine.dialect.name != "sqlite":
         return engine
-    return engine.execution_options(sqlite_begin="DEFERRED")
+    # One per engine, kept on it: the option engine carries a begin listener (app._dialects).
+    reader: Engine | None = engine.__dict__.get(_READER)
+    if reader is None:
+        reader = engine.execution_options(sqlite_begin="DEFERRED")
+        engine.__dict__[_READER] = reader
+    return reader
+
+
+_READER = "_run_layer_reader"
 
 
 @contextmanager

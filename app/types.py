@@ -283,6 +283,40 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
     return None
 
 
+_FLAT_MEMBERS = 16
+
+
+def _flat_and_storable(value: dict[Any, Any], max_bytes: int) -> bool:
+    """True when ``value`` is a small object of scalars that ``_find_unstorable`` would
+    pass (the common event payload), decided without its walk; False means "walk it",
+    so every refusal and its message still come from ``_find_unstorable``."""
+    if len(value) > _FLAT_MEMBERS:
+        return False
+    most = 2 + len(value)  # brackets and commas, as _find_unstorable counts them
+    for key, item in value.items():
+        if type(key) is not str or "\x00" in key or not key.isascii():
+            return False
+        most += 6 * len(key) + 3
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item or not item.isascii():
+                return False
+            most += 6 * len(item) + 2
+        elif kind is int:
+            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                return False
+            most += 20
+        elif kind is float:
+            if not math.isfinite(item) or abs(item) >= FLOAT_EXACT_LIMIT:
+                return False
+            most += 24
+        elif item is None or kind is bool:
+            most += 5
+        else:
+            return False
+    return most <= max_bytes
+
+
 def ensure_json_object(
     value: Any,
     name: str = "payload",
@@ -303,15 +337,18 @@ def ensure_json_object(
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
     limit = max_json_bytes() if max_bytes is None else max_bytes
+    if max_depth >= 1 and _flat_and_storable(value, limit):
+        return value
     problem = _find_unstorable(value, name, max_depth, limit)
     if problem:
         raise ValueError(problem)
     return value
 
 
-def text_size_problem(value: str) -> str | None:
-    """Why ``value`` is too long to take as a text argument, or None (see ``max_json_bytes``)."""
-    limit = max_json_bytes()
+def text_size_problem(value: str, max_bytes: int | None = None) -> str | None:
+    """Why ``value`` is too long to take as a text argument, or None (see ``max_json_bytes``;
+    ``max_bytes``: that limit, read once by a caller checking many values)."""
+    limit = max_json_bytes() if max_bytes is None else max_bytes
     if len(value) * 4 > limit and len(value.encode("utf-8", "surrogatepass")) > limit:
         return f"is longer than {limit} bytes (the limit is set by {MAX_JSON_BYTES_ENV})"
     return None

@@ -9,12 +9,15 @@ Sides, measured in one process on one database per backend:
   (``app._capture``, ``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
   open connection (made by ``create_db_engine``'s connect hooks, so with the
   same pragmas, SQL functions and settings, then used without SQLAlchemy):
-  the same SQL and parameters in an equivalent transaction (SQLite: the
-  captured ``BEGIN IMMEDIATE`` ... ``COMMIT``; PostgreSQL: psycopg's implicit
-  ``BEGIN`` ... ``COMMIT``), every result row fetched.
-* ``naive ORM`` (``start`` only): load the run, set attributes, add an event
-  object with the next seq from the session's counter row, commit; the usual
-  ORM way, for comparison.
+  the same SQL and parameters in an equivalent transaction (SQLite:
+  ``BEGIN IMMEDIATE`` ... ``COMMIT``, as the engine's dialect sends them;
+  PostgreSQL: psycopg's implicit ``BEGIN`` ... ``COMMIT``), every result row
+  fetched.
+* peers (``benchmarks.peers``), for comparison: ``naive SQLModel`` (plain
+  table models; load the run, set attributes, add an event object with the
+  next seq from the session's counter row, commit: the usual ORM way) and
+  ``advanced-alchemy`` (its ``SQLAlchemySyncRepository`` over the same models,
+  when the ``bench`` extra is installed), each with its own sessions.
 
 Each run goes through a lifecycle on each side, one transaction per step;
 the sides take turns step by step (and swap who goes first every round), so
@@ -25,37 +28,40 @@ and is not counted.
 from __future__ import annotations
 
 import gc
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
 from app._capture import capture_statements
 from app.db import create_db_engine
+from app.models import Session as ChatSession
 from app.models import (
-    RunStatus,
     SessionEvent,
-    SessionEventSequence,
     SessionRun,
     new_id,
 )
-from app.models import Session as ChatSession
 from app.repositories import EventRepository, RunRepository
 from app.state_machine import RunEventType
-from app.types import utc_now
+from app.types import StrEnumType, UTCDateTime, utc_now
+from benchmarks import peers
 from benchmarks.capture import Ids, Script, make_script
+from benchmarks.peers import NaiveRun
 from benchmarks.stats import Samples
 from migrations import upgrade
 
 MESSAGE = "Draft the quarterly report from the attached figures"
 PROGRESS = {"step": "outline", "progress": 0.25, "tokens": 812}
 PAGE_OF_EVENTS = 100
-PAGE_OF_RUNS = 50
+PAGE_OF_RUNS = 100
 
 LIFECYCLES: tuple[tuple[str, ...], ...] = (
     (
@@ -69,10 +75,13 @@ LIFECYCLES: tuple[tuple[str, ...], ...] = (
     ),
     ("create run", "start", "fail"),
     ("create run", "start", "cancel"),
+    # Every side claims the runs it has just created: the others' are claimed
+    # already or created after its turn (no other run of the database is queued).
+    ("create run", "claim_next", "complete"),
 )
 FLOOR = "floor: Session, SELECT 1, commit"
 """Not a hot path: what any repository call pays before its own SQL (reported as the floor)."""
-READS = ("get run", "list_for_run (page of 100)", "list_for_session (page of 50 runs)", FLOOR)
+READS = ("get run", "list_for_run (page of 100)", "list_for_session (page of 100 runs)", FLOOR)
 OPERATIONS = (
     "create run",
     "start",
@@ -82,11 +91,12 @@ OPERATIONS = (
     "fail",
     "cancel",
     "append event",
+    "claim_next",
     *READS,
 )
-NAIVE_OPERATION = "start"
+WORKER = "bench-worker"
 
-REPOSITORY, RAW, NAIVE = "repository", "raw", "naive ORM"
+REPOSITORY, RAW, NAIVE, ADVANCED_ALCHEMY = "repository", "raw", "naive SQLModel", "advanced-alchemy"
 
 
 @dataclass
@@ -125,6 +135,7 @@ REPOSITORY_OPERATIONS: dict[str, Operation] = {
         chain.run_id, {"code": "tool_error", "message": "renderer crashed"}
     ),
     "cancel": lambda db, chain: RunRepository(db).cancel(chain.run_id),
+    "claim_next": lambda db, chain: _claimed(chain, RunRepository(db).claim_next(WORKER)),
     "append event": lambda db, chain: EventRepository(db).append(
         chain.session_id, "task_progress", PROGRESS, run_id=chain.run_id
     ),
@@ -132,37 +143,168 @@ REPOSITORY_OPERATIONS: dict[str, Operation] = {
     "list_for_run (page of 100)": lambda db, chain: EventRepository(db).list_for_run(
         chain.run_id, limit=PAGE_OF_EVENTS
     ),
-    "list_for_session (page of 50 runs)": lambda db, chain: RunRepository(db).list_for_session(
+    "list_for_session (page of 100 runs)": lambda db, chain: RunRepository(db).list_for_session(
         chain.session_id, limit=PAGE_OF_RUNS
     ),
     FLOOR: lambda db, _chain: db.execute(text("SELECT 1")).all(),
 }
 
 
-def naive_start(db: DbSession, chain: Chain) -> None:
-    """``start`` as plain ORM code: read, check, set attributes, add the event, commit."""
-    run = db.get(SessionRun, chain.run_id)
-    if run is None or run.status is not RunStatus.QUEUED:
-        raise RuntimeError(f"run {chain.run_id} cannot start")
-    now = utc_now()
-    run.status = RunStatus.RUNNING
-    run.started_at = run.started_at or now
-    run.updated_at = now
-    counter = db.get(SessionEventSequence, run.session_id)
-    if counter is None:
-        counter = SessionEventSequence(session_id=run.session_id, next_seq=1)
-        db.add(counter)
-    seq = counter.next_seq
-    counter.next_seq = seq + 1
-    db.add(
-        SessionEvent(
-            session_id=run.session_id,
-            seq=seq,
-            type=RunEventType.RUN_STARTED,
-            payload={},
-            run_id=run.id,
+def _claimed(chain: Chain, run: SessionRun | NaiveRun | None) -> None:
+    """A side claims the run its chain created (see ``LIFECYCLES``), or the
+    comparison would be between different work."""
+    if run is None or run.id != chain.run_id:
+        raise RuntimeError(f"claimed {run and run.id}, expected {chain.run_id}")
+
+
+def _peer_operations(
+    move: Callable[..., NaiveRun],
+    add_event: Callable[..., object],
+    events_of_run: Callable[[DbSession, str, int], list[Any]],
+    runs_of_session: Callable[[DbSession, str, int], list[Any]],
+    get: Callable[[DbSession, str], object],
+) -> dict[str, Operation]:
+    """A peer's operations: each move is load, check, set, and its event added."""
+
+    def create(db: DbSession, chain: Chain) -> None:
+        run_id = new_id()
+        run = NaiveRun(
+            id=run_id,
+            session_id=chain.session_id,
+            input_message=MESSAGE,
+            options={"generate_now": False, "style_reference": None, "target_pages": []},
+            checkpoint_thread=f"{chain.session_id}:{run_id}",
         )
-    )
+        db.add(run)
+        add_event(
+            db,
+            chain.session_id,
+            RunEventType.RUN_CREATED,
+            {"trigger_source": "chat", "parent_run_id": None},
+            run_id,
+        )
+        chain.run_id = run_id
+
+    def transition(
+        event_type: str,
+        payload: Callable[[], dict[str, Any]],
+        sources: tuple[str, ...],
+        **values: Any,
+    ) -> Operation:
+        def operation(db: DbSession, chain: Chain) -> None:
+            now = utc_now()
+            extra = {name: (now if value is _NOW else value) for name, value in values.items()}
+            run = move(db, chain.run_id, sources, **extra)
+            add_event(db, run.session_id, event_type, payload(), run.id)
+
+        return operation
+
+    running = {"status": "running", "started_at": _NOW, "lease_expires_at": None}
+    return {
+        "create run": create,
+        "start": transition(RunEventType.RUN_STARTED, dict, ("queued",), **running),
+        "wait_for_input": transition(
+            RunEventType.RUN_WAITING_INPUT,
+            lambda: {"reason": "Which figures should the summary use?"},
+            ("running",),
+            status="waiting_input",
+            waiting_reason="Which figures should the summary use?",
+        ),
+        "resume": transition(
+            RunEventType.RUN_RESUMED,
+            lambda: {"resume": {"user_feedback": "Use the audited ones"}},
+            ("waiting_input",),
+            status="running",
+            waiting_reason=None,
+            resume_payload={"user_feedback": "Use the audited ones"},
+        ),
+        "complete": transition(
+            RunEventType.RUN_COMPLETED,
+            lambda: {"metrics": {"tokens": 4096, "cost_usd": 0.12}},
+            ("running",),
+            status="completed",
+            finished_at=_NOW,
+            metrics={"tokens": 4096, "cost_usd": 0.12},
+        ),
+        "fail": transition(
+            RunEventType.RUN_FAILED,
+            lambda: {"error": {"code": "tool_error", "message": "renderer crashed"}},
+            ("running",),
+            status="failed",
+            finished_at=_NOW,
+            latest_error={"code": "tool_error", "message": "renderer crashed"},
+        ),
+        "cancel": transition(
+            RunEventType.RUN_CANCELLED,
+            dict,
+            ("queued", "running", "waiting_input"),
+            status="cancelled",
+            finished_at=_NOW,
+            lease_expires_at=None,
+        ),
+        "append event": lambda db, chain: add_event(
+            db, chain.session_id, "task_progress", PROGRESS, chain.run_id
+        ),
+        "get run": lambda db, chain: get(db, chain.run_id),
+        "list_for_run (page of 100)": lambda db, chain: events_of_run(
+            db, chain.run_id, PAGE_OF_EVENTS
+        ),
+        "list_for_session (page of 100 runs)": lambda db, chain: runs_of_session(
+            db, chain.session_id, PAGE_OF_RUNS
+        ),
+        FLOOR: REPOSITORY_OPERATIONS[FLOOR],
+    }
+
+
+_NOW = object()
+"""Stands for the time of the call in a peer's values."""
+
+
+def _naive_claim(db: DbSession, chain: Chain) -> None:
+    """The usual claim: the oldest queued run, locked (SKIP LOCKED), moved in Python."""
+    run = db.scalars(
+        select(NaiveRun)
+        .where(NaiveRun.status == "queued")
+        .order_by(NaiveRun.created_at, NaiveRun.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    ).first()
+    _claimed(chain, run)
+    now = utc_now()
+    run.status, run.worker_id, run.started_at = "running", WORKER, run.started_at or now
+    run.lease_expires_at, run.updated_at = now + timedelta(minutes=5), now
+    peers.add_event(db, run.session_id, RunEventType.RUN_STARTED, {"worker_id": WORKER}, run.id)
+
+
+NAIVE_OPERATIONS: dict[str, Operation] = {
+    **_peer_operations(
+        peers.move,
+        peers.add_event,
+        peers.events_of_run,
+        peers.runs_of_session,
+        lambda db, run_id: db.get(NaiveRun, run_id),
+    ),
+    "claim_next": _naive_claim,
+}
+
+
+def _advanced_alchemy_operations() -> dict[str, Operation]:
+    """advanced-alchemy's repository; ``claim_next`` has no natural equivalent there
+    (a locked, skip-locked pick of the queue head is hand-written SQL in any case)."""
+    return {
+        **_peer_operations(
+            peers.aa_move,
+            peers.aa_add_event,
+            peers.aa_events_of_run,
+            peers.aa_runs_of_session,
+            lambda db, run_id: peers.AARunRepository(session=db).get(run_id),
+        ),
+        "claim_next": _naive_claim,  # keeps the lifecycle going; not reported
+    }
+
+
+NOT_REPORTED = {(ADVANCED_ALCHEMY, "claim_next"): "no natural equivalent"}
+"""Peer operations that are run but have no counterpart in that peer's API."""
 
 
 class Side(Protocol):
@@ -201,18 +343,89 @@ class RawSide:
     ) -> None:
         self._connection = connection
         self._scripts = scripts
+        # SQLite: the driver's own transaction handling is off (app.db), and the
+        # engine's dialect sends BEGIN IMMEDIATE itself, which no cursor event sees.
+        self._begin = "BEGIN IMMEDIATE" if isinstance(connection, sqlite3.Connection) else None
 
     def run(self, operation: str, chain: Chain) -> None:
         if operation == "create run":
             chain.run_id = new_id()
         ids = chain.ids
         connection = self._connection
+        if self._begin is not None:
+            connection.execute(self._begin)
         previous: Sequence[Any] | None = None
         for statement in self._scripts[operation].statements:
             cursor = connection.execute(statement.sql, statement.parameters(ids, previous))
             if statement.returns_rows:
                 rows = cursor.fetchall()
                 previous = rows[0] if rows else None
+        connection.commit()
+
+
+PAGES = {
+    "list_for_run (page of 100)": SessionEvent,
+    "list_for_session (page of 100 runs)": SessionRun,
+}
+"""The page reads, and the model a raw driver would build from their rows."""
+RAW_OBJECTS = "raw + objects"
+
+
+def _converter(column: Any, sqlite: bool) -> Callable[[Any], Any] | None:
+    """What hand-written driver code does to a column's value to get the model's type."""
+    type_ = column.type
+    if isinstance(type_, UTCDateTime):
+        if sqlite:
+            return lambda v: None if v is None else datetime.fromisoformat(v).replace(tzinfo=UTC)
+        return None  # psycopg returns aware datetimes (the session's TimeZone is UTC)
+    if isinstance(type_, StrEnumType):
+        return type_.enum_class
+    if isinstance(type_, SqlEnum) and type_.enum_class is not None:
+        return type_.enum_class
+    if sqlite and column.key in _JSON_COLUMNS:
+        return lambda v: None if v is None else json.loads(v)
+    return None  # psycopg decodes jsonb; text and integers are as they come
+
+
+_JSON_COLUMNS = frozenset({"payload", "latest_error", "metrics", "resume_payload", "options"})
+
+
+class RawObjectsSide(RawSide):
+    """The raw replay of a page that also builds the model instances from its rows, as
+    hand-written driver code would (aware datetimes, enums, decoded JSON), in no session."""
+
+    name = RAW_OBJECTS
+
+    def __init__(
+        self, connection: sqlite3.Connection | psycopg.Connection, scripts: dict[str, Script]
+    ) -> None:
+        super().__init__(connection, scripts)
+        sqlite = isinstance(connection, sqlite3.Connection)
+        self._models = {
+            operation: (
+                model,
+                tuple(column.key for column in model.__table__.c),
+                tuple(_converter(column, sqlite) for column in model.__table__.c),
+            )
+            for operation, model in PAGES.items()
+        }
+
+    def run(self, operation: str, chain: Chain) -> None:
+        model, columns, converters = self._models[operation]
+        (statement,) = self._scripts[operation].statements
+        connection = self._connection
+        if self._begin is not None:
+            connection.execute(self._begin)
+        rows = connection.execute(statement.sql, statement.parameters(chain.ids, None)).fetchall()
+        new_instance = model._sa_class_manager.new_instance
+        instances = []
+        for row in rows:
+            instance = new_instance()
+            instance.__dict__.update(
+                (name, value if convert is None else convert(value))
+                for name, convert, value in zip(columns, converters, row, strict=True)
+            )
+            instances.append(instance)
         connection.commit()
 
 
@@ -241,6 +454,9 @@ def _read_fixture(engine: Engine, runs: int, events: int) -> Chain:
     with DbSession(engine, expire_on_commit=False) as db:
         for _ in range(runs):
             _create(db, chain)
+            # No run of the fixture is queued: claim_next takes only the runs
+            # each side has just created (LIFECYCLES).
+            RunRepository(db).cancel(chain.run_id)
         events_repository = EventRepository(db)
         for _ in range(events):
             events_repository.append(
@@ -284,9 +500,21 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     engine = create_db_engine(url)
     upgrade(engine)
     repository = RepositorySide(engine)
-    naive = RepositorySide(engine, {NAIVE_OPERATION: naive_start}, name=NAIVE)
+    naive = RepositorySide(engine, NAIVE_OPERATIONS, name=NAIVE)
+    peer_sides: list[Side] = [naive]
+    if peers.advanced_alchemy_available():
+        peer_sides.append(
+            RepositorySide(engine, _advanced_alchemy_operations(), name=ADVANCED_ALCHEMY)
+        )
     read_chain = _read_fixture(engine, runs=PAGE_OF_RUNS + 10, events=3 * PAGE_OF_EVENTS)
-    scripts = _record_scripts(engine, repository, read_chain)
+    # Recorded on an engine of its own: SQLAlchemy keeps checking for event
+    # dispatch on an engine that ever had a cursor-event listener (the recorder's),
+    # which would slow down every later call of the measured side.
+    recorder = create_db_engine(url)
+    try:
+        scripts = _record_scripts(recorder, RepositorySide(recorder), read_chain)
+    finally:
+        recorder.dispose()
     # The driver connection is made by an engine of the same configuration, so
     # it has the same pragmas, SQL functions and session settings, and is then
     # used directly, without SQLAlchemy.
@@ -294,7 +522,8 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     pooled = raw_engine.raw_connection()
     connection = pooled.driver_connection
     raw = RawSide(connection, scripts)
-    sides: list[Side] = [repository, raw, naive]
+    sides: list[Side] = [repository, raw, *peer_sides]
+    raw_objects = RawObjectsSide(connection, scripts)
     # Each side has its own sessions; a lifecycle ends in a terminal status, so
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
@@ -310,7 +539,10 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
                     for side in order:
                         _time_batch(samples, side, operation, chains[side.name], counted)
             for operation in READS:
-                for side in order:
+                page_sides = order
+                if operation in PAGES:
+                    page_sides = [*order, raw_objects] if round_ % 2 == 0 else [raw_objects, *order]
+                for side in page_sides:
                     _time_batch(samples, side, operation, [read_chain] * batch, counted)
         _check_sides_agree(engine, sessions)
     finally:

@@ -41,6 +41,9 @@ class Samples:
         call()
         self._by_key[side, operation].append(perf_counter_ns() - started)
 
+    def has(self, side: str, operation: str) -> bool:
+        return bool(self._by_key.get((side, operation)))
+
     def summary(self, side: str, operation: str) -> Summary:
         return summarize(self._by_key[side, operation])
 

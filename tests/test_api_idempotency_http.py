@@ -75,9 +75,7 @@ def scalar(engine: Engine, sql: str, **params: str) -> int:
         return conn.execute(text(sql), params).scalar_one()
 
 
-def test_duplicated_keyed_creates_make_one_run_and_all_get_it(
-    engine: Engine, server: str
-) -> None:
+def test_duplicated_keyed_creates_make_one_run_and_all_get_it(engine: Engine, server: str) -> None:
     session_id = seed(engine, lambda db: SessionFactory().id)
     body = {"session_id": session_id, "message": "three slides"}
     answers = burst(server, [("/api/runs", body, {"Idempotency-Key": "retry-me"})] * BURST)

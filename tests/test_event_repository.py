@@ -13,7 +13,7 @@ from sqlmodel import Session as DbSession
 
 from app.errors import BadParameterError, RunNotFoundError, SessionNotFoundError
 from app.models import EventSource, SessionEvent, SessionEventSequence
-from app.repositories import EventRepository
+from app.repositories import EventRepository, RunRepository
 from tests.concurrency import in_own_transaction, race, seed
 from tests.factories import SessionEventFactory, SessionFactory, SessionRunFactory
 
@@ -345,6 +345,45 @@ def test_append_waits_for_an_uncommitted_old_writer_and_takes_the_next_number(
     assert got == [3]
     assert seqs_by_writer(engine, session_id) == ([1, 3], [2])
     with DbSession(engine) as db:
+        assert counter(db, session_id) == 4
+
+
+def test_a_transition_whose_event_collides_with_an_old_writer_appends_it_after(
+    engine: Engine,
+) -> None:
+    """On PostgreSQL a transition writes its event in the same statement; when that
+    insert collides with an old writer's uncommitted number, the run still moves and
+    the event takes the next free number (as ``append`` would)."""
+    session_id = new_session(engine)
+    with DbSession(engine) as db:
+        run_id = RunRepository(db).create({"session_id": session_id, "message": "m"}).id
+        db.commit()
+    old = OldWriter(engine, session_id)
+    started: list[str] = []
+
+    def start() -> None:
+        with DbSession(engine) as db:
+            started.append(RunRepository(db).start(run_id).status)
+            db.commit()
+
+    try:
+        old.read_counter()  # 2
+        old.insert_event()  # uncommitted seq 2 (SQLite: holds the write lock)
+        thread = threading.Thread(target=start)
+        thread.start()
+        time.sleep(0.3)
+        old.commit()
+        thread.join(10)
+    finally:
+        old.close()
+    assert started == ["running"]
+    with DbSession(engine) as db:
+        rows = db.execute(
+            select(SessionEvent.seq, SessionEvent.type)
+            .where(SessionEvent.session_id == session_id)
+            .order_by(SessionEvent.seq)
+        ).all()
+        assert [tuple(row) for row in rows] == [(1, "run_created"), (2, "old"), (3, "run_started")]
         assert counter(db, session_id) == 4
 
 

@@ -188,11 +188,32 @@ def test_starts_update_and_its_one_running_guard_are_index_served(
     with capture_statements(engine) as capture, DbSession(engine) as db:
         RunRepository(db).start(run_id)
         db.rollback()
-    (guarded,) = [s for s in capture.statements if s.sql.lstrip().upper().startswith("UPDATE")]
+    (guarded,) = _updates_of_runs(capture.statements)
     accesses = _indexes_on(engine, guarded, "session_runs") | _indexes_on(
         engine, guarded, "other_run"
     )
     assert accesses and None not in accesses, accesses
+    if engine.dialect.name == "postgresql":  # the same statement appends run_started
+        _assert_event_allocation_is_index_served(engine, guarded)
+
+
+def _updates_of_runs(statements: list[CapturedStatement]) -> list[CapturedStatement]:
+    """The statements that update runs: a bare UPDATE, or on PostgreSQL the one statement
+    that also appends the lifecycle event (``WITH moved AS (UPDATE session_runs ...``)."""
+    return [
+        s
+        for s in statements
+        if s.sql.lstrip().upper().startswith("UPDATE")
+        or s.sql.lstrip().startswith("WITH moved AS \n(UPDATE session_runs")
+    ]
+
+
+def _assert_event_allocation_is_index_served(engine: Engine, statement: CapturedStatement) -> None:
+    """The event part of a one-statement transition: MAX(seq) of the session's events
+    and the counter upsert read through indexes (the upsert's arbiter is its key)."""
+    events = _indexes_on(engine, statement, "session_events")
+    assert events and None not in events, events
+    assert None not in _indexes_on(engine, statement, "session_event_sequences")
 
 
 def _session_runs_accesses(engine: Engine, statement: CapturedStatement) -> set[str | None]:
@@ -221,7 +242,7 @@ def test_claim_next_walks_the_queue_index_and_checks_sessions_through_indexes(
     with capture_statements(engine) as capture, DbSession(engine) as db:
         assert RunRepository(db).claim_next("plans") is not None
         db.rollback()
-    (claim,) = [s for s in capture.statements if s.sql.lstrip().upper().startswith("UPDATE")]
+    (claim,) = _updates_of_runs(capture.statements)
     accesses = _session_runs_accesses(engine, claim)
     assert "idx_session_runs_queue" in accesses, accesses
     assert None not in accesses, accesses
@@ -229,6 +250,8 @@ def test_claim_next_walks_the_queue_index_and_checks_sessions_through_indexes(
         # Per session, not "every older queued run of every session" (quadratic).
         assert _indexes_on(engine, claim, "older_run") == {"idx_session_runs_session_status"}
         assert _indexes_on(engine, claim, "candidate") == {"idx_session_runs_queue"}
+    else:
+        _assert_event_allocation_is_index_served(engine, claim)
 
 
 def test_a_rejecting_create_finds_active_runs_through_an_index(
@@ -241,3 +264,17 @@ def test_a_rejecting_create_finds_active_runs_through_an_index(
     (check,) = [s for s in capture.statements if "status IN ('queued'" in s.sql]
     accesses = _session_runs_accesses(engine, check)
     assert accesses and None not in accesses, accesses
+
+
+def test_create_and_its_event_are_index_served(engine: Engine, population: Population) -> None:
+    """``create``'s INSERT checks its session (and parent run) by key; on PostgreSQL the
+    same statement appends ``run_created`` through the session's seq index."""
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        body = {"session_id": population.session_id, "message": "plans"}
+        RunRepository(db).create(body, parent_run_id=population.run_ids[0])
+        db.rollback()
+    (create,) = [s for s in capture.statements if "INSERT INTO session_runs" in s.sql]
+    assert None not in _indexes_on(engine, create, "sessions")
+    assert None not in _session_runs_accesses(engine, create)
+    if engine.dialect.name == "postgresql":
+        _assert_event_allocation_is_index_served(engine, create)

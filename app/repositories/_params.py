@@ -33,13 +33,16 @@ def described(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def text_param(value: Any, name: str, *, max_length: int | None = None) -> str:
+def text_param(
+    value: Any, name: str, *, max_length: int | None = None, max_bytes: int | None = None
+) -> str:
     """A non-empty string the database can store (PostgreSQL refuses NUL characters;
     neither driver can encode a lone surrogate, which a decoded JSON body may carry),
-    within the size limit of ``app.types.max_json_bytes``."""
+    within the size limit of ``app.types.max_json_bytes`` (``max_bytes``: that limit,
+    read once by a caller checking many arguments)."""
     if not isinstance(value, str) or not value:
         raise BadParameterError(name, f"expected a non-empty string, got {described(value)}")
-    problem = text_problem(value) or text_size_problem(value)
+    problem = text_problem(value) or text_size_problem(value, max_bytes)
     if problem:
         raise BadParameterError(name, problem)
     if max_length is not None and len(value) > max_length:
@@ -47,16 +50,20 @@ def text_param(value: Any, name: str, *, max_length: int | None = None) -> str:
     return value
 
 
-def optional_text_param(value: Any, name: str, *, max_length: int | None = None) -> str | None:
-    return None if value is None else text_param(value, name, max_length=max_length)
+def optional_text_param(
+    value: Any, name: str, *, max_length: int | None = None, max_bytes: int | None = None
+) -> str | None:
+    if value is None:
+        return None
+    return text_param(value, name, max_length=max_length, max_bytes=max_bytes)
 
 
-def json_object_param(value: Any, name: str) -> dict[str, Any]:
+def json_object_param(value: Any, name: str, *, max_bytes: int | None = None) -> dict[str, Any]:
     """A JSON object both backends store verbatim; ``None`` means ``{}``."""
     if value is None:
         return {}
     try:
-        return ensure_json_object(value, name)
+        return ensure_json_object(value, name, max_bytes=max_bytes)
     except ValueError as exc:
         raise BadParameterError(name, str(exc)) from None
 

@@ -7,8 +7,6 @@ the ORM's loader builds them:
 
 * ``snapshots``: events are immutable log entries; a page of them is a list
   of instances in no session, which is all a reader needs;
-* ``detached``: an instance that behaves like a row loaded earlier (identity
-  key, JSON columns tracked), ready to ``session.add`` without an INSERT;
 * ``in_session``: what ``populate_existing`` loading gives: the session's own
   instance refreshed with the row, or a new one added to the session;
 * ``inserted``: what a flush gives for a row this transaction inserted: after a
@@ -22,10 +20,12 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, Executable
+from sqlalchemy import Connection, CursorResult, Executable
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Mapper, class_mapper, make_transient_to_detached
+from sqlalchemy.orm import Mapper, class_mapper
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.sql.compiler import Compiled
 from sqlmodel import Session as DbSession
 
 from app.repositories._driver_errors import domain_error
@@ -43,12 +43,67 @@ def execute_core(
     """
     session.flush()
     try:
-        return session.connection().execute(statement, params)
+        return _execute(session.connection(), statement, params)
     except DBAPIError as exc:
         error = domain_error(exc, params)
         if error is None:
             raise
     raise error
+
+
+_Plan = tuple[Executable, Compiled, Any, Any]
+_PLANS = "_run_layer_plans"
+"""Attribute of a dialect holding its plans (the compiled forms refer to the dialect,
+so a mapping keyed by dialects would keep every engine's dialect alive)."""
+
+
+def plans_of(dialect: Dialect) -> dict[tuple[int, tuple[str, ...]], _Plan]:
+    plans = getattr(dialect, _PLANS, None)
+    if plans is None:
+        plans = {}
+        setattr(dialect, _PLANS, plans)
+    return plans
+
+
+def _execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Any:
+    """``connection.execute(statement, params)``, with the statement compiled once.
+
+    ``Connection.execute`` looks the compiled form up in the engine's cache on every
+    call (the cache key of a statement with CTEs is a deep tuple, hashed each time).
+    The repositories' statements are module constants, so the first execution's
+    compiled form is kept per dialect and parameter names, and later executions go
+    to ``Connection._execute_context`` with it, as ``_execute_clauseelement`` does
+    after a cache hit (private SQLAlchemy API; tests/test_sqlalchemy_contract.py).
+    A connection or engine with event listeners (before_execute, the statement
+    capture of the tests) or schema translation takes the public path.
+    """
+    options = connection._execution_options
+    if connection._has_events or connection.engine._has_events or options:
+        return connection.execute(statement, params)
+    dialect = connection.dialect
+    plans = plans_of(dialect)
+    key = (id(statement), tuple(sorted(params)))
+    plan = plans.get(key)
+    if plan is None or plan[0] is not statement:
+        result = connection.execute(statement, params)
+        _cache_key, extracted, param_dict = statement._generate_cache_key()  # type: ignore[attr-defined,misc]
+        plans[key] = (statement, result.context.compiled, extracted, param_dict)
+        return result
+    _, compiled, extracted, param_dict = plan
+    parameters = [params]
+    return connection._execute_context(
+        dialect,
+        dialect.execution_ctx_cls._init_compiled,
+        compiled,
+        parameters,
+        statement._execution_options,  # type: ignore[attr-defined]
+        compiled,
+        parameters,
+        statement,
+        extracted,
+        cache_hit=dialect.CACHE_HIT,
+        param_dict=param_dict,
+    )
 
 
 @cache
@@ -76,13 +131,12 @@ def snapshots(model: type[M], columns: tuple[str, ...], rows: Iterable[Any]) -> 
     return instances
 
 
-def detached(model: type[M], values: Mapping[str, Any]) -> M:
-    """An instance holding ``values`` (every column), as if loaded in an earlier session."""
-    (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
-    make_transient_to_detached(instance)
+def _instance(model: type[M], values: Mapping[str, Any]) -> tuple[M, Any]:
+    """A bare instance holding ``values`` (no attribute events, nothing tracked yet)."""
+    instance = _mapper(model).class_manager.new_instance()
     state = instance_state(instance)
-    state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
-    return instance
+    state.dict.update(values)
+    return instance, state
 
 
 def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M:
@@ -90,11 +144,12 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
 
     It is registered as the ORM's flush registers the rows it inserts
     (``Session._register_persistent``; no public API does this), so a rollback
-    expunges it with its values intact instead of expiring it.
+    expunges it with its values intact instead of expiring it. It joins the
+    session without ``session.add``'s cascade walk (``Session._save_impl``): its
+    related objects are not loaded, so the walk finds nothing.
     """
-    (instance,) = snapshots(model, tuple(values), [tuple(values.values())])
-    state = instance_state(instance)
-    session.add(instance)
+    instance, state = _instance(model, values)
+    session._save_impl(state)
     session._register_persistent({state})
     state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
     return instance
@@ -103,7 +158,9 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
 def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row: Any) -> M:
     """The session's instance for ``row``, refreshed with it; a new one joins the session.
 
-    The session must hold no pending change to it (``execute_core`` flushes).
+    The session must hold no pending change to it (``execute_core`` flushes). A
+    new one is attached as ``session.add`` attaches a detached instance, without
+    the cascade walk (``Session._update_impl``; its related objects are not loaded).
     """
     values = dict(zip(columns, row, strict=True))
     key = _mapper(model).identity_key_from_primary_key(
@@ -111,8 +168,10 @@ def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row
     )
     existing = session.identity_map.get(key)
     if existing is None:
-        instance = detached(model, values)
-        session.add(instance)
+        instance, state = _instance(model, values)
+        state.key = key  # what make_transient_to_detached does for a fully loaded row
+        session._update_impl(state)
+        state.manager.dispatch.load(state, None)  # JSON columns become tracked
         return instance
     for name, value in values.items():
         set_committed_value(existing, name, value)

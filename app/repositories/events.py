@@ -71,7 +71,7 @@ from app.repositories._sql import (
     insert_for,
 )
 from app.state_machine import RUN_SCOPED_EVENT_TYPES
-from app.types import utc_now
+from app.types import max_json_bytes, utc_now
 
 EVENTS = SessionEvent.__table__
 SEQUENCES = SessionEventSequence.__table__
@@ -287,7 +287,8 @@ class EventRepository:
             raise BadParameterError("events", f"expected a sequence of events, got {events!r}")
         if len(events) > MAX_BATCH:
             raise BadParameterError("events", f"at most {MAX_BATCH} per call, got {len(events)}")
-        items = [_batch_item(index, item) for index, item in enumerate(events)]
+        limit = max_json_bytes()  # read once for the batch, not three times an item
+        items = [_batch_item(index, item, limit) for index, item in enumerate(events)]
         firsts: dict[str, dict[str, Any]] = {}
         unique = []
         for item in items:
@@ -436,6 +437,33 @@ class EventRepository:
                 self._raise_not_found(session_id, run_id)
         self._raise_not_found(session_id, None)
 
+    def adopt(
+        self,
+        new_id: int,
+        session_id: str,
+        seq: int,
+        type: str,
+        payload: dict[str, Any],
+        run_id: str,
+        now: datetime,
+    ) -> SessionEvent:
+        """The event another repository's statement inserted (``RunRepository``'s
+        one-statement transitions on PostgreSQL), in the session as ``append`` leaves it."""
+        params = {
+            "session_id": session_id,
+            "type": type,
+            "payload": payload,
+            "source": EventSource.SESSION.value,
+            "now": now,
+            "run_id": run_id,
+            "event_id": None,
+        }
+        return self._stored(new_id, seq, params)
+
+    def give_back(self, session_id: str, seq: int, now: datetime) -> None:
+        """Undo an allocation whose insert collided (see ``_give_back``)."""
+        self._give_back(session_id, seq, now)
+
     def _give_back(self, session_id: str, seq: int, now: datetime) -> None:
         """Undo an allocation whose insert collided; this transaction still holds the row."""
         params = {"counter_session_id": session_id, "seq": seq, "now": now}
@@ -484,7 +512,7 @@ _BATCH_LOOKUP = select(SessionEvent).where(
 _RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID))
 
 
-def _batch_item(index: int, item: NewEvent | Mapping[str, Any]) -> dict[str, Any]:
+def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> dict[str, Any]:
     """``item`` checked as ``append`` checks its arguments; errors name ``events[index]``."""
     where = f"events[{index}]"
     if isinstance(item, Mapping):
@@ -498,12 +526,17 @@ def _batch_item(index: int, item: NewEvent | Mapping[str, Any]) -> dict[str, Any
         raise BadParameterError(where, f"expected a NewEvent or a mapping, got {item!r}")
     fields = {name: getattr(item, name) for name in NewEvent.__slots__}
     return {
-        "type": text_param(fields["type"], f"{where}.type", max_length=TYPE_MAX_LENGTH),
-        "payload": json_object_param(fields["payload"], f"{where}.payload"),
+        "type": text_param(
+            fields["type"], f"{where}.type", max_length=TYPE_MAX_LENGTH, max_bytes=limit
+        ),
+        "payload": json_object_param(fields["payload"], f"{where}.payload", max_bytes=limit),
         "source": enum_param(EventSource, fields["source"], f"{where}.source").value,
-        "run_id": optional_text_param(fields["run_id"], f"{where}.run_id"),
+        "run_id": optional_text_param(fields["run_id"], f"{where}.run_id", max_bytes=limit),
         "event_id": optional_text_param(
-            fields["event_id"], f"{where}.event_id", max_length=EVENT_ID_MAX_LENGTH
+            fields["event_id"],
+            f"{where}.event_id",
+            max_length=EVENT_ID_MAX_LENGTH,
+            max_bytes=limit,
         ),
     }
 

@@ -26,9 +26,11 @@ from sqlalchemy import (
     String,
     Update,
     bindparam,
+    cast,
     delete,
     exists,
     func,
+    literal,
     literal_column,
     or_,
     select,
@@ -36,6 +38,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql
 from sqlmodel import Session as DbSession
 
 from app.errors import (
@@ -50,11 +53,14 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.models import (
+    EventSource,
     IdempotencyScope,
     MultitaskStrategy,
     RunOptions,
     RunStatus,
     Session,
+    SessionEvent,
+    SessionEventSequence,
     SessionRun,
     TriggerSource,
     new_id,
@@ -76,7 +82,16 @@ from app.repositories._params import (
     text_param,
 )
 from app.repositories._rows import execute_core, in_session, inserted
-from app.repositories._sql import LIMIT, NOW, RUN_ID, SESSION_EXISTS, SESSION_ID, merge_metrics
+from app.repositories._sql import (
+    EVENTS_CHANNEL,
+    LIMIT,
+    NOW,
+    POSTGRESQL,
+    RUN_ID,
+    SESSION_EXISTS,
+    SESSION_ID,
+    merge_metrics,
+)
 from app.repositories.events import EventRepository
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
@@ -94,6 +109,8 @@ from app.state_machine import (
 from app.types import UTCDateTime, is_name, utc_now
 
 RUNS = SessionRun.__table__
+EVENTS = SessionEvent.__table__
+SEQUENCES = SessionEventSequence.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING_INPUT})
@@ -201,11 +218,82 @@ def _loading(statement: Any) -> Executable:
     return statement.returning(*RUNS.c)
 
 
+def _with_lifecycle_event(statement: Any) -> Executable:
+    """PostgreSQL: ``statement`` (an INSERT or UPDATE of one run) and its lifecycle
+    event in **one** statement, with data-modifying CTEs: one round trip instead of two.
+
+    The event is ``EventRepository.append``'s, for the run the statement returned: the
+    session's counter row is upserted (locked after the run row, the layer's lock
+    order) to ``max(next_seq, MAX(seq) + 1) + 1``, the event inserted with
+    ``ON CONFLICT DO NOTHING`` and the commit notice sent. Parameters: the
+    statement's, plus ``event_type`` and ``event_payload``. Returns the run's columns,
+    then ``event_seq`` (NULL when no run was written) and ``event_row_id`` (NULL when
+    the insert collided; the caller then gives the number back and appends again).
+    """
+    moved = statement.returning(*RUNS.c).cte("moved")
+    free = (
+        select((func.coalesce(func.max(EVENTS.c.seq), 0) + 1).label("next_free"))
+        .where(EVENTS.c.session_id == select(moved.c.session_id).scalar_subquery())
+        .cte("free")
+    )
+    upsert = postgresql.insert(SEQUENCES).from_select(
+        ["session_id", "next_seq", "updated_at"],
+        select(moved.c.session_id, free.c.next_free + 1, NOW).select_from(moved.join(free, true())),
+    )
+    # excluded.next_seq is MAX(seq) + 2: the same as append's
+    # greatest(next_seq, MAX(seq) + 1) + 1, without a subquery in the SET clause.
+    allocated = (
+        upsert.on_conflict_do_update(
+            index_elements=[SEQUENCES.c.session_id],
+            set_={
+                "next_seq": func.greatest(SEQUENCES.c.next_seq + 1, upsert.excluded.next_seq),
+                "updated_at": upsert.excluded.updated_at,
+            },
+        )
+        .returning(SEQUENCES.c.session_id, (SEQUENCES.c.next_seq - 1).label("seq"))
+        .cte("allocated")
+    )
+    inserted = (
+        postgresql.insert(EVENTS)
+        .from_select(
+            ["session_id", "seq", "type", "payload", "source", "created_at", "run_id"],
+            select(
+                allocated.c.session_id,
+                allocated.c.seq,
+                bindparam("event_type", type_=String()),
+                bindparam("event_payload", type_=EVENTS.c.payload.type),
+                cast(literal(EventSource.SESSION.value, String()), EVENTS.c.source.type),
+                NOW,
+                moved.c.id,
+            ).select_from(allocated.join(moved, true())),
+        )
+        .on_conflict_do_nothing()
+        .returning(EVENTS.c.id)
+        .cte("inserted")
+    )
+    notified = (
+        select(func.pg_notify(literal(EVENTS_CHANNEL, String()), allocated.c.session_id))
+        .select_from(allocated)
+        .cte("notified")
+    )
+    return select(
+        *moved.c,
+        allocated.c.seq.label("event_seq"),
+        inserted.c.id.label("event_row_id"),
+    ).select_from(
+        moved.outerjoin(allocated, true()).outerjoin(notified, true()).outerjoin(inserted, true())
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Statements:
     create: Executable
     by_id: Executable
     transitions: dict[str, Executable]
+    # PostgreSQL: the same with their lifecycle event in one statement; SQLite: None
+    create_with_event: Executable | None
+    transitions_with_event: dict[str, Executable] | None
+    claim_with_event: Executable | None
     claim: Executable
     heartbeat: Executable
     heartbeat_leased: Executable
@@ -282,20 +370,28 @@ def _statements(dialect: str) -> _Statements:
             pages[filtered, after_cursor] = page.order_by(*newest_first).limit(LIMIT)
 
     other = RUNS.alias("other")
+    transitions = {
+        transition.name: _transition_update(dialect, transition).where(RUNS.c.id == RUN_ID)
+        for transition in TRANSITIONS
+    }
+    claim = (
+        _transition_update(dialect, START)
+        .where(RUNS.c.id == _next_claimable())
+        .values(worker_id=worker_id, lease_expires_at=lease_expires_at)
+    )
+    one_statement = dialect == POSTGRESQL
     return _Statements(
         create=_loading(create),
         by_id=select(*RUNS.c).where(RUNS.c.id == RUN_ID),
-        transitions={
-            transition.name: _loading(
-                _transition_update(dialect, transition).where(RUNS.c.id == RUN_ID)
-            )
-            for transition in TRANSITIONS
-        },
-        claim=_loading(
-            _transition_update(dialect, START)
-            .where(RUNS.c.id == _next_claimable())
-            .values(worker_id=worker_id, lease_expires_at=lease_expires_at)
+        transitions={name: _loading(update) for name, update in transitions.items()},
+        create_with_event=_with_lifecycle_event(create) if one_statement else None,
+        transitions_with_event=(
+            {name: _with_lifecycle_event(update) for name, update in transitions.items()}
+            if one_statement
+            else None
         ),
+        claim_with_event=_with_lifecycle_event(claim) if one_statement else None,
+        claim=_loading(claim),
         heartbeat=_loading(
             update(RUNS)
             .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
@@ -626,11 +722,13 @@ class RunRepository:
         params = {"worker": worker_id, "lease_until": _after(now, lease, "lease"), "now": now}
         # Only a ``start`` of another run of the same session at the same moment can
         # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
+        event = {"worker_id": worker_id}
+        if self._sql.claim_with_event is not None:
+            params |= {"event_type": START.event_type.value, "event_payload": event}
+            return self._run_with_event(self._sql.claim_with_event, params, START.event_type, event)
         run = self._run(self._sql.claim, params)
         if run is not None:
-            self._events.append(
-                run.session_id, START.event_type, {"worker_id": worker_id}, run_id=run.id
-            )
+            self._events.append(run.session_id, START.event_type, event, run_id=run.id)
         return run
 
     def heartbeat(
@@ -788,14 +886,19 @@ class RunRepository:
             "checkpoint_ns": checkpoint_ns,
             "now": utc_now(),
         }
-        row = execute_core(self._session, self._sql.create, params).one_or_none()
+        event = {"trigger_source": trigger_source.value, "parent_run_id": parent_run_id}
+        one_statement = self._sql.create_with_event
+        statement = self._sql.create if one_statement is None else one_statement
+        if one_statement is not None:
+            params |= {"event_type": RunEventType.RUN_CREATED.value, "event_payload": event}
+        row = execute_core(self._session, statement, params).one_or_none()
         if row is None:
             if not self._session.scalar(SESSION_EXISTS, {"session_id": session_id}):
                 raise SessionNotFoundError(session_id)
             raise RunNotFoundError(str(parent_run_id), session_id=session_id)
-        run = inserted(self._session, SessionRun, dict(zip(RUN_COLUMNS, row, strict=True)))
-        event = {"trigger_source": trigger_source.value, "parent_run_id": parent_run_id}
-        self._events.append(session_id, RunEventType.RUN_CREATED, event, run_id=run_id)
+        values = dict(zip(RUN_COLUMNS, row, strict=False))
+        run = inserted(self._session, SessionRun, values)
+        self._lifecycle_event(run, RunEventType.RUN_CREATED, event, row, params["now"])
         return run
 
     def _transition(
@@ -828,9 +931,15 @@ class RunRepository:
         """
         params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
         event_payload = event_payload_param(event_payload)
-        statement = self._sql.transitions[transition.name]
         try:
-            run = self._run(statement, params)
+            if self._sql.transitions_with_event is not None:
+                statement = self._sql.transitions_with_event[transition.name]
+                params |= {
+                    "event_type": transition.event_type.value,
+                    "event_payload": event_payload,
+                }
+                return self._run_with_event(statement, params, transition.event_type, event_payload)
+            run = self._run(self._sql.transitions[transition.name], params)
             if run is not None:
                 self._events.append(
                     run.session_id, transition.event_type, event_payload, run_id=run.id
@@ -849,6 +958,41 @@ class RunRepository:
     def _raise_active_run_exists(self, run_id: str) -> NoReturn:
         row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
         raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
+
+    def _run_with_event(
+        self,
+        statement: Executable,
+        params: dict[str, Any],
+        event_type: str,
+        event_payload: dict[str, Any],
+    ) -> SessionRun | None:
+        """``_run`` of a ``_with_lifecycle_event`` statement, and its event in the session."""
+        row = execute_core(self._session, statement, params).one_or_none()
+        if row is None:
+            return None
+        run = in_session(self._session, SessionRun, RUN_COLUMNS, row[: len(RUN_COLUMNS)])
+        self._lifecycle_event(run, event_type, event_payload, row, params["now"])
+        return run
+
+    def _lifecycle_event(
+        self,
+        run: SessionRun,
+        event_type: str,
+        payload: dict[str, Any],
+        row: Any,
+        now: datetime,
+    ) -> None:
+        """The event of a run's change: written by the same statement (PostgreSQL),
+        else, or when that insert collided with a v0.7 writer's seq, by ``append``."""
+        if len(row) > len(RUN_COLUMNS):
+            seq, event_row_id = row[len(RUN_COLUMNS)], row[len(RUN_COLUMNS) + 1]
+            if event_row_id is not None:
+                self._events.adopt(
+                    event_row_id, run.session_id, seq, event_type, payload, run.id, now
+                )
+                return
+            self._events.give_back(run.session_id, seq, now)
+        self._events.append(run.session_id, event_type, payload, run_id=run.id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
         """One row of a Core statement as the session's run (see ``app.repositories._rows``).

@@ -1,0 +1,120 @@
+"""The layer's transaction rules as dialect methods, not engine events.
+
+Any ``ConnectionEvents`` listener on an engine (``begin``, ``commit``, ...)
+makes SQLAlchemy check for event dispatch at every execute, begin and commit
+of every connection of that engine; with the listeners that ``app.db`` used
+to install, that cost 12-28 % of each SQLite operation (docs/benchmarks.md).
+The same rules are now methods of the engine's dialect, which SQLAlchemy
+calls anyway (``Dialect.do_begin`` / ``Dialect.do_commit``, its documented
+hooks for "provide an implementation of connection.begin() / commit()"):
+
+* SQLite: ``do_begin`` emits ``BEGIN IMMEDIATE`` (``app.db`` turns the
+  driver's own transaction handling off). A connection or engine that asks
+  for another mode with the execution option ``sqlite_begin`` gets a
+  ``begin`` listener of its own (only it pays for events), which emits
+  ``BEGIN <mode>`` first; ``do_begin`` then finds the transaction open.
+* Both: ``do_commit`` refuses with ``TransactionAbortedError`` when the
+  database already rolled the transaction back (SQLite after SQLITE_FULL,
+  SQLITE_IOERR, ...; PostgreSQL after a failed statement, where COMMIT would
+  answer ROLLBACK and psycopg would raise nothing).
+
+``install(engine)`` gives the engine's dialect these methods by making it an
+instance of a subclass of its own class (made once per dialect class), so the
+URL, the driver and everything else about the dialect stay as they were.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from psycopg.pq import TransactionStatus
+from sqlalchemy import Engine, event
+from sqlalchemy.engine.interfaces import Dialect
+
+from app.errors import TransactionAbortedError
+
+SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+SQLITE_BEGIN = "sqlite_begin"
+
+
+def _sqlite_begin_mode(options: Any) -> str:
+    mode = str(options.get(SQLITE_BEGIN, "IMMEDIATE")).upper()
+    if mode not in SQLITE_BEGIN_MODES:
+        raise ValueError(f"sqlite_begin must be one of {sorted(SQLITE_BEGIN_MODES)}, got {mode!r}")
+    return mode
+
+
+def _begin_in_requested_mode(connection: Any) -> None:
+    """``begin`` listener of a connection or engine with the ``sqlite_begin`` option."""
+    mode = _sqlite_begin_mode(connection.get_execution_options())
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _sqlite_rules(base: type[Any]) -> type[Any]:
+    class RunLayerSQLiteDialect(base):  # type: ignore[misc,valid-type]
+        """The pysqlite dialect with the layer's rules (see module docstring)."""
+
+        supports_statement_cache = True
+
+        def do_begin(self, dbapi_connection: Any) -> None:
+            driver = dbapi_connection.dbapi_connection
+            if not driver.in_transaction:  # else a ``sqlite_begin`` listener has begun it
+                driver.execute("BEGIN IMMEDIATE")
+
+        def do_commit(self, dbapi_connection: Any) -> None:
+            # SQLite rolls a transaction back by itself after some errors (SQLITE_FULL,
+            # SQLITE_IOERR, SQLITE_BUSY, ...); COMMIT would then succeed on nothing.
+            if not dbapi_connection.dbapi_connection.in_transaction:
+                raise TransactionAbortedError("SQLite rolled it back after an error")
+            super().do_commit(dbapi_connection)
+
+        def set_engine_execution_options(self, engine: Any, opts: Any) -> None:
+            super().set_engine_execution_options(engine, opts)
+            _listen_for_begin_mode(engine, opts)
+
+        def set_connection_execution_options(self, connection: Any, opts: Any) -> None:
+            super().set_connection_execution_options(connection, opts)
+            _listen_for_begin_mode(connection, opts)
+
+    return RunLayerSQLiteDialect
+
+
+def _listen_for_begin_mode(target: Any, opts: Any) -> None:
+    if SQLITE_BEGIN in opts and not event.contains(target, "begin", _begin_in_requested_mode):
+        event.listen(target, "begin", _begin_in_requested_mode)
+
+
+def _postgresql_rules(base: type[Any]) -> type[Any]:
+    class RunLayerPostgreSQLDialect(base):  # type: ignore[misc,valid-type]
+        """The psycopg dialect with the layer's COMMIT guard (see module docstring)."""
+
+        supports_statement_cache = True
+
+        def do_commit(self, dbapi_connection: Any) -> None:
+            status = dbapi_connection.dbapi_connection.info.transaction_status
+            if status == TransactionStatus.INERROR:
+                raise TransactionAbortedError("a statement in it failed")
+            super().do_commit(dbapi_connection)
+
+    return RunLayerPostgreSQLDialect
+
+
+_RULES = "_run_layer_rules"
+
+
+@cache
+def _with_rules(dialect_class: type[Dialect]) -> type[Dialect]:
+    """A direct subclass (same instance layout, so ``__class__`` may be assigned)."""
+    subclass = (_sqlite_rules if dialect_class.name == "sqlite" else _postgresql_rules)(
+        dialect_class
+    )
+    setattr(subclass, _RULES, True)
+    return subclass
+
+
+def install(engine: Engine) -> None:
+    """Give ``engine``'s dialect the layer's ``do_begin`` / ``do_commit`` (module docstring)."""
+    dialect = engine.dialect
+    if not getattr(dialect, _RULES, False):
+        dialect.__class__ = _with_rules(type(dialect))
