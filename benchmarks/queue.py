@@ -562,7 +562,7 @@ class RawClaims:
         self._claim = claim
         self._complete = complete
         self._claim_index = next(
-            index for index, s in enumerate(claim.statements) if s.sql.startswith("UPDATE")
+            index for index, s in enumerate(claim.statements) if _claims(s.sql)
         )
         self._id_column = claim_columns.index("id")
         self._session_column = claim_columns.index("session_id")
@@ -650,6 +650,12 @@ def _ahead(offset: timedelta, as_text: bool) -> Any:
     return lambda _ids, _previous: datetime.now(UTC) + offset
 
 
+def _claims(sql: str) -> bool:
+    """The claim's UPDATE: alone (SQLite) or leading the one statement that also appends
+    ``run_started`` (PostgreSQL: ``WITH moved AS (UPDATE session_runs ...``)."""
+    return sql.lstrip().startswith(("UPDATE session_runs", "WITH moved AS \n(UPDATE session_runs"))
+
+
 def measure_claim_cost(
     backend: str,
     url: str,
@@ -666,22 +672,26 @@ def measure_claim_cost(
     engine = create_db_engine(url)
     upgrade(engine)
     queue = seed_queue(engine, sessions=sessions, runs=depth + 1, analyze=analyze)
-    # The recording: one claim_next and one complete through the repository.
-    with capture_statements(engine) as capture:
-        with unit_of_work(engine) as db:
+    # The recording: one claim_next and one complete through the repository, on an
+    # engine of its own (see benchmarks.overhead: an engine that ever had a
+    # cursor-event listener keeps paying for event dispatch).
+    recorder = create_db_engine(url)
+    with capture_statements(recorder) as capture:
+        with unit_of_work(recorder) as db:
             recorded = RunRepository(db).claim_next(RAW_WORKER)
     assert recorded is not None
     recorded_ids = Ids(run=recorded.id, session=recorded.session_id)
     claim_script = _later_timestamps(
         make_script(capture.statements, recorded_ids), capture.statements
     )
-    claim_update = next(s for s in capture.statements if s.sql.startswith("UPDATE"))
+    claim_update = next(s for s in capture.statements if _claims(s.sql))
     claim_columns = claim_update.result_columns
     plan = _plan(engine, claim_update)
-    with capture_statements(engine) as capture:
-        with unit_of_work(engine) as db:
+    with capture_statements(recorder) as capture:
+        with unit_of_work(recorder) as db:
             RunRepository(db).complete(recorded.id, METRICS)
     complete_script = make_script(capture.statements, recorded_ids)
+    recorder.dispose()
 
     raw_engine = create_db_engine(url, poolclass=NullPool)
     pooled = raw_engine.raw_connection()
