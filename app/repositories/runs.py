@@ -722,14 +722,13 @@ class RunRepository:
         params = {"worker": worker_id, "lease_until": _after(now, lease, "lease"), "now": now}
         # Only a ``start`` of another run of the same session at the same moment can
         # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
-        event = {"worker_id": worker_id}
-        if self._sql.claim_with_event is not None:
-            params |= {"event_type": START.event_type.value, "event_payload": event}
-            return self._run_with_event(self._sql.claim_with_event, params, START.event_type, event)
-        run = self._run(self._sql.claim, params)
-        if run is not None:
-            self._events.append(run.session_id, START.event_type, event, run_id=run.id)
-        return run
+        return self._change(
+            self._sql.claim,
+            self._sql.claim_with_event,
+            params,
+            START.event_type,
+            {"worker_id": worker_id},
+        )
 
     def heartbeat(
         self, run_id: str, *, worker_id: str | None = None, lease: timedelta = DEFAULT_LEASE
@@ -931,20 +930,15 @@ class RunRepository:
         """
         params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
         event_payload = event_payload_param(event_payload)
+        with_event = self._sql.transitions_with_event
         try:
-            if self._sql.transitions_with_event is not None:
-                statement = self._sql.transitions_with_event[transition.name]
-                params |= {
-                    "event_type": transition.event_type.value,
-                    "event_payload": event_payload,
-                }
-                return self._run_with_event(statement, params, transition.event_type, event_payload)
-            run = self._run(self._sql.transitions[transition.name], params)
-            if run is not None:
-                self._events.append(
-                    run.session_id, transition.event_type, event_payload, run_id=run.id
-                )
-            return run
+            return self._change(
+                self._sql.transitions[transition.name],
+                None if with_event is None else with_event[transition.name],
+                params,
+                transition.event_type,
+                event_payload,
+            )
         except ConflictError as exc:
             if transition.target is not RunStatus.RUNNING or isinstance(exc, ActiveRunExistsError):
                 raise
@@ -959,14 +953,20 @@ class RunRepository:
         row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
         raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
 
-    def _run_with_event(
+    def _change(
         self,
         statement: Executable,
+        with_event: Executable | None,
         params: dict[str, Any],
-        event_type: str,
+        event_type: RunEventType,
         event_payload: dict[str, Any],
     ) -> SessionRun | None:
-        """``_run`` of a ``_with_lifecycle_event`` statement, and its event in the session."""
+        """A run's change and its lifecycle event: ``with_event`` (PostgreSQL: one
+        statement that also writes the event) when the dialect has it, else
+        ``statement`` and then ``append``; the run as the session's, or None."""
+        if with_event is not None:
+            statement = with_event
+            params = {**params, "event_type": event_type.value, "event_payload": event_payload}
         row = execute_core(self._session, statement, params).one_or_none()
         if row is None:
             return None
