@@ -10,9 +10,12 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   engine carries no connection-event listener, because any listener makes
   SQLAlchemy check for event dispatch at every execute (``Engine._has_events``,
   private: the reason for the gain, asserted here).
-* ``app.repositories._rows._execute``: a statement's compiled form kept and
-  executed with ``Connection._execute_context`` (private), as SQLAlchemy does
-  after a cache hit.
+* ``app.repositories._driver``: statements replayed on the driver connection
+  from what SQLAlchemy compiled (``SQLCompiler.positiontup``, ``bind_names``,
+  ``escaped_bind_names``, ``has_out_parameters``: public attributes), taken only
+  when nothing observes execution (``Connection._echo``, ``_has_events``,
+  ``_execution_options``, ``Dialect._has_events``: private), and a driver error
+  handed to ``Connection._handle_dbapi_exception`` (private).
 * ``app.repositories._rows``: ORM internals with no public equivalent
   (``Session._register_persistent``, ``_save_impl``, ``_update_impl``; the instance
   state's ``load`` / ``refresh`` dispatch; ``ClassManager.new_instance``).
@@ -107,23 +110,27 @@ def test_the_orm_internals_of_rows_are_there() -> None:
     assert callable(state.manager.dispatch.refresh)
 
 
-def test_precompiled_execution_matches_connection_execute(engine: Engine) -> None:
-    """``app.repositories._rows._execute``: the second execution of a statement goes
-    through ``Connection._execute_context`` with the first one's compiled form
-    (private: ``_execute_context``, ``execution_ctx_cls._init_compiled``,
-    ``Dialect.CACHE_HIT``, ``_generate_cache_key``, ``CursorResult.context.compiled``)."""
-    from app.repositories import _rows
+def test_what_the_driver_path_reads_of_sqlalchemy_is_there(engine: Engine) -> None:
+    """``app.repositories._driver``: the attributes it reads to decide, and the error
+    handler it calls (tests/test_driver_path.py checks what it sends and reads)."""
     from app.repositories._sql import RUN_EXISTS
 
-    assert callable(getattr(Connection, "_execute_context", None))
-    assert callable(getattr(engine.dialect.execution_ctx_cls, "_init_compiled", None))
-    _key, _extracted, _param_dict = RUN_EXISTS._generate_cache_key()
+    parameters = list(inspect.signature(Connection._handle_dbapi_exception).parameters)
+    assert parameters[:6] == ["self", "e", "statement", "parameters", "cursor", "context"], (
+        "Connection._handle_dbapi_exception (private) changed: app.repositories._driver"
+    )
     with engine.connect() as conn:
-        first = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"}).scalar()
-        plans = _rows.plans_of(engine.dialect)
-        assert any(plan[0] is RUN_EXISTS for plan in plans.values())
-        again = _rows._execute(conn, RUN_EXISTS, {"run_id": "nope"})
-        assert again.context.compiled is next(
-            plan[1] for plan in plans.values() if plan[0] is RUN_EXISTS
-        )
-        assert first is again.scalar() is False
+        for name in ("_echo", "_has_events", "_execution_options"):
+            assert hasattr(conn, name), (
+                f"Connection.{name} (private) is gone: app.repositories._driver"
+            )
+        assert conn.engine._has_events is False
+        assert conn.dialect._has_events is False
+        result = conn.execute(RUN_EXISTS, {"run_id": "nope"})
+        compiled = result.context.compiled
+        assert isinstance(compiled.bind_names, dict)
+        assert isinstance(compiled.escaped_bind_names, dict)
+        assert compiled.has_out_parameters is False
+        assert compiled.positional == (engine.dialect.paramstyle == "qmark")
+        if compiled.positional:
+            assert list(compiled.positiontup) == ["run_id"]

@@ -1,7 +1,7 @@
 """The one place that turns a statement's driver error into a domain error.
 
 A driver error's text carries the SQL and its parameters, payloads included;
-none may leave the layer. ``app.repositories._rows.execute_core`` runs every
+none may leave the layer. ``app.repositories._driver.execute_core`` runs every
 statement that writes and hands its ``DBAPIError`` here. The domain error is
 built from the statement's id parameters (``session_id``, ``run_id``,
 ``parent_run_id``) and the constraint the database names, never from the

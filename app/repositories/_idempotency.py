@@ -35,8 +35,8 @@ from sqlmodel import Session as DbSession
 
 from app.errors import BadParameterError, IdempotencyKeyReusedError
 from app.models import IdempotencyKey, IdempotencyScope, Session, SessionRun
+from app.repositories._driver import execute_core
 from app.repositories._params import text_param
-from app.repositories._rows import execute_core
 from app.repositories._sql import NOW, insert_for
 from app.types import UTCDateTime
 
@@ -183,11 +183,12 @@ class IdempotencyKeys:
         if execute_core(self._session, self._sql.claim[scope], params).first() is not None:
             return Claim(owned=True)
         stored = execute_core(self._session, self._sql.lookup, params).first()
-        if stored is None or stored.run_id is None:
+        if stored is None or stored[1] is None:
             return Claim(owned=False)
-        if stored.request_hash != fingerprint:
+        stored_hash, run_id = stored
+        if stored_hash != fingerprint:
             raise IdempotencyKeyReusedError(scope.value, scope_id)
-        return Claim(owned=False, replay_run_id=stored.run_id)
+        return Claim(owned=False, replay_run_id=run_id)
 
     def record(self, scope: IdempotencyScope, scope_id: str, key: str, run_id: str) -> None:
         params = {"key_scope": scope, "key_owner": scope_id, "key_text": key}

@@ -1,9 +1,9 @@
-"""Core statements on the session's connection, and model instances from their rows.
+"""Model instances from the rows of the repositories' statements.
 
 The ORM's loading (row loaders, identity map bookkeeping, the table model's
 constructor) cost more than the SQL on the hot paths (see ``benchmarks/``).
-The repositories run prebuilt Core statements and build instances the way
-the ORM's loader builds them:
+The repositories run prebuilt Core statements (``app.repositories._driver``)
+and build instances from their rows the way the ORM's loader builds them:
 
 * ``snapshots``: events are immutable log entries; a page of them is a list
   of instances in no session, which is all a reader needs;
@@ -20,90 +20,11 @@ from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, CursorResult, Executable
-from sqlalchemy.engine.interfaces import Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper, class_mapper
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
-from sqlalchemy.sql.compiler import Compiled
 from sqlmodel import Session as DbSession
 
-from app.repositories._driver_errors import domain_error
-
 M = TypeVar("M")
-
-
-def execute_core(
-    session: DbSession, statement: Executable, params: dict[str, Any]
-) -> CursorResult[Any]:
-    """A Core statement on the session's connection, after the session's pending changes.
-
-    A driver error becomes a domain error (``_driver_errors``), raised outside the
-    ``except`` block so that no chained exception carries the statement's parameters.
-    """
-    session.flush()
-    try:
-        return _execute(session.connection(), statement, params)
-    except DBAPIError as exc:
-        error = domain_error(exc, params)
-        if error is None:
-            raise
-    raise error
-
-
-_Plan = tuple[Executable, Compiled, Any, Any]
-_PLANS = "_run_layer_plans"
-"""Attribute of a dialect holding its plans (the compiled forms refer to the dialect,
-so a mapping keyed by dialects would keep every engine's dialect alive)."""
-
-
-def plans_of(dialect: Dialect) -> dict[tuple[int, tuple[str, ...]], _Plan]:
-    plans = getattr(dialect, _PLANS, None)
-    if plans is None:
-        plans = {}
-        setattr(dialect, _PLANS, plans)
-    return plans
-
-
-def _execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Any:
-    """``connection.execute(statement, params)``, with the statement compiled once.
-
-    ``Connection.execute`` looks the compiled form up in the engine's cache on every
-    call (the cache key of a statement with CTEs is a deep tuple, hashed each time).
-    The repositories' statements are module constants, so the first execution's
-    compiled form is kept per dialect and parameter names, and later executions go
-    to ``Connection._execute_context`` with it, as ``_execute_clauseelement`` does
-    after a cache hit (private SQLAlchemy API; tests/test_sqlalchemy_contract.py).
-    A connection or engine with event listeners (before_execute, the statement
-    capture of the tests) or schema translation takes the public path.
-    """
-    options = connection._execution_options
-    if connection._has_events or connection.engine._has_events or options:
-        return connection.execute(statement, params)
-    dialect = connection.dialect
-    plans = plans_of(dialect)
-    key = (id(statement), tuple(sorted(params)))
-    plan = plans.get(key)
-    if plan is None or plan[0] is not statement:
-        result = connection.execute(statement, params)
-        _cache_key, extracted, param_dict = statement._generate_cache_key()  # type: ignore[attr-defined,misc]
-        plans[key] = (statement, result.context.compiled, extracted, param_dict)
-        return result
-    _, compiled, extracted, param_dict = plan
-    parameters = [params]
-    return connection._execute_context(
-        dialect,
-        dialect.execution_ctx_cls._init_compiled,
-        compiled,
-        parameters,
-        statement._execution_options,  # type: ignore[attr-defined]
-        compiled,
-        parameters,
-        statement,
-        extracted,
-        cache_hit=dialect.CACHE_HIT,
-        param_dict=param_dict,
-    )
 
 
 @cache

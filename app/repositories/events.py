@@ -24,7 +24,6 @@ from functools import cache
 from typing import Any, NoReturn
 
 from sqlalchemy import (
-    CursorResult,
     Executable,
     Integer,
     String,
@@ -49,6 +48,7 @@ from app.errors import (
 )
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
+from app.repositories._driver import Rows, execute_core
 from app.repositories._params import (
     enum_param,
     json_object_param,
@@ -57,7 +57,7 @@ from app.repositories._params import (
     since_seq_param,
     text_param,
 )
-from app.repositories._rows import execute_core, inserted, inserted_many, snapshots
+from app.repositories._rows import inserted, inserted_many, snapshots
 from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,
@@ -337,14 +337,14 @@ class EventRepository:
 
     # ------------------------------------------------------------------
 
-    def _execute(self, statement: Executable, params: dict[str, Any]) -> CursorResult[Any]:
+    def _execute(self, statement: Executable, params: dict[str, Any]) -> Rows:
         return execute_core(self._session, statement, params)
 
     def _allocate_and_insert(self, params: dict[str, Any]) -> tuple[int | None, int | None]:
         """(allocated seq, new event id); ``(seq, None)`` when the insert collided."""
         if self._dialect == POSTGRESQL:
             row = self._execute(self._sql.insert, params).first()
-            return (None, None) if row is None else (row.seq, row.id)
+            return (None, None) if row is None else (row[0], row[1])  # seq, id
         seq = self._execute(self._sql.allocate, params).scalar()
         if seq is None:
             return None, None
@@ -411,10 +411,10 @@ class EventRepository:
                 | {name: item[name] for name in fields}
                 for position, item in enumerate(pending)
             ]
-            result = self._execute(self._batch_sql[0], params).all()
+            result = self._execute(self._batch_sql[0], params).rows  # (first_seq, id, seq)
             if not result:
                 return None, {}
-            return result[0].first_seq, {row.seq: row.id for row in result if row.id is not None}
+            return result[0][0], {seq: id_ for _, id_, seq in result if id_ is not None}
         params["run_ids"] = json.dumps(run_ids)
         first_seq = self._execute(self._batch_sql[0], params).scalar()
         if first_seq is None:
@@ -427,8 +427,8 @@ class EventRepository:
                 for position, item in enumerate(pending)
             ]
         )
-        inserted_rows = self._execute(self._batch_sql[1], params).all()
-        return first_seq, {row.seq: row.id for row in inserted_rows}
+        inserted_rows = self._execute(self._batch_sql[1], params)  # (id, seq)
+        return first_seq, {seq: id_ for id_, seq in inserted_rows}
 
     def _raise_batch_not_found(self, session_id: str, run_ids: list[str]) -> NoReturn:
         for run_id in run_ids:

@@ -66,6 +66,7 @@ from app.models import (
     new_id,
 )
 from app.repositories._batch import NewEvent
+from app.repositories._driver import execute_core
 from app.repositories._idempotency import (
     IdempotencyKeys,
     key_param,
@@ -81,7 +82,7 @@ from app.repositories._params import (
     page_size,
     text_param,
 )
-from app.repositories._rows import execute_core, in_session, inserted
+from app.repositories._rows import in_session, inserted
 from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,

@@ -1,0 +1,237 @@
+"""The repositories' direct driver path (``app.repositories._driver``) on both backends.
+
+It must send what SQLAlchemy would send, read back the same values, be taken
+only where nothing observes SQLAlchemy's execution, and fail as SQLAlchemy
+fails (wrapped errors, domain errors, lost connections invalidated).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Engine, event, insert, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlmodel import Session as DbSession
+
+from app._capture import capture_statements
+from app.errors import DataLayerError
+from app.models import ChatSession, RunStatus, SessionRun
+from app.repositories import EventRepository, RunRepository, _driver
+from app.repositories._batch import NewEvent
+from app.repositories._driver import execute, execute_core
+from app.types import utc_now
+from tests.factories import SessionFactory
+
+RUNS = SessionRun.__table__
+
+
+def _workout(db: DbSession) -> None:
+    """Every kind of statement the repositories send: writes, reads, keyed and batched."""
+    runs, events = RunRepository(db), EventRepository(db)
+    chat = ChatSession(title="workout")
+    db.add(chat)
+    db.flush()
+    first = runs.create({"session_id": chat.id, "message": "one"}, idempotency_key="k")
+    runs.create({"session_id": chat.id, "message": "one"}, idempotency_key="k")  # replay
+    runs.start(first.id)
+    events.append(chat.id, "task_progress", {"step": 1, "note": "é"}, run_id=first.id)
+    events.append(chat.id, "task_progress", {"step": 1}, run_id=first.id, event_id="e-1")
+    events.append(chat.id, "task_progress", {"step": 1}, run_id=first.id, event_id="e-1")
+    events.append_many(
+        chat.id,
+        [NewEvent("verify", {"page": 2}, run_id=first.id, event_id="e-2"), NewEvent("note")],
+    )
+    runs.wait_for_input(first.id, "which colour?")
+    runs.resume(first.id, {"user_feedback": "blue"}, idempotency_key="r")
+    runs.update_metrics(first.id, {"tokens": 12})
+    runs.complete(first.id, {"cost": 0.5})
+    second = runs.create({"session_id": chat.id, "message": "two"})
+    assert runs.claim_next("worker-a", lease=timedelta(minutes=1)).id == second.id
+    runs.heartbeat(second.id, worker_id="worker-a")
+    runs.fail(second.id, {"code": "boom", "message": "broken"})
+    third = runs.create({"session_id": chat.id, "message": "three"}, multitask_strategy="reject")
+    fourth = runs.create({"session_id": chat.id, "message": "four"}, multitask_strategy="interrupt")
+    runs.cancel(fourth.id)  # nothing queued is left for the next workout's claim
+    runs.get(third.id)
+    runs.list_for_session(chat.id, limit=10)
+    runs.list_by_status(RunStatus.QUEUED, limit=10)
+    events.list_for_session(chat.id, since_seq=1)
+    events.list_for_run(first.id)
+    runs.purge_idempotency_keys()
+
+
+class _Compared:
+    """Each execution of a planned statement is first run through SQLAlchemy in a
+    savepoint (then undone) and compared with what the plan sends and reads."""
+
+    def __init__(self) -> None:
+        self.executed: set[int] = set()
+        self.statements: set[int] = set()
+
+    def execute(self, connection: Connection, statement: Any, params: dict[str, Any]) -> Any:
+        self.executed.add(id(statement))
+        plan = _driver._plans(connection.dialect).get(id(statement))
+        if plan is None:
+            return _original_execute(connection, statement, params)
+        sent: list[tuple[str, Any]] = []
+
+        def record(_conn: Any, _cursor: Any, sql: str, parameters: Any, *_: Any) -> None:
+            sent.append((sql, parameters))
+
+        savepoint = connection.begin_nested()
+        event.listen(connection, "before_cursor_execute", record)
+        try:
+            expected = _original_execute(connection, statement, params)
+        finally:
+            event.remove(connection, "before_cursor_execute", record)
+            savepoint.rollback()
+        ((sql, arguments),) = sent
+        assert (plan.sql, _plain(plan.arguments(params))) == (sql, _plain(arguments))
+        actual = _original_execute(connection, statement, params)
+        assert _comparable(plan, actual.rows) == _comparable(plan, expected.rows)
+        self.statements.add(id(statement))
+        return actual
+
+
+_original_execute = _driver.execute
+
+
+def _plain(arguments: Any) -> Any:
+    """Driver parameters as comparable values (psycopg's Jsonb wrappers by content)."""
+    values = arguments.items() if isinstance(arguments, dict) else enumerate(arguments)
+    return {key: getattr(value, "obj", value) for key, value in values}
+
+
+_NEW_IDS = frozenset({"id", "event_row_id"})
+"""Columns holding a new event's id: PostgreSQL does not give back sequence values
+taken in a rolled-back savepoint, so both executions differ there."""
+
+
+def _comparable(plan: _driver.Plan, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Values with their types (a StrEnum member equals its text)."""
+    masked = [index for index, name in enumerate(plan.columns) if name in _NEW_IDS]
+    return [
+        tuple(
+            None if index in masked and isinstance(value, int) else (type(value), value)
+            for index, value in enumerate(row)
+        )
+        for row in rows
+    ]
+
+
+@pytest.fixture
+def compared(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Compared]:
+    comparison = _Compared()
+    monkeypatch.setattr(_driver, "execute", comparison.execute)
+    yield comparison
+
+
+def test_the_driver_path_sends_and_reads_what_sqlalchemy_does(
+    db: DbSession, compared: _Compared
+) -> None:
+    _workout(db)  # the first execution of each statement makes its plan
+    compared.executed.clear()
+    _workout(db)  # every later one is compared
+    unplanned = compared.executed - compared.statements
+    assert not unplanned, [str(s) for s in gc.get_objects() if id(s) in unplanned][:3]
+    assert len(compared.statements) >= 18
+
+
+def test_after_the_first_execution_sqlalchemy_executes_nothing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with DbSession(engine) as db:
+        _workout(db)
+        db.commit()
+
+    def refuse(*_args: Any) -> Any:
+        raise AssertionError("a planned statement went through SQLAlchemy's execution")
+
+    monkeypatch.setattr(_driver, "_through_sqlalchemy", refuse)
+    with DbSession(engine) as db:
+        _workout(db)
+        db.commit()
+
+
+def test_listeners_and_echo_see_every_statement(engine: Engine) -> None:
+    """A plan does not hide statements from instrumentation: with a cursor listener
+    (here the statement capture) or echo on, SQLAlchemy executes them."""
+    with DbSession(engine, expire_on_commit=False) as db:
+        _workout(db)  # plans made
+        chat = ChatSession(title="listened")
+        db.add(chat)
+        run = RunRepository(db).create({"session_id": chat.id, "message": "hi"})
+        db.commit()
+    expected = 1 if engine.dialect.name == "postgresql" else 3  # the run, its counter, its event
+    with capture_statements(engine) as capture, DbSession(engine) as db:
+        RunRepository(db).start(run.id)
+        db.commit()
+    assert len(capture.statements) == expected
+    with DbSession(engine) as db:
+        connection = db.connection()
+        assert _driver._direct(connection)
+        assert not _driver._direct(connection.execution_options(stream_results=True))
+        engine.echo = True
+        try:
+            assert not _driver._direct(db.connection())
+        finally:
+            engine.echo = False
+
+
+def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: DbSession) -> None:
+    chat = SessionFactory()
+    statement = insert(RUNS)
+    values = {
+        "id": "dup",
+        "session_id": chat.id,
+        "status": RunStatus.QUEUED,
+        "trigger_source": "chat",
+        "input_message": "m",
+        "options": {},
+        "checkpoint_thread": "t",
+        "created_at": utc_now(),
+        "updated_at": utc_now(),
+    }
+    connection = db.connection()
+    savepoint = connection.begin_nested()
+    execute(connection, statement, values)  # through SQLAlchemy: makes the plan
+    assert _driver._plans(connection.dialect)[id(statement)] is not None
+    with pytest.raises(IntegrityError) as caught:
+        execute(connection, statement, values)  # the driver path
+    assert caught.value.orig is not None
+    savepoint.rollback()
+
+    missing = {**values, "id": "other", "session_id": "no-such-session"}
+    savepoint = connection.begin_nested()
+    with pytest.raises(DataLayerError, match="no-such-session"):  # SQLite cannot say which
+        execute_core(db, statement, missing)
+    savepoint.rollback()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_lost_connection_is_invalidated_on_the_driver_path(engine: Engine) -> None:
+    with DbSession(engine) as db:
+        RunRepository(db).get_or_none("warm")  # makes the plan
+        connection = db.connection()
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(OperationalError) as caught:
+            RunRepository(db).get_or_none("gone")
+        assert caught.value.connection_invalidated
+        assert connection.invalidated
+        db.rollback()
+    with DbSession(engine) as db:  # the pool hands out a working connection
+        assert RunRepository(db).get_or_none("gone") is None
+
+
+def test_plans_are_made_only_for_what_can_be_replayed(db: DbSession) -> None:
+    connection = db.connection()
+    expanding = select(RUNS.c.id).where(RUNS.c.id.in_(["a", "b"]))
+    execute(connection, expanding, {})
+    assert _driver._plans(connection.dialect)[id(expanding)] is None
+    assert execute(connection, expanding, {}).rows == []
