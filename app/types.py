@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -64,6 +65,23 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else as_utc(value)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
+        """The impl's conversion (SQLite: ``datetime.fromisoformat``) and
+        ``process_result_value`` in one function, as a page reads four timestamps a row."""
+        parse = self.impl_instance.result_processor(dialect, coltype)
+
+        def process(value: Any) -> datetime | None:
+            if value is None:
+                return None
+            if parse is not None:
+                value = parse(value)
+            tzinfo = value.tzinfo
+            if tzinfo is UTC:
+                return value  # psycopg, in the UTC session time zone app.db sets
+            return value.replace(tzinfo=UTC) if tzinfo is None else value.astimezone(UTC)
+
+        return process
+
 
 JSONDocument: TypeEngine[Any] = JSON(none_as_null=True).with_variant(
     JSONB(none_as_null=True), "postgresql"
@@ -92,6 +110,20 @@ class StrEnumType(TypeDecorator[StrEnum]):
 
     def process_result_value(self, value: str | None, dialect: Dialect) -> StrEnum | None:
         return None if value is None else self.enum_class(value)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
+        """``process_result_value`` as a lookup of the stored value (``Enum.__call__`` is
+        the slowest step of reading a run); an unknown value still raises ``ValueError``."""
+        members = {member.value: member for member in self.enum_class}
+        convert = self.enum_class
+
+        def process(value: Any) -> StrEnum | None:
+            if value is None:
+                return None
+            member = members.get(value)
+            return convert(value) if member is None else member
+
+        return process
 
     def __repr__(self) -> str:
         return f"StrEnumType({self.enum_class.__name__}, length={self.impl_instance.length})"

@@ -95,7 +95,8 @@ class Plan:
     returns_rows: bool
     columns: tuple[str, ...]
     converters: tuple[tuple[int, Processor], ...]
-    """(column index, result processor) of the columns that have one."""
+    """(column index, result processor) of the columns that have one; NULL is not
+    passed to them (a plan is made only when each gives None for None)."""
 
     def arguments(self, params: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         """The driver parameters for ``params`` (the caller's keys)."""
@@ -120,7 +121,9 @@ class Plan:
         for row in rows:
             values = list(row)
             for index, process in converters:
-                values[index] = process(values[index])
+                value = values[index]
+                if value is not None:
+                    values[index] = process(value)
             converted.append(tuple(values))
         return converted
 
@@ -229,6 +232,8 @@ def _plan(statement: Executable, result: CursorResult[Any]) -> Plan | None:
         if type_ is not None
         and (process := type_.dialect_impl(dialect).result_processor(dialect, None)) is not None
     )
+    if any(process(None) is not None for _index, process in converters):
+        return None  # a type that reads NULL as a value: SQLAlchemy's path calls it
     return Plan(
         statement=statement,
         sql=compiled.string,

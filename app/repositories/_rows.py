@@ -77,28 +77,50 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
 
 
 def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row: Any) -> M:
-    """The session's instance for ``row``, refreshed with it; a new one joins the session.
+    """The session's instance for ``row`` (see ``in_session_many``)."""
+    return in_session_many(session, model, columns, (row,))[0]
 
-    The session must hold no pending change to it (``execute_core`` flushes). A
-    new one is attached as ``session.add`` attaches a detached instance, without
-    the cascade walk (``Session._update_impl``; its related objects are not loaded).
+
+def in_session_many(
+    session: DbSession, model: type[M], columns: tuple[str, ...], rows: Iterable[Any]
+) -> list[M]:
+    """The session's instance for each row, in order, as the ORM's loader gives them
+    with ``populate_existing``: an instance already in the session is refreshed with
+    the row; a new one is loaded into it (the identity map's ``_add_unpresent`` and
+    the ``load`` event, as ``sqlalchemy.orm.loading`` does: JSON columns become
+    tracked; ``loaded_as_persistent`` for session listeners).
+
+    The session must hold no pending change to them (``execute_core`` flushes).
     """
-    values = dict(zip(columns, row, strict=True))
-    key = _mapper(model).identity_key_from_primary_key(
-        tuple(values[name] for name in _primary_key(model))
-    )
-    existing = session.identity_map.get(key)
-    if existing is None:
-        instance, state = _instance(model, values)
-        state.key = key  # what make_transient_to_detached does for a fully loaded row
-        session._update_impl(state)
-        state.manager.dispatch.load(state, None)  # JSON columns become tracked
-        return instance
-    for name, value in values.items():
-        set_committed_value(existing, name, value)
-    state = instance_state(existing)
-    state.manager.dispatch.refresh(state, None, None)  # re-tracks the JSON columns
-    return existing
+    mapper = _mapper(model)
+    manager = mapper.class_manager
+    new_instance, load = manager.new_instance, manager.dispatch.load
+    loaded_as_persistent = session.dispatch.loaded_as_persistent
+    identity_map, hash_key = session.identity_map, session.hash_key
+    key_of = mapper.identity_key_from_primary_key
+    positions = tuple(columns.index(name) for name in _primary_key(model))
+    instances: list[M] = []
+    for row in rows:
+        key = key_of(tuple(row[position] for position in positions))
+        existing = identity_map.get(key)
+        if existing is None:
+            instance = new_instance()
+            state = instance_state(instance)
+            state.dict.update(zip(columns, row, strict=True))
+            state.key = key
+            state.session_id = hash_key
+            identity_map._add_unpresent(state, key)
+            load(state, None)  # JSON columns become tracked
+            if loaded_as_persistent:
+                loaded_as_persistent(session, state)
+            instances.append(instance)
+            continue
+        for name, value in zip(columns, row, strict=True):
+            set_committed_value(existing, name, value)
+        state = instance_state(existing)
+        state.manager.dispatch.refresh(state, None, None)  # re-tracks the JSON columns
+        instances.append(existing)
+    return instances
 
 
 def inserted_many(

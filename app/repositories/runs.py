@@ -82,7 +82,7 @@ from app.repositories._params import (
     page_size,
     text_param,
 )
-from app.repositories._rows import in_session, inserted
+from app.repositories._rows import in_session, in_session_many, inserted
 from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,
@@ -345,13 +345,13 @@ def _statements(dialect: str) -> _Statements:
         ),
     )
 
-    newest_first = (SessionRun.created_at.desc(), SessionRun.id.desc())
+    newest_first = (RUNS.c.created_at.desc(), RUNS.c.id.desc())
     pages: dict[tuple[bool, bool], Executable] = {}
     for filtered in (False, True):
         for after_cursor in (False, True):
-            page = select(SessionRun).where(SessionRun.session_id == SESSION_ID)
+            page = select(*RUNS.c).where(RUNS.c.session_id == SESSION_ID)
             if filtered:
-                page = page.where(SessionRun.status == status)
+                page = page.where(RUNS.c.status == status)
             if after_cursor:
                 cursor = (
                     select(RUNS.c.created_at, RUNS.c.id)
@@ -362,10 +362,10 @@ def _statements(dialect: str) -> _Statements:
                     .subquery("cursor")
                 )
                 page = page.join(cursor, true()).where(
-                    SessionRun.created_at <= cursor.c.created_at,
+                    RUNS.c.created_at <= cursor.c.created_at,
                     or_(
-                        SessionRun.created_at < cursor.c.created_at,
-                        SessionRun.id < cursor.c.id,
+                        RUNS.c.created_at < cursor.c.created_at,
+                        RUNS.c.id < cursor.c.id,
                     ),
                 )
             pages[filtered, after_cursor] = page.order_by(*newest_first).limit(LIMIT)
@@ -410,16 +410,14 @@ def _statements(dialect: str) -> _Statements:
             .where(RUNS.c.id == RUN_ID)
             .values(metrics=merge_metrics(dialect), updated_at=NOW)
         ),
-        fail_stale=select(SessionRun).from_statement(
-            _loading(
-                _transition_update(dialect, FAIL).where(
-                    RUNS.c.lease_expires_at.is_(None),
-                    RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime()),
-                )
+        fail_stale=_loading(
+            _transition_update(dialect, FAIL).where(
+                RUNS.c.lease_expires_at.is_(None),
+                RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime()),
             )
         ),
-        fail_expired_leases=select(SessionRun).from_statement(
-            _loading(_transition_update(dialect, FAIL).where(RUNS.c.lease_expires_at < NOW))
+        fail_expired_leases=_loading(
+            _transition_update(dialect, FAIL).where(RUNS.c.lease_expires_at < NOW)
         ),
         active_run=select(
             RUNS.c.session_id,
@@ -437,27 +435,25 @@ def _statements(dialect: str) -> _Statements:
         .where(RUNS.c.session_id == SESSION_ID, _literal_in(RUNS.c.status, ACTIVE_STATUSES))
         .order_by(RUNS.c.created_at, RUNS.c.id)
         .limit(1),
-        interrupt=select(SessionRun).from_statement(
-            _loading(
-                _transition_update(dialect, CANCEL).where(
-                    RUNS.c.session_id == bindparam("busy_session", type_=String())
-                )
+        interrupt=_loading(
+            _transition_update(dialect, CANCEL).where(
+                RUNS.c.session_id == bindparam("busy_session", type_=String())
             )
         ),
         pages=pages,
         # Oldest first: the order in which a worker should pick queued runs.
-        by_status=select(SessionRun)
-        .where(SessionRun.status == status)
-        .order_by(SessionRun.created_at, SessionRun.id)
+        by_status=select(*RUNS.c)
+        .where(RUNS.c.status == status)
+        .order_by(RUNS.c.created_at, RUNS.c.id)
         .limit(LIMIT),
-        children=select(SessionRun)
-        .where(SessionRun.parent_run_id == RUN_ID)
-        .order_by(SessionRun.created_at, SessionRun.id),
-        latest_waiting=select(SessionRun)
-        .where(SessionRun.session_id == SESSION_ID, SessionRun.status == RunStatus.WAITING_INPUT)
+        children=select(*RUNS.c)
+        .where(RUNS.c.parent_run_id == RUN_ID)
+        .order_by(RUNS.c.created_at, RUNS.c.id),
+        latest_waiting=select(*RUNS.c)
+        .where(RUNS.c.session_id == SESSION_ID, RUNS.c.status == RunStatus.WAITING_INPUT)
         .order_by(*newest_first)
         .limit(1),
-        delete=delete(SessionRun).where(SessionRun.id == RUN_ID),
+        delete=delete(RUNS).where(RUNS.c.id == RUN_ID),
     )
 
 
@@ -803,7 +799,9 @@ class RunRepository:
 
     def delete(self, run_id: str) -> None:
         """Delete the run and its events; its retries keep living with ``parent_run_id`` NULL."""
-        result = self._session.execute(self._sql.delete, {"run_id": text_param(run_id, "run_id")})
+        result = execute_core(
+            self._session, self._sql.delete, {"run_id": text_param(run_id, "run_id")}
+        )
         if result.rowcount == 0:
             raise RunNotFoundError(run_id)
 
@@ -815,12 +813,13 @@ class RunRepository:
             return self._insert(**values)
         session_id = values["session_id"]
         params = {"session_id": session_id}
-        if self._session.execute(self._sql.lock_session, params).first() is None:
+        if execute_core(self._session, self._sql.lock_session, params).first() is None:
             raise SessionNotFoundError(session_id)
         if strategy is MultitaskStrategy.REJECT:
-            active = self._session.execute(self._sql.first_active, params).first()
+            active = execute_core(self._session, self._sql.first_active, params).first()
             if active is not None:
-                raise ActiveRunExistsError.rejected(session_id, active.id, active.status)
+                active_id, active_status = active
+                raise ActiveRunExistsError.rejected(session_id, active_id, active_status)
             return self._insert(**values)
         run_id = new_id()
         cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id, "now": utc_now()})
@@ -951,8 +950,10 @@ class RunRepository:
         raise ActiveRunExistsError(None, params["run_id"])
 
     def _raise_active_run_exists(self, run_id: str) -> NoReturn:
-        row = self._session.execute(self._sql.active_run, {"run_id": run_id}).one()
-        raise ActiveRunExistsError(row.session_id, run_id, row.active_run_id)
+        ((session_id, active_run_id),) = execute_core(
+            self._session, self._sql.active_run, {"run_id": run_id}
+        )
+        raise ActiveRunExistsError(session_id, run_id, active_run_id)
 
     def _change(
         self,
@@ -1004,12 +1005,9 @@ class RunRepository:
         return None if row is None else in_session(self._session, SessionRun, RUN_COLUMNS, row)
 
     def _runs(self, statement: Executable, params: dict[str, Any]) -> list[SessionRun]:
-        """Many rows: the ORM's loader, which is cheaper per row than ``in_session``."""
-        return list(
-            self._session.execute(
-                statement, params, execution_options={"populate_existing": True}
-            ).scalars()
-        )
+        """Rows of a Core statement as the session's runs (``app.repositories._rows``)."""
+        rows = execute_core(self._session, statement, params)
+        return in_session_many(self._session, SessionRun, RUN_COLUMNS, rows)
 
 
 def _loc_part(part: str | int) -> str:
