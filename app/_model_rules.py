@@ -42,6 +42,9 @@ class StoredModel(SQLModel):
     """Base of the table models: attribute writes go through SQLAlchemy only."""
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "_sa_instance_state":  # SQLAlchemy making an instance: as SQLModel does
+            self.__dict__[name] = value
+            return
         if is_instrumented(self, name):
             set_attribute(self, name, value)
             if name not in self.__sqlmodel_relationships__:

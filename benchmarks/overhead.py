@@ -28,7 +28,6 @@ and is not counted.
 from __future__ import annotations
 
 import gc
-import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
 from app._capture import capture_statements
+from app._json import loads
 from app.db import create_db_engine
 from app.models import Session as ChatSession
 from app.models import (
@@ -383,8 +383,9 @@ def _converter(column: Any, sqlite: bool) -> Callable[[Any], Any] | None:
     if isinstance(type_, SqlEnum) and type_.enum_class is not None:
         return type_.enum_class
     if sqlite and column.key in _JSON_COLUMNS:
-        return lambda v: None if v is None else json.loads(v)
-    return None  # psycopg decodes jsonb; text and integers are as they come
+        # The engines' decoder (app._json): the comparison is about building objects.
+        return lambda v: None if v is None else loads(v)
+    return None  # psycopg decodes jsonb (with the same decoder); text and integers as they come
 
 
 _JSON_COLUMNS = frozenset({"payload", "latest_error", "metrics", "resume_payload", "options"})

@@ -26,7 +26,6 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import Integer, String, TextClause, bindparam, text
-from sqlalchemy.dialects.postgresql import JSONB
 
 from app.models import EventSource
 from app.repositories._sql import EVENTS_CHANNEL, NOW, POSTGRESQL
@@ -70,7 +69,7 @@ WITH allocated AS (
 INSERT INTO session_events (session_id, seq, type, payload, source, created_at, run_id, event_id)
 SELECT :session_id, allocated.first_seq + item.position, item.type, item.payload,
        CAST(item.source AS session_event_source), :now, item.run_id, item.event_id
-FROM allocated CROSS JOIN jsonb_to_recordset(:items) AS item(
+FROM allocated CROSS JOIN jsonb_to_recordset(CAST(:items AS jsonb)) AS item(
     position integer, type text, payload jsonb, source text, run_id text, event_id text)
 ON CONFLICT DO NOTHING
 RETURNING id, seq
@@ -82,7 +81,7 @@ FROM allocated CROSS JOIN notified LEFT JOIN inserted ON true"""
 APPEND_MANY_POSTGRESQL = _APPEND_MANY_POSTGRESQL.format(
     allocate=_ALLOCATE.format(
         next_free=_NEXT_FREE,
-        run_ids="jsonb_array_elements_text(:run_ids) AS batch_run(run_id)",
+        run_ids="jsonb_array_elements_text(CAST(:run_ids AS jsonb)) AS batch_run(run_id)",
         run_id="run_id",
         greatest="greatest",
     )
@@ -113,7 +112,8 @@ def append_many_statements(dialect: str) -> tuple[TextClause, ...]:
     """PostgreSQL: (allocate + insert + notify,); SQLite: (allocate, insert).
 
     Parameters: ``session_id``, ``count``, ``now``, ``run_ids`` and ``items``
-    (JSON arrays; on SQLite JSON text, payloads inside as JSON text), and
+    (JSON arrays as text, ``app._json.dumps_transport``; on SQLite the payloads
+    inside as JSON text, as ``append`` stores them), and
     ``first_seq`` for SQLite's insert. The channel of the notice is a constant.
     """
     session_id = bindparam("session_id", type_=String())
@@ -123,8 +123,8 @@ def append_many_statements(dialect: str) -> tuple[TextClause, ...]:
             session_id,
             count,
             NOW,
-            bindparam("run_ids", type_=JSONB()),
-            bindparam("items", type_=JSONB()),
+            bindparam("run_ids", type_=String()),
+            bindparam("items", type_=String()),
             bindparam("channel", EVENTS_CHANNEL, type_=String()),
         )
         return (statement,)

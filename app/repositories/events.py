@@ -40,6 +40,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
+from app._json import dumps_transport
 from app.errors import (
     BadParameterError,
     ConflictError,
@@ -404,24 +405,26 @@ class EventRepository:
         """(first allocated seq or None, {seq: new event id}) for the rows inserted."""
         fields = ("type", "source", "run_id", "event_id")
         params: dict[str, Any] = {"session_id": session_id, "count": len(pending), "now": now}
+        params["run_ids"] = dumps_transport(run_ids)
         if self._dialect == POSTGRESQL:
-            params["run_ids"] = run_ids
-            params["items"] = [
-                {"position": position, "payload": item["payload"]}
-                | {name: item[name] for name in fields}
-                for position, item in enumerate(pending)
-            ]
+            params["items"] = dumps_transport(
+                [
+                    {"position": position, "payload": item["payload"]}
+                    | {name: item[name] for name in fields}
+                    for position, item in enumerate(pending)
+                ]
+            )
             result = self._execute(self._batch_sql[0], params).rows  # (first_seq, id, seq)
             if not result:
                 return None, {}
             return result[0][0], {seq: id_ for _, id_, seq in result if id_ is not None}
-        params["run_ids"] = json.dumps(run_ids)
         first_seq = self._execute(self._batch_sql[0], params).scalar()
         if first_seq is None:
             return None, {}
         params["first_seq"] = first_seq
-        params["items"] = json.dumps(
+        params["items"] = dumps_transport(
             [
+                # The payload's text as append stores it (SQLAlchemy's json.dumps).
                 {"position": position, "payload": json.dumps(item["payload"])}
                 | {name: item[name] for name in fields}
                 for position, item in enumerate(pending)

@@ -398,7 +398,7 @@ INSERT INTO session_event_sequences AS counter (session_id, next_seq, updated_at
 SELECT %(session_id)s::VARCHAR, (SELECT coalesce(max(seq), 0) + 1 FROM session_events WHERE session_id = %(session_id)s::VARCHAR) + %(count)s::INTEGER, %(now)s::TIMESTAMP WITH TIME ZONE
 WHERE EXISTS (SELECT 1 FROM sessions WHERE sessions.id = %(session_id)s::VARCHAR)
   AND NOT EXISTS (
-    SELECT 1 FROM jsonb_array_elements_text(%(run_ids)s::JSONB) AS batch_run(run_id)
+    SELECT 1 FROM jsonb_array_elements_text(CAST(%(run_ids)s::VARCHAR AS jsonb)) AS batch_run(run_id)
     WHERE NOT EXISTS (
       SELECT 1 FROM session_runs
       WHERE session_runs.id = batch_run.run_id AND session_runs.session_id = %(session_id)s::VARCHAR))
@@ -410,7 +410,7 @@ RETURNING next_seq - %(count)s::INTEGER AS first_seq
 INSERT INTO session_events (session_id, seq, type, payload, source, created_at, run_id, event_id)
 SELECT %(session_id)s::VARCHAR, allocated.first_seq + item.position, item.type, item.payload,
        CAST(item.source AS session_event_source), %(now)s::TIMESTAMP WITH TIME ZONE, item.run_id, item.event_id
-FROM allocated CROSS JOIN jsonb_to_recordset(%(items)s::JSONB) AS item(
+FROM allocated CROSS JOIN jsonb_to_recordset(CAST(%(items)s::VARCHAR AS jsonb)) AS item(
     position integer, type text, payload jsonb, source text, run_id text, event_id text)
 ON CONFLICT DO NOTHING
 RETURNING id, seq
