@@ -3,9 +3,9 @@
 Reading is the hot part of a page: a run row holds four JSON columns and an
 event its payload, and ``json.loads`` takes about 1.1 µs for a small object
 where orjson takes 0.2 µs. ``loads`` is orjson's, falling back to ``json.loads``
-for what orjson refuses and Python's decoder reads (``NaN`` or integers beyond
-64 bits in rows that v0.7 wrote, lone surrogates): the values read are the
-same as before.
+for what orjson refuses or would read differently (``NaN``, lone surrogates,
+and integers beyond 64 bits, which orjson turns into floats), as rows that v0.7
+wrote may hold: the values read are the same as before.
 
 Values are still *stored* with SQLAlchemy's default ``json.dumps`` (the text
 SQLite keeps is unchanged, and a value that escaped validation still fails
@@ -21,13 +21,41 @@ from typing import Any
 
 import orjson
 
+_INT64 = 2.0**63
+
 
 def loads(text: str | bytes) -> Any:
-    """``json.loads``, with orjson's speed for everything orjson reads."""
+    """``json.loads``, with orjson's speed for everything orjson reads exactly."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:  # NaN, Infinity, lone surrogates
         return json.loads(text)
+    # orjson reads an integer beyond 64 bits as a float, losing digits; the text is
+    # read again by json then (floats that large are refused on write, so only
+    # legacy rows get there).
+    return json.loads(text) if _has_huge_float(value) else value
+
+
+def _has_huge_float(value: Any) -> bool:
+    """Whether a float of magnitude 2**63 or more is anywhere in ``value`` (iterative)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            item = item.values()
+        elif kind is not list:
+            if kind is float and not -_INT64 < item < _INT64:
+                return True
+            continue
+        for child in item:
+            kind = type(child)
+            if kind is float:
+                if not -_INT64 < child < _INT64:
+                    return True
+            elif kind is dict or kind is list:
+                stack.append(child)
+    return False
 
 
 def dumps_transport(value: Any) -> str:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -65,28 +66,135 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else as_utc(value)
 
+    # A run row carries four timestamps and a write binds ``now`` several times, so
+    # both directions are one function each instead of SQLAlchemy's two steps
+    # (process_*_value around the impl's conversion). On SQLite each is checked
+    # against SQLAlchemy's own conversion when it is made, and that one is used if
+    # they ever differ (tests/test_types.py compares them on many values).
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """SQLite: the naive-UTC text SQLAlchemy's ``DATETIME`` writes
+        (``YYYY-MM-DD HH:MM:SS.ffffff``), made by ``isoformat``."""
+        general = super().bind_processor(dialect)
+        if dialect.name != "sqlite" or general is None:
+            return general
+
+        def process(value: Any) -> str | None:
+            if value is None:
+                return None
+            if not isinstance(value, datetime):
+                raise TypeError(f"expected a datetime, got {type(value).__name__}: {value!r}")
+            tzinfo = value.tzinfo
+            if tzinfo is not None:
+                value = value.replace(tzinfo=None) if tzinfo is UTC else _naive_utc(value)
+            return value.isoformat(" ", "microseconds")
+
+        return process if _agree(process, general, _SAMPLE_DATETIMES) else general
+
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
-        """The impl's conversion (SQLite: ``datetime.fromisoformat``) and
-        ``process_result_value`` in one function, as a page reads four timestamps a row."""
+        """SQLite: the stored naive-UTC text read as an aware datetime in one parse;
+        PostgreSQL: psycopg's value, already aware UTC in the session time zone."""
+        general = super().result_processor(dialect, coltype)
         parse = self.impl_instance.result_processor(dialect, coltype)
 
         def process(value: Any) -> datetime | None:
             if value is None:
                 return None
-            if parse is not None:
-                value = parse(value)
-            tzinfo = value.tzinfo
-            if tzinfo is UTC:
-                return value  # psycopg, in the UTC session time zone app.db sets
-            return value.replace(tzinfo=UTC) if tzinfo is None else value.astimezone(UTC)
+            if parse is None:  # psycopg
+                tzinfo = value.tzinfo
+                if tzinfo is UTC:
+                    return value
+                return value.replace(tzinfo=UTC) if tzinfo is None else value.astimezone(UTC)
+            if type(value) is str and len(value) == _SQLITE_TEXT_LENGTH:
+                try:
+                    read = datetime.fromisoformat(value + "+00:00")
+                except ValueError:
+                    read = None
+                if read is not None and read.tzinfo is UTC:
+                    return read
+            return as_utc(parse(value))  # not the layer's own format (legacy rows)
 
-        return process
+        if general is None or parse is None:
+            return process
+        samples = [text for value in _SAMPLE_DATETIMES if (text := _sqlite_text(value))]
+        return process if _agree(process, general, samples) else general
+
+
+_SQLITE_TEXT_LENGTH = len("2026-12-06 03:18:27.123456")
+"""SQLAlchemy's SQLite ``DATETIME`` always writes microseconds: every value this
+layer wrote has this length."""
+
+
+def _naive_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def _sqlite_text(value: datetime) -> str:
+    return _naive_utc(value).isoformat(" ", "microseconds") if value.tzinfo else ""
+
+
+_SAMPLE_DATETIMES = (
+    datetime(2026, 12, 6, 3, 18, 27, 123456, tzinfo=UTC),
+    datetime(2026, 12, 6, 3, 18, 27, tzinfo=UTC),
+    datetime(999, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    datetime(2026, 1, 1, 1, 0, 0, 1),
+)
+
+
+def _agree(fast: Callable[[Any], Any], general: Callable[[Any], Any], samples: Any) -> bool:
+    """Whether ``fast`` gives what SQLAlchemy's ``general`` conversion gives."""
+    return all(fast(sample) == general(sample) for sample in samples)
 
 
 JSONDocument: TypeEngine[Any] = JSON(none_as_null=True).with_variant(
     JSONB(none_as_null=True), "postgresql"
 )
-MutableJSONDict = MutableDict.as_mutable(JSONDocument)
+
+
+class _Parents:
+    """``MutableBase._parents`` of a tracked JSON value: its parents' instance states
+    and attribute keys, held weakly as SQLAlchemy's ``WeakKeyDictionary`` holds them.
+
+    A value almost always has one parent, and a page of runs reads a hundred
+    values: a list of (weak reference, key) pairs costs a fraction of a
+    ``WeakKeyDictionary`` per value. ``sqlalchemy.ext.mutable`` uses only
+    ``[state] = key``, ``pop(state, default)`` and ``items()``
+    (``tests/test_sqlalchemy_contract.py``).
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[weakref.ref[Any], Any]] = []
+
+    def __setitem__(self, state: Any, key: Any) -> None:
+        entries = [entry for entry in self._entries if entry[0]() not in (None, state)]
+        entries.append((weakref.ref(state), key))
+        self._entries = entries
+
+    def pop(self, state: Any, default: Any = None) -> Any:
+        for index, (ref, key) in enumerate(self._entries):
+            if ref() is state:
+                del self._entries[index]
+                return key
+        return default
+
+    def items(self) -> list[tuple[Any, Any]]:
+        return [(state, key) for ref, key in self._entries if (state := ref()) is not None]
+
+
+class TrackedJSONDict(MutableDict):  # type: ignore[type-arg]
+    """``MutableDict`` with a lighter registry of parents (``_Parents``)."""
+
+    @property
+    def _parents(self) -> _Parents:  # type: ignore[override]
+        parents = self.__dict__.get("_parents")
+        if parents is None:
+            parents = self.__dict__["_parents"] = _Parents()
+        return parents
+
+
+MutableJSONDict = TrackedJSONDict.as_mutable(JSONDocument)
 
 
 class StrEnumType(TypeDecorator[StrEnum]):

@@ -89,9 +89,14 @@ class Plan:
     statement: Executable
     sql: str
     positional: bool
-    binds: tuple[tuple[str, str, Any, Processor | None], ...]
-    """Per driver parameter: (the caller's key, the driver's name, the value used
-    when the caller gives none (the statement's own constant), bind processor)."""
+    binds: tuple[tuple[str, Any, Processor | None], ...]
+    """Per parameter: (the caller's key, the value used when the caller gives none
+    (the statement's own constant), bind processor); each processed once per call."""
+    names: tuple[str, ...]
+    """The driver's name of each parameter (named paramstyle)."""
+    order: tuple[int, ...] | None
+    """Positional paramstyle: the parameter at each placeholder (a name used twice,
+    such as ``now``, fills two); None when each is used once, in order."""
     returns_rows: bool
     columns: tuple[str, ...]
     converters: tuple[tuple[int, Processor], ...]
@@ -100,17 +105,14 @@ class Plan:
 
     def arguments(self, params: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
         """The driver parameters for ``params`` (the caller's keys)."""
-        if self.positional:
-            values = []
-            for key, _name, default, process in self.binds:
-                value = params[key] if key in params else default
-                values.append(value if process is None else process(value))
-            return values
-        named = {}
-        for key, name, default, process in self.binds:
+        values = []
+        for key, default, process in self.binds:
             value = params[key] if key in params else default
-            named[name] = value if process is None else process(value)
-        return named
+            values.append(value if process is None else process(value))
+        if not self.positional:
+            return dict(zip(self.names, values, strict=True))
+        order = self.order
+        return values if order is None else [values[index] for index in order]
 
     def convert(self, rows: list[Any]) -> list[tuple[Any, ...]]:
         """Driver rows with the result processors applied, as tuples."""
@@ -211,17 +213,18 @@ def _plan(statement: Executable, result: CursorResult[Any]) -> Plan | None:
         seen = by_name.setdefault(name, bind)
         if seen.key != bind.key or type(seen.type) is not type(bind.type):
             return None  # one name for two different parameters: not a statement of ours
-    names = compiled.positiontup if compiled.positional else list(by_name)
-    if names is None:
+    placeholders = compiled.positiontup if compiled.positional else list(by_name)
+    if placeholders is None:
         return None
+    unique = list(dict.fromkeys(placeholders))
     binds = []
-    for name in names:
+    for name in unique:
         bind = by_name[name]
         if bind.expanding or bind.literal_execute or bind.callable is not None:
             return None  # rendered or computed at execution time
         process = bind.type.dialect_impl(dialect).bind_processor(dialect)
-        driver_name = compiled.escaped_bind_names.get(name, name)
-        binds.append((bind.key, driver_name, bind.value, process))
+        binds.append((bind.key, bind.value, process))
+    order = tuple(unique.index(name) for name in placeholders)
     columns: tuple[str, ...] = tuple(result.keys()) if result.returns_rows else ()
     types = _result_types(statement, len(columns))
     if types is None:
@@ -239,6 +242,8 @@ def _plan(statement: Executable, result: CursorResult[Any]) -> Plan | None:
         sql=compiled.string,
         positional=compiled.positional,
         binds=tuple(binds),
+        names=tuple(compiled.escaped_bind_names.get(name, name) for name in unique),
+        order=None if order == tuple(range(len(unique))) else order,
         returns_rows=result.returns_rows,
         columns=columns,
         converters=converters,

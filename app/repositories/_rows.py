@@ -76,6 +76,20 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
     return instance
 
 
+@cache
+def _loader(model: type[Any], columns: tuple[str, ...]) -> tuple[Any, Any, Any]:
+    """(identity key of a row, ``new_instance``, the ``load`` event) for ``model``'s rows."""
+    mapper = _mapper(model)
+    positions = tuple(columns.index(name) for name in _primary_key(model))
+    key_from_primary_key = mapper.identity_key_from_primary_key
+
+    def key_of(row: Any) -> Any:
+        return key_from_primary_key(tuple(row[position] for position in positions))
+
+    manager = mapper.class_manager
+    return key_of, manager.new_instance, manager.dispatch.load
+
+
 def in_session(session: DbSession, model: type[M], columns: tuple[str, ...], row: Any) -> M:
     """The session's instance for ``row`` (see ``in_session_many``)."""
     return in_session_many(session, model, columns, (row,))[0]
@@ -92,16 +106,12 @@ def in_session_many(
 
     The session must hold no pending change to them (``execute_core`` flushes).
     """
-    mapper = _mapper(model)
-    manager = mapper.class_manager
-    new_instance, load = manager.new_instance, manager.dispatch.load
+    key_of, new_instance, load = _loader(model, columns)
     loaded_as_persistent = session.dispatch.loaded_as_persistent
     identity_map, hash_key = session.identity_map, session.hash_key
-    key_of = mapper.identity_key_from_primary_key
-    positions = tuple(columns.index(name) for name in _primary_key(model))
     instances: list[M] = []
     for row in rows:
-        key = key_of(tuple(row[position] for position in positions))
+        key = key_of(row)
         existing = identity_map.get(key)
         if existing is None:
             instance = new_instance()

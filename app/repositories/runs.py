@@ -465,11 +465,11 @@ class RunRepository:
         ``RUN_IDEMPOTENCY_WINDOW_SECONDS``, else 24 hours."""
         self._session = session
         self._sql = _statements(session.get_bind().dialect.name)
-        self._events = EventRepository(session)
+        self._event_repository: EventRepository | None = None
+        # Checked now (a bad window is the caller's error), read from the
+        # environment only when a key is used.
         self._idempotency_window = (
-            window_from_environment()
-            if idempotency_window is None
-            else window_param(idempotency_window)
+            None if idempotency_window is None else window_param(idempotency_window)
         )
         self._keys: IdempotencyKeys | None = None
         self._replayed: set[str] = set()
@@ -858,8 +858,16 @@ class RunRepository:
 
     def _idempotency_keys(self) -> IdempotencyKeys:
         if self._keys is None:
-            self._keys = IdempotencyKeys(self._session, self._idempotency_window)
+            window = self._idempotency_window or window_from_environment()
+            self._keys = IdempotencyKeys(self._session, window)
         return self._keys
+
+    @property
+    def _events(self) -> EventRepository:
+        """The lifecycle events' repository, made on first use."""
+        if self._event_repository is None:
+            self._event_repository = EventRepository(self._session)
+        return self._event_repository
 
     def _insert(
         self,
