@@ -252,18 +252,42 @@ class EventRepository:
         }
         if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
             raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
+        written = self._write(params)
+        if isinstance(written, SessionEvent):
+            return written
+        return self._stored(*written, params)
+
+    def write_lifecycle_event(
+        self, session_id: str, type: str, payload: dict[str, Any], run_id: str
+    ) -> None:
+        """``append`` for ``RunRepository``'s lifecycle events, whose arguments it has
+        checked: the event is written, no instance of it is made (the caller returns
+        the run; readers get events from the pages)."""
+        params = {
+            "session_id": session_id,
+            "type": type,
+            "payload": payload,
+            "source": EventSource.SESSION.value,
+            "run_id": run_id,
+            "event_id": None,
+        }
+        self._write(params)
+
+    def _write(self, params: dict[str, Any]) -> tuple[int, int] | SessionEvent:
+        """(new event id, seq), or the stored event of a known ``event_id``."""
+        session_id, event_id = params["session_id"], params["event_id"]
         for _attempt in range(ALLOCATION_ATTEMPTS):
             params["now"] = utc_now()
             seq, new_id = self._allocate_and_insert(params)
             if new_id is not None:
-                return self._stored(new_id, seq, params)
+                return new_id, seq
             if seq is not None:
                 self._give_back(session_id, seq, params["now"])
             stored = self._find_by_event_id(session_id, event_id)
             if stored is not None:
                 return stored
             if seq is None:
-                self._raise_not_found(session_id, run_id)
+                self._raise_not_found(session_id, params["run_id"])
         raise ConflictError(
             f"session {session_id}: could not allocate an event seq in "
             f"{ALLOCATION_ATTEMPTS} attempts; older writers keep taking the same numbers"
@@ -439,29 +463,6 @@ class EventRepository:
             if not self._session.scalar(_RUN_IN_SESSION, params):
                 self._raise_not_found(session_id, run_id)
         self._raise_not_found(session_id, None)
-
-    def adopt(
-        self,
-        new_id: int,
-        session_id: str,
-        seq: int,
-        type: str,
-        payload: dict[str, Any],
-        run_id: str,
-        now: datetime,
-    ) -> SessionEvent:
-        """The event another repository's statement inserted (``RunRepository``'s
-        one-statement transitions on PostgreSQL), in the session as ``append`` leaves it."""
-        params = {
-            "session_id": session_id,
-            "type": type,
-            "payload": payload,
-            "source": EventSource.SESSION.value,
-            "now": now,
-            "run_id": run_id,
-            "event_id": None,
-        }
-        return self._stored(new_id, seq, params)
 
     def give_back(self, session_id: str, seq: int, now: datetime) -> None:
         """Undo an allocation whose insert collided (see ``_give_back``)."""

@@ -791,8 +791,8 @@ class RunRepository:
         ):
             stale = self._runs(statement, {"now": now, "error": error, **extra})
             for run in stale:
-                self._events.append(
-                    run.session_id, FAIL.event_type, {"error": error}, run_id=run.id
+                self._events.write_lifecycle_event(
+                    run.session_id, FAIL.event_type, {"error": error}, run.id
                 )
             failed.extend(run.id for run in stale)
         return failed
@@ -997,12 +997,9 @@ class RunRepository:
         if len(row) > len(RUN_COLUMNS):
             seq, event_row_id = row[len(RUN_COLUMNS)], row[len(RUN_COLUMNS) + 1]
             if event_row_id is not None:
-                self._events.adopt(
-                    event_row_id, run.session_id, seq, event_type, payload, run.id, now
-                )
                 return
             self._events.give_back(run.session_id, seq, now)
-        self._events.append(run.session_id, event_type, payload, run_id=run.id)
+        self._events.write_lifecycle_event(run.session_id, event_type, payload, run.id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
         """One row of a Core statement as the session's run (see ``app.repositories._rows``).
