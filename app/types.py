@@ -156,31 +156,50 @@ class _Parents:
     and attribute keys, held weakly as SQLAlchemy's ``WeakKeyDictionary`` holds them.
 
     A value almost always has one parent, and a page of runs reads a hundred
-    values: a list of (weak reference, key) pairs costs a fraction of a
-    ``WeakKeyDictionary`` per value. ``sqlalchemy.ext.mutable`` uses only
-    ``[state] = key``, ``pop(state, default)`` and ``items()``
-    (``tests/test_sqlalchemy_contract.py``).
+    values: the first parent is kept inline (one weak reference), others in a
+    list, at a fraction of a ``WeakKeyDictionary`` per value.
+    ``sqlalchemy.ext.mutable`` uses only ``[state] = key``, ``pop(state, default)``
+    and ``items()`` (``tests/test_types.py`` checks it).
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_first", "_key", "_more")
 
     def __init__(self) -> None:
-        self._entries: list[tuple[weakref.ref[Any], Any]] = []
+        self._first: weakref.ref[Any] | None = None
+        self._key: Any = None
+        self._more: list[tuple[weakref.ref[Any], Any]] | None = None
 
     def __setitem__(self, state: Any, key: Any) -> None:
-        entries = [entry for entry in self._entries if entry[0]() not in (None, state)]
-        entries.append((weakref.ref(state), key))
-        self._entries = entries
+        if self._first is not None:
+            self.pop(state)
+        first = self._first
+        if first is None or first() is None:
+            self._first, self._key = weakref.ref(state), key
+            return
+        more = [entry for entry in self._more or () if entry[0]() is not None]
+        more.append((weakref.ref(state), key))
+        self._more = more
 
     def pop(self, state: Any, default: Any = None) -> Any:
-        for index, (ref, key) in enumerate(self._entries):
+        first = self._first
+        if first is not None and first() is state:
+            key = self._key
+            if self._more:
+                (self._first, self._key), *rest = self._more
+                self._more = rest or None
+            else:
+                self._first = self._key = None
+            return key
+        for index, (ref, key) in enumerate(self._more or ()):
             if ref() is state:
-                del self._entries[index]
+                del self._more[index]  # type: ignore[union-attr]
                 return key
         return default
 
     def items(self) -> list[tuple[Any, Any]]:
-        return [(state, key) for ref, key in self._entries if (state := ref()) is not None]
+        entries = [] if self._first is None else [(self._first, self._key)]
+        entries.extend(self._more or ())
+        return [(state, key) for ref, key in entries if (state := ref()) is not None]
 
 
 class TrackedJSONDict(MutableDict):  # type: ignore[type-arg]

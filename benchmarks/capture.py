@@ -13,7 +13,8 @@ written driver code would produce it:
   ``checkpoint_thread = "<session>:<run>"``);
 * timestamps: a fresh ``now`` in the driver's representation (text on SQLite,
   an aware datetime on PostgreSQL);
-* JSON values: serialized again per call (``json.dumps`` / ``psycopg``'s ``Jsonb``);
+* JSON values: serialized again per call (``json.dumps`` / ``psycopg``'s ``Jsonb``;
+  ``append_many``'s batch arrays with the layer's own encoder);
 * a value the previous statement returned under the same name (SQLite's
   ``seq``, allocated by one statement and inserted by the next).
 
@@ -33,6 +34,8 @@ from sqlalchemy import JSON, DateTime
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from app._capture import CapturedStatement
+from app._json import dumps_transport
+from app.repositories._batch import JSONText
 
 SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 """How SQLAlchemy's SQLite ``DATETIME`` binds a datetime."""
@@ -121,6 +124,15 @@ def _slot_for(
     recorded: Ids,
     previous_columns: tuple[str, ...],
 ) -> Slot | None:
+    if isinstance(value, str) and isinstance(type_, JSONText):
+        # append_many's batch array: encoded per call as the layer encodes it.
+        batch = json.loads(value)
+
+        def encode(ids: Ids, _previous: Sequence[Any] | None) -> str:
+            text = dumps_transport(batch)
+            return text.replace(recorded.run, ids.run).replace(recorded.session, ids.session)
+
+        return encode
     if isinstance(value, str) and (recorded.run in value or recorded.session in value):
         pattern = value.replace("{", "{{").replace("}", "}}")
         pattern = pattern.replace(recorded.run, "{run}").replace(recorded.session, "{session}")

@@ -29,7 +29,7 @@ from sqlmodel import Session as DbSession
 from app._json import loads
 from app.models import RunStatus, SessionRun
 from app.repositories import RunRepository
-from app.types import StrEnumType, TrackedJSONDict, UTCDateTime
+from app.types import StrEnumType, TrackedJSONDict, UTCDateTime, _Parents
 from tests.factories import SessionRunFactory
 
 SQLITE, POSTGRESQL = sqlite.dialect(), postgresql.dialect()  # type: ignore[attr-defined]
@@ -218,3 +218,25 @@ def test_a_tracked_value_pickles_as_a_plain_dict_of_its_items() -> None:
     value = SessionRun(session_id="s", options={"pages": 1}).options
     copy = pickle.loads(pickle.dumps(value))
     assert copy == {"pages": 1} and copy._parents.items() == []
+
+
+def test_the_parents_registry_keeps_each_parent_once_and_forgets_the_dead() -> None:
+    class State:  # stands for InstanceState: only identity and weak references matter
+        pass
+
+    a, b, c = State(), State(), State()
+    parents = _Parents()
+    parents[a] = "options"
+    parents[a] = "metrics"  # the same parent again: its key is replaced
+    parents[b] = "options"
+    parents[c] = "payload"
+    assert parents.items() == [(a, "metrics"), (b, "options"), (c, "payload")]
+    assert parents.pop(a) == "metrics"
+    assert parents.pop(a, "gone") == "gone"
+    assert parents.items() == [(b, "options"), (c, "payload")]
+    del b
+    gc.collect()
+    assert parents.items() == [(c, "payload")]
+    parents[a] = "options"
+    assert sorted(key for _state, key in parents.items()) == ["options", "payload"]
+    assert parents.pop(c) == "payload" and parents.items() == [(a, "options")]

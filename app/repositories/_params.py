@@ -104,6 +104,8 @@ def since_seq_param(since_seq: Any) -> int:
 
 
 def enum_param(enum_class: type[E], value: Any, name: str) -> E:
+    if type(value) is enum_class:
+        return value
     try:
         return enum_class(value)
     except ValueError:

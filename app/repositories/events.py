@@ -516,9 +516,22 @@ _BATCH_LOOKUP = select(SessionEvent).where(
 _RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID))
 
 
+_ITEM_FIELDS = ("type", "payload", "source", "run_id", "event_id")
+
+
 def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> dict[str, Any]:
     """``item`` checked as ``append`` checks its arguments; errors name ``events[index]``."""
-    where = f"events[{index}]"
+    try:
+        return _checked_item(item, limit, _ITEM_FIELDS)
+    except BadParameterError:
+        # Checked again only to raise with the item's place in every name.
+        where = f"events[{index}]"
+        return _checked_item(item, limit, tuple(f"{where}.{name}" for name in _ITEM_FIELDS), where)
+
+
+def _checked_item(
+    item: NewEvent | Mapping[str, Any], limit: int, names: tuple[str, ...], where: str = "events"
+) -> dict[str, Any]:
     if isinstance(item, Mapping):
         try:
             item = NewEvent(**item)
@@ -528,19 +541,14 @@ def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> d
             ) from None
     if not isinstance(item, NewEvent):
         raise BadParameterError(where, f"expected a NewEvent or a mapping, got {item!r}")
-    fields = {name: getattr(item, name) for name in NewEvent.__slots__}
+    type_name, payload_name, source_name, run_id_name, event_id_name = names
     return {
-        "type": text_param(
-            fields["type"], f"{where}.type", max_length=TYPE_MAX_LENGTH, max_bytes=limit
-        ),
-        "payload": json_object_param(fields["payload"], f"{where}.payload", max_bytes=limit),
-        "source": enum_param(EventSource, fields["source"], f"{where}.source").value,
-        "run_id": optional_text_param(fields["run_id"], f"{where}.run_id", max_bytes=limit),
+        "type": text_param(item.type, type_name, max_length=TYPE_MAX_LENGTH, max_bytes=limit),
+        "payload": json_object_param(item.payload, payload_name, max_bytes=limit),
+        "source": enum_param(EventSource, item.source, source_name).value,
+        "run_id": optional_text_param(item.run_id, run_id_name, max_bytes=limit),
         "event_id": optional_text_param(
-            fields["event_id"],
-            f"{where}.event_id",
-            max_length=EVENT_ID_MAX_LENGTH,
-            max_bytes=limit,
+            item.event_id, event_id_name, max_length=EVENT_ID_MAX_LENGTH, max_bytes=limit
         ),
     }
 
