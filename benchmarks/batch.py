@@ -60,12 +60,16 @@ def measure_batches(backend: str, url: str, *, rounds: int, batches: int) -> Bat
         db.commit()
     ids = Ids(run=run_id, session=session_id)
 
-    def events(size: int) -> list[NewEvent]:
-        return [NewEvent("task_progress", PROGRESS, run_id=run_id) for _ in range(size)]
+    # The caller's events, made once as the raw side's batch document is decoded
+    # once: each side then checks, encodes and sends them per call.
+    events = {
+        size: [NewEvent("task_progress", PROGRESS, run_id=run_id) for _ in range(size)]
+        for size in SIZES
+    }
 
     def repository(size: int, on: Engine = engine) -> None:
         with DbSession(on, expire_on_commit=False) as db:
-            EventRepository(db).append_many(session_id, events(size))
+            EventRepository(db).append_many(session_id, events[size])
             db.commit()
 
     def loop(size: int) -> None:

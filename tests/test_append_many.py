@@ -13,7 +13,7 @@ from app.errors import BadParameterError, RunNotFoundError, SessionNotFoundError
 from app.models import EventSource, SessionEvent, SessionEventSequence
 from app.repositories import EventRepository
 from app.repositories._batch import MAX_BATCH
-from app.repositories.events import NewEvent
+from app.repositories.events import OVERLAP_MIN_EVENTS, NewEvent
 from tests.concurrency import in_own_transaction, race, seed
 from tests.factories import SessionFactory, SessionRunFactory
 
@@ -88,6 +88,39 @@ def test_known_event_ids_come_back_as_stored_and_take_no_seq(session: DbSession)
     again = events.append_many(chat.id, [NewEvent("x", event_id="b"), NewEvent("z", event_id="a")])
     assert [event.id for event in again] == [batch[0].id, old.id]
     assert next_seq(session, chat.id) == 4
+
+
+def test_a_big_batch_behaves_as_a_small_one(session: DbSession) -> None:
+    """From OVERLAP_MIN_EVENTS on, PostgreSQL builds the events while the database
+    inserts them (app.repositories._driver.execute_overlapped): the same results."""
+    run, other = SessionRunFactory(), SessionRunFactory()
+    events = EventRepository(session)
+    size = OVERLAP_MIN_EVENTS + 3
+    old = events.append(run.session_id, "old", {"v": 1}, event_id="known")
+    batch = events.append_many(
+        run.session_id,
+        [NewEvent("step", {"i": i}, run_id=run.id, event_id=f"e{i}") for i in range(size)]
+        + [NewEvent("again", event_id="known"), NewEvent("step", event_id="e0")],
+    )
+    assert [event.seq for event in batch[:size]] == list(range(2, size + 2))
+    assert [event.payload["i"] for event in batch[:size]] == list(range(size))
+    assert batch[size].id == old.id and batch[size + 1] is batch[0]
+    assert all(event in session for event in batch)
+    with pytest.raises(RunNotFoundError):
+        events.append_many(
+            run.session_id, [NewEvent("a", run_id=run.id)] * size + [NewEvent("b", run_id=other.id)]
+        )
+    session.commit()
+    assert len(stored(session, run.session_id)) == size + 1
+    assert next_seq(session, run.session_id) == size + 2
+
+    rolled_back = events.append_many(run.session_id, [NewEvent("gone", {"k": 1})] * size)
+    seqs = [event.seq for event in rolled_back]
+    session.rollback()
+    # As with rows the ORM inserted: transient again, values intact.
+    assert [event.seq for event in rolled_back] == seqs and rolled_back[0].payload == {"k": 1}
+    assert not any(event in session for event in rolled_back)
+    assert len(stored(session, run.session_id)) == size + 1
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories import EventRepository, RunRepository, _driver
 from app.repositories._batch import NewEvent
 from app.repositories._driver import execute, execute_core
+from app.repositories.events import OVERLAP_MIN_EVENTS
 from app.types import utc_now
 from tests.factories import SessionFactory
 
@@ -235,3 +236,27 @@ def test_plans_are_made_only_for_what_can_be_replayed(db: DbSession) -> None:
     execute(connection, expanding, {})
     assert _driver._plans(connection.dialect)[id(expanding)] is None
     assert execute(connection, expanding, {}).rows == []
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_a_lost_connection_during_an_overlapped_batch_is_invalidated(engine: Engine) -> None:
+    """``execute_overlapped`` (pipeline mode) fails as the plain driver path does."""
+    batch = [NewEvent("step", {"i": i}) for i in range(OVERLAP_MIN_EVENTS)]
+    with DbSession(engine, expire_on_commit=False) as db:
+        chat = ChatSession(title="overlap")
+        db.add(chat)
+        db.commit()
+        chat_id = chat.id
+        EventRepository(db).append_many(chat_id, batch)  # makes the plan
+        db.commit()
+        connection = db.connection()
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        with engine.connect() as killer:
+            killer.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+        with pytest.raises(OperationalError) as caught:
+            EventRepository(db).append_many(chat_id, batch)
+        assert caught.value.connection_invalidated and connection.invalidated
+        db.rollback()
+    with DbSession(engine) as db:
+        assert len(EventRepository(db).append_many(chat_id, batch)) == OVERLAP_MIN_EVENTS
+        db.commit()

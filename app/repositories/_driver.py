@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, CursorResult, Executable, TextClause
 from sqlalchemy.engine.interfaces import Dialect
@@ -46,6 +46,7 @@ from app._dialects import SQLITE_BEGIN
 from app.repositories._driver_errors import domain_error
 
 Processor = Callable[[Any], Any]
+T = TypeVar("T")
 
 _OWN_OPTIONS = frozenset({SQLITE_BEGIN})
 """Execution options that do not concern statement execution (app._dialects)."""
@@ -146,20 +147,60 @@ def execute_core(session: DbSession, statement: Executable, params: dict[str, An
     raise error
 
 
+def execute_overlapped(
+    session: DbSession, statement: Executable, params: dict[str, Any], work: Callable[[], T]
+) -> tuple[Rows, T]:
+    """``execute_core``, and ``work()`` done while the database executes the statement.
+
+    On psycopg the statement goes out in pipeline mode: ``execute`` sends it and
+    returns, ``work`` runs (client CPU beside the server's), then the rows are
+    fetched; leaving pipeline mode costs a round trip, so it pays for big
+    statements only (``append_many``'s batches). Elsewhere ``work`` runs after.
+    """
+    session.flush()
+    connection = session.connection()
+    if connection.dialect.driver != "psycopg":
+        return execute_core(session, statement, params), work()
+    try:
+        return _execute(connection, statement, params, work)
+    except DBAPIError as exc:
+        error = domain_error(exc, params)
+        if error is None:
+            raise
+    raise error
+
+
 def execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Rows:
     """``connection.execute(statement, params)``, all rows fetched; through the
     statement's plan when the connection allows it (module docstring)."""
+    return _execute(connection, statement, params, None)[0]
+
+
+def _execute(
+    connection: Connection,
+    statement: Executable,
+    params: dict[str, Any],
+    work: Callable[[], T] | None,
+) -> tuple[Rows, T | None]:
     plan = _plans(connection.dialect).get(id(statement)) if _direct(connection) else None
     if plan is None or plan.statement is not statement:
-        return _through_sqlalchemy(connection, statement, params)
+        rows = _through_sqlalchemy(connection, statement, params)
+        return rows, None if work is None else work()
     arguments = plan.arguments(params)
     driver = connection.connection.driver_connection
+    done = None
     try:
-        cursor = driver.execute(plan.sql, arguments)  # type: ignore[union-attr]
-        rows = cursor.fetchall() if plan.returns_rows else []
+        if work is None:
+            cursor = driver.execute(plan.sql, arguments)  # type: ignore[union-attr]
+            rows = cursor.fetchall() if plan.returns_rows else []
+        else:
+            with driver.pipeline():  # type: ignore[union-attr]
+                cursor = driver.execute(plan.sql, arguments)  # type: ignore[union-attr]
+                done = work()
+                rows = cursor.fetchall() if plan.returns_rows else []
     except connection.dialect.loaded_dbapi.Error as exc:
         connection._handle_dbapi_exception(exc, plan.sql, arguments, None, None)
-    return Rows(plan.convert(rows), cursor.rowcount)
+    return Rows(plan.convert(rows), cursor.rowcount), done
 
 
 def _direct(connection: Connection) -> bool:
@@ -264,4 +305,4 @@ def _result_types(statement: Executable, count: int) -> list[Any] | None:
     return None
 
 
-__all__ = ["Plan", "Rows", "execute", "execute_core"]
+__all__ = ["Plan", "Rows", "execute", "execute_core", "execute_overlapped"]

@@ -61,19 +61,50 @@ def _instance(model: type[M], values: Mapping[str, Any]) -> tuple[M, Any]:
 
 
 def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M:
-    """A persistent instance for a row this transaction has just inserted.
-
-    It is registered as the ORM's flush registers the rows it inserts
-    (``Session._register_persistent``; no public API does this), so a rollback
-    expunges it with its values intact instead of expiring it. It joins the
-    session without ``session.add``'s cascade walk (``Session._save_impl``): its
-    related objects are not loaded, so the walk finds nothing.
-    """
+    """A persistent instance for a row this transaction has just inserted (see
+    ``inserted_many``)."""
     instance, state = _instance(model, values)
-    session._save_impl(state)
-    session._register_persistent({state})
-    state.manager.dispatch.load(state, None)  # as the ORM's loader: JSON columns become tracked
+    _register_inserted(session, model, [state])
     return instance
+
+
+def _register_inserted(session: DbSession, model: type[Any], states: list[Any]) -> None:
+    """Register fresh states as the ORM's flush registers the rows it inserts, so a
+    rollback expunges them with their values intact instead of expiring them.
+
+    No public API does this. The flush's own steps are ``Session._save_impl``
+    then ``_register_persistent``: with no session listener for those steps, what
+    they do for a fresh state (nothing tracked, no previous identity, nothing
+    related loaded) is done here directly: the identity key, the session's id,
+    the identity map (``_add_unpresent``, as the loader adds) and the transaction's
+    record of its new objects (``SessionTransaction._new``, what a rollback
+    expunges). Then the ``load`` event, as the ORM's loader: JSON becomes tracked.
+    """
+    dispatch = session.dispatch
+    load = _mapper(model).class_manager.dispatch.load
+    if (
+        dispatch.before_attach
+        or dispatch.after_attach
+        or dispatch.transient_to_pending
+        or dispatch.pending_to_persistent
+    ):
+        for state in states:
+            session._save_impl(state)
+        session._register_persistent(set(states))
+    else:
+        key_of = _mapper(model).identity_key_from_primary_key
+        primary_key = _primary_key(model)
+        identity_map, hash_key = session.identity_map, session.hash_key
+        created = session._autobegin_t()._new
+        for state in states:
+            values = state.dict
+            key = key_of(tuple(values[name] for name in primary_key))
+            state.key = key
+            state.session_id = hash_key
+            identity_map._add_unpresent(state, key)
+            created[state] = True
+    for state in states:
+        load(state, None)
 
 
 @cache
@@ -133,20 +164,7 @@ def in_session_many(
     return instances
 
 
-def inserted_many(
-    session: DbSession, model: type[M], columns: tuple[str, ...], rows: Iterable[Any]
-) -> list[M]:
-    """``inserted`` for many rows at once (``append_many``'s events).
-
-    The instances are attached without ``session.add``'s cascade walk (they
-    carry no related objects) and registered in one call.
-    """
-    instances = snapshots(model, columns, rows)
-    states = [instance_state(instance) for instance in instances]
-    for state in states:
-        session._save_impl(state)
-    session._register_persistent(set(states))
-    load = _mapper(model).class_manager.dispatch.load
-    for state in states:
-        load(state, None)  # as the ORM's loader: JSON columns become tracked
-    return instances
+def register_inserted(session: DbSession, model: type[M], instances: list[M]) -> None:
+    """``inserted`` for instances already built (``snapshots``) whose rows this
+    transaction has just inserted (``append_many``'s events)."""
+    _register_inserted(session, model, [instance_state(instance) for instance in instances])

@@ -17,7 +17,7 @@ wakes ``app.feed``'s followers; bursts: docs/events.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
@@ -49,7 +49,7 @@ from app.errors import (
 )
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
-from app.repositories._driver import Rows, execute_core
+from app.repositories._driver import Rows, execute_core, execute_overlapped
 from app.repositories._params import (
     enum_param,
     json_object_param,
@@ -58,7 +58,7 @@ from app.repositories._params import (
     since_seq_param,
     text_param,
 )
-from app.repositories._rows import inserted, inserted_many, snapshots
+from app.repositories._rows import inserted, register_inserted, snapshots
 from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,
@@ -83,6 +83,10 @@ EVENT_COLUMNS = tuple(column.key for column in EVENTS.c)
 TYPE_MAX_LENGTH = EVENTS.c.type.type.length
 EVENT_ID_MAX_LENGTH = 255
 """``event_id`` is in a unique index; PostgreSQL cannot index an entry over ~2.7 kB."""
+OVERLAP_MIN_EVENTS = 32
+"""PostgreSQL: from this many events, ``append_many`` builds its instances while the
+database inserts the batch (``execute_overlapped``); below it the round trip that
+overlapping costs is more than the work it hides."""
 ALLOCATION_ATTEMPTS = 5
 """Retries when v0.7 writers keep taking the number just allocated."""
 
@@ -386,26 +390,35 @@ class EventRepository:
         """
         now = utc_now()
         run_ids = sorted({item["run_id"] for item in pending if item["run_id"] is not None})
-        first_seq, rows = self._run_batch(session_id, pending, run_ids, now)
-        if first_seq is None:
-            self._raise_batch_not_found(session_id, run_ids)
-        if len(rows) == len(pending):
-            source = {member.value: member for member in EventSource}
+
+        def build() -> list[SessionEvent]:
+            """The events but for their ids and seqs (on PostgreSQL, built while the
+            database inserts them)."""
             values = [
                 (
-                    rows[first_seq + position],
+                    None,
                     session_id,
-                    first_seq + position,
+                    None,
                     item["type"],
                     item["payload"],
-                    source[item["source"]],
+                    _SOURCES[item["source"]],
                     now,
                     item["run_id"],
                     item["event_id"],
                 )
-                for position, item in enumerate(pending)
+                for item in pending
             ]
-            events = inserted_many(self._session, SessionEvent, EVENT_COLUMNS, values)
+            return snapshots(SessionEvent, EVENT_COLUMNS, values)
+
+        first_seq, rows, events = self._run_batch(session_id, pending, run_ids, now, build)
+        if first_seq is None:
+            self._raise_batch_not_found(session_id, run_ids)
+        if len(rows) == len(pending):
+            for position, event in enumerate(events):
+                seq = first_seq + position
+                values = event.__dict__  # fresh instances: no attribute events to pass
+                values["id"], values["seq"] = rows[seq], seq
+            register_inserted(self._session, SessionEvent, events)
             return {id(item): event for item, event in zip(pending, events, strict=True)}
         if rows:
             self._execute(_BATCH_UNDO, {"ids": list(rows.values())})
@@ -425,8 +438,10 @@ class EventRepository:
         pending: list[dict[str, Any]],
         run_ids: list[str],
         now: datetime,
-    ) -> tuple[int | None, dict[int, int]]:
-        """(first allocated seq or None, {seq: new event id}) for the rows inserted."""
+        build: Callable[[], list[SessionEvent]],
+    ) -> tuple[int | None, dict[int, int], list[SessionEvent]]:
+        """(first allocated seq or None, {seq: new event id} of the rows inserted,
+        ``build()``'s events)."""
         fields = ("type", "source", "run_id", "event_id")
         params: dict[str, Any] = {"session_id": session_id, "count": len(pending), "now": now}
         params["run_ids"] = dumps_transport(run_ids)
@@ -438,13 +453,19 @@ class EventRepository:
                     for position, item in enumerate(pending)
                 ]
             )
-            result = self._execute(self._batch_sql[0], params).rows  # (first_seq, id, seq)
-            if not result:
-                return None, {}
-            return result[0][0], {seq: id_ for _, id_, seq in result if id_ is not None}
+            if len(pending) >= OVERLAP_MIN_EVENTS:
+                result, events = execute_overlapped(
+                    self._session, self._batch_sql[0], params, build
+                )
+            else:
+                result, events = self._execute(self._batch_sql[0], params), build()
+            if not result.rows:  # (first_seq, id, seq) rows
+                return None, {}, events
+            first_seq = result.rows[0][0]
+            return first_seq, {seq: id_ for _, id_, seq in result if id_ is not None}, events
         first_seq = self._execute(self._batch_sql[0], params).scalar()
         if first_seq is None:
-            return None, {}
+            return None, {}, []
         params["first_seq"] = first_seq
         params["items"] = dumps_transport(
             [
@@ -455,7 +476,7 @@ class EventRepository:
             ]
         )
         inserted_rows = self._execute(self._batch_sql[1], params)  # (id, seq)
-        return first_seq, {seq: id_ for id_, seq in inserted_rows}
+        return first_seq, {seq: id_ for id_, seq in inserted_rows}, build()
 
     def _raise_batch_not_found(self, session_id: str, run_ids: list[str]) -> NoReturn:
         for run_id in run_ids:
@@ -517,6 +538,7 @@ _RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id =
 
 
 _ITEM_FIELDS = ("type", "payload", "source", "run_id", "event_id")
+_SOURCES = {member.value: member for member in EventSource}
 
 
 def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> dict[str, Any]:
