@@ -16,14 +16,20 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   when nothing observes execution (``Connection._echo``, ``_has_events``,
   ``_execution_options``, ``Dialect._has_events``: private), and a driver error
   handed to ``Connection._handle_dbapi_exception`` (private).
-* ``app.repositories._rows``: ORM internals with no public equivalent
-  (``Session._register_persistent``, ``_save_impl``, ``_update_impl``; the instance
-  state's ``load`` / ``refresh`` dispatch; ``ClassManager.new_instance``).
+* ``app.repositories._rows``: ORM internals with no public equivalent, as the
+  ORM's loader and flush use them (``IdentityMap._add_unpresent``,
+  ``Session.hash_key`` / ``_autobegin_t``, ``SessionTransaction._new``,
+  ``InstanceState.session_id``; ``Session._register_persistent`` and ``_save_impl``
+  when session listeners are present; the instance state's ``load`` / ``refresh``
+  dispatch; ``ClassManager.new_instance``).
+* ``app.types.TrackedJSONDict``: ``MutableBase._parents`` replaced by a lighter
+  registry (``tests/test_types.py`` checks how ``sqlalchemy.ext.mutable`` uses it).
 """
 
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -100,12 +106,22 @@ def test_the_orm_internals_of_rows_are_there() -> None:
     assert callable(getattr(OrmSession, "_save_impl", None)), (
         "Session._save_impl (private) is gone: app.repositories._rows.inserted"
     )
-    assert callable(getattr(OrmSession, "_update_impl", None)), (
-        "Session._update_impl (private) is gone: app.repositories._rows.in_session"
+    assert callable(getattr(OrmSession, "_autobegin_t", None)), (
+        "Session._autobegin_t (private) is gone: app.repositories._rows._register_inserted"
+    )
+    session = OrmSession()
+    assert isinstance(session.hash_key, int)
+    transaction = session._autobegin_t()
+    assert isinstance(transaction._new, weakref.WeakKeyDictionary), (
+        "SessionTransaction._new (private) changed: app.repositories._rows._register_inserted"
+    )
+    assert callable(getattr(session.identity_map, "_add_unpresent", None)), (
+        "IdentityMap._add_unpresent (private) is gone: app.repositories._rows"
     )
     manager = class_mapper(SessionRun).class_manager
     instance = manager.new_instance()
     state = instance_state(instance)
+    assert state.session_id is None and state.key is None
     assert callable(state.manager.dispatch.load)
     assert callable(state.manager.dispatch.refresh)
 
