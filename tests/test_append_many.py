@@ -6,7 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy import event as sa_event
 from sqlmodel import Session as DbSession
 
 from app.errors import BadParameterError, RunNotFoundError, SessionNotFoundError
@@ -14,6 +15,7 @@ from app.models import EventSource, SessionEvent, SessionEventSequence
 from app.repositories import EventRepository
 from app.repositories._batch import MAX_BATCH
 from app.repositories.events import OVERLAP_MIN_EVENTS, NewEvent
+from app.types import TrackedJSONDict
 from tests.concurrency import in_own_transaction, race, seed
 from tests.factories import SessionFactory, SessionRunFactory
 
@@ -220,3 +222,22 @@ def test_the_same_event_ids_racing_are_stored_once(engine: Engine) -> None:
     assert all(r == [1, 2, 3, 4, 5] for r in results), results
     rows = in_own_transaction(engine, lambda db: stored(db, session_id))
     assert [seq for seq, _, _ in rows] == [1, 2, 3, 4, 5]
+
+
+def test_load_listeners_see_batch_events_in_the_session(session: DbSession) -> None:
+    """A load listener of the application's own sees each new event as the ORM's loader
+    would show it: persistent, in the session (JSON tracking alone runs earlier)."""
+    seen: list[tuple[bool, bool]] = []
+
+    def on_load(target: SessionEvent, _context: Any) -> None:
+        seen.append((inspect(target).persistent, isinstance(target.payload, TrackedJSONDict)))
+
+    chat = SessionFactory()
+    sa_event.listen(SessionEvent, "load", on_load)
+    try:
+        EventRepository(session).append_many(
+            chat.id, [NewEvent("step", {"i": i}) for i in range(OVERLAP_MIN_EVENTS)]
+        )
+    finally:
+        sa_event.remove(SessionEvent, "load", on_load)
+    assert seen == [(True, True)] * OVERLAP_MIN_EVENTS

@@ -68,7 +68,9 @@ def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M
     return instance
 
 
-def _register_inserted(session: DbSession, model: type[Any], states: list[Any]) -> None:
+def _register_inserted(
+    session: DbSession, model: type[Any], states: list[Any], *, tracked: bool = False
+) -> None:
     """Register fresh states as the ORM's flush registers the rows it inserts, so a
     rollback expunges them with their values intact instead of expiring them.
 
@@ -78,7 +80,8 @@ def _register_inserted(session: DbSession, model: type[Any], states: list[Any]) 
     related loaded) is done here directly: the identity key, the session's id,
     the identity map (``_add_unpresent``, as the loader adds) and the transaction's
     record of its new objects (``SessionTransaction._new``, what a rollback
-    expunges). Then the ``load`` event, as the ORM's loader: JSON becomes tracked.
+    expunges). Then the ``load`` event, as the ORM's loader: JSON becomes tracked
+    (``tracked``: ``track_json`` has done that already).
     """
     dispatch = session.dispatch
     load = _mapper(model).class_manager.dispatch.load
@@ -103,8 +106,24 @@ def _register_inserted(session: DbSession, model: type[Any], states: list[Any]) 
             state.session_id = hash_key
             identity_map._add_unpresent(state, key)
             created[state] = True
-    for state in states:
-        load(state, None)
+    if not tracked:
+        for state in states:
+            load(state, None)
+
+
+def track_json(model: type[M], instances: list[M]) -> bool:
+    """The ``load`` event of fresh instances ahead of their registration, when its
+    only listeners are the JSON tracking's, which need no session (``append_many``
+    does it while the database inserts the batch); False, and nothing done, else."""
+    load = _mapper(model).class_manager.dispatch.load
+    if not all(getattr(listener, "__module__", None) == _TRACKING for listener in load):
+        return False
+    for instance in instances:
+        load(instance_state(instance), None)
+    return True
+
+
+_TRACKING = "sqlalchemy.ext.mutable"
 
 
 @cache
@@ -164,7 +183,11 @@ def in_session_many(
     return instances
 
 
-def register_inserted(session: DbSession, model: type[M], instances: list[M]) -> None:
+def register_inserted(
+    session: DbSession, model: type[M], instances: list[M], *, tracked: bool = False
+) -> None:
     """``inserted`` for instances already built (``snapshots``) whose rows this
-    transaction has just inserted (``append_many``'s events)."""
-    _register_inserted(session, model, [instance_state(instance) for instance in instances])
+    transaction has just inserted (``append_many``'s events); ``tracked``: their
+    JSON is tracked already (``track_json``)."""
+    states = [instance_state(instance) for instance in instances]
+    _register_inserted(session, model, states, tracked=tracked)

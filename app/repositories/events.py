@@ -58,7 +58,7 @@ from app.repositories._params import (
     since_seq_param,
     text_param,
 )
-from app.repositories._rows import inserted, register_inserted, snapshots
+from app.repositories._rows import inserted, register_inserted, snapshots, track_json
 from app.repositories._sql import (
     EVENTS_CHANNEL,
     LIMIT,
@@ -391,9 +391,12 @@ class EventRepository:
         now = utc_now()
         run_ids = sorted({item["run_id"] for item in pending if item["run_id"] is not None})
 
+        tracked = False
+
         def build() -> list[SessionEvent]:
-            """The events but for their ids and seqs (on PostgreSQL, built while the
-            database inserts them)."""
+            """The events but for their ids and seqs, JSON tracked if that can be done
+            before they join the session (on PostgreSQL, while the database inserts them)."""
+            nonlocal tracked
             values = [
                 (
                     None,
@@ -408,7 +411,9 @@ class EventRepository:
                 )
                 for item in pending
             ]
-            return snapshots(SessionEvent, EVENT_COLUMNS, values)
+            events = snapshots(SessionEvent, EVENT_COLUMNS, values)
+            tracked = track_json(SessionEvent, events)
+            return events
 
         first_seq, rows, events = self._run_batch(session_id, pending, run_ids, now, build)
         if first_seq is None:
@@ -418,7 +423,7 @@ class EventRepository:
                 seq = first_seq + position
                 values = event.__dict__  # fresh instances: no attribute events to pass
                 values["id"], values["seq"] = rows[seq], seq
-            register_inserted(self._session, SessionEvent, events)
+            register_inserted(self._session, SessionEvent, events, tracked=tracked)
             return {id(item): event for item, event in zip(pending, events, strict=True)}
         if rows:
             self._execute(_BATCH_UNDO, {"ids": list(rows.values())})
