@@ -447,16 +447,12 @@ class EventRepository:
     ) -> tuple[int | None, dict[int, int], list[SessionEvent]]:
         """(first allocated seq or None, {seq: new event id} of the rows inserted,
         ``build()``'s events)."""
-        fields = ("type", "source", "run_id", "event_id")
+        # Items carry type, payload, source, run_id and event_id (``_checked_item``).
         params: dict[str, Any] = {"session_id": session_id, "count": len(pending), "now": now}
         params["run_ids"] = dumps_transport(run_ids)
         if self._dialect == POSTGRESQL:
             params["items"] = dumps_transport(
-                [
-                    {"position": position, "payload": item["payload"]}
-                    | {name: item[name] for name in fields}
-                    for position, item in enumerate(pending)
-                ]
+                [{**item, "position": position} for position, item in enumerate(pending)]
             )
             if len(pending) >= OVERLAP_MIN_EVENTS:
                 result, events = execute_overlapped(
@@ -475,8 +471,7 @@ class EventRepository:
         params["items"] = dumps_transport(
             [
                 # The payload's text as append stores it (SQLAlchemy's json.dumps).
-                {"position": position, "payload": json.dumps(item["payload"])}
-                | {name: item[name] for name in fields}
+                {**item, "position": position, "payload": json.dumps(item["payload"])}
                 for position, item in enumerate(pending)
             ]
         )
