@@ -261,7 +261,7 @@ class EventRepository:
             return written
         return self._stored(*written, params)
 
-    def write_lifecycle_event(
+    def _write_lifecycle_event(
         self, session_id: str, type: str, payload: dict[str, Any], run_id: str
     ) -> None:
         """``append`` for ``RunRepository``'s lifecycle events, whose arguments it has
