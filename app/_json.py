@@ -1,4 +1,4 @@
-"""JSON decoding for the engines (``json_deserializer``) and the batch transport.
+"""JSON for the engines (``json_deserializer`` / ``json_serializer``) and the batch transport.
 
 Reading is the hot part of a page: a run row holds four JSON columns and an
 event its payload, and ``json.loads`` takes about 1.1 µs for a small object
@@ -7,11 +7,14 @@ for what orjson refuses or would read differently (``NaN``, lone surrogates,
 and integers beyond 64 bits, which orjson turns into floats), as rows that v0.7
 wrote may hold: the values read are the same as before.
 
-Values are still *stored* with SQLAlchemy's default ``json.dumps`` (the text
-SQLite keeps is unchanged, and a value that escaped validation still fails
-loudly rather than orjson writing ``NaN`` as ``null``). ``dumps_transport``
-encodes only the ``append_many`` batch array, whose items were validated and
-which the database unpacks in the same statement.
+``dumps`` writes a flat object of plain scalars (the usual event payload,
+error, metrics) with orjson, as compact UTF-8 text, when it is certainly
+storable as it is (``app.types._flat_and_storable``: no NaN, no integer beyond
+64 bits, no lone surrogate); anything else goes to ``json.dumps`` exactly as
+SQLAlchemy's default would, so a value that escaped validation is stored or
+refused as before instead of orjson writing ``NaN`` as ``null``.
+``dumps_transport`` encodes the ``append_many`` batch array, whose items were
+validated and which the database unpacks in the same statement.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import json
 from typing import Any
 
 import orjson
+
+from app.types import TrackedJSONDict, _flat_and_storable
 
 _INT64 = 2.0**63
 
@@ -58,9 +63,22 @@ def _has_huge_float(value: Any) -> bool:
     return False
 
 
+def dumps(value: Any) -> str:
+    """JSON text of a value to store (module docstring); ``json.loads`` of it is the
+    value, as with ``json.dumps``."""
+    if type(value) in _OBJECTS and _flat_and_storable(value, _ANY_SIZE):
+        return orjson.dumps(value).decode()
+    return json.dumps(value)
+
+
+_OBJECTS = frozenset({dict, TrackedJSONDict})
+_ANY_SIZE = 2**62
+"""Size is the validation's business; any size is stored as it is."""
+
+
 def dumps_transport(value: Any) -> str:
     """Compact JSON text of a validated value that only travels to the database."""
     return orjson.dumps(value).decode()
 
 
-__all__ = ["dumps_transport", "loads"]
+__all__ = ["dumps", "dumps_transport", "loads"]

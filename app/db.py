@@ -34,7 +34,7 @@ from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
 from app._dialects import install as install_transaction_rules
-from app._json import loads
+from app._json import dumps, loads
 from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
@@ -171,7 +171,8 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
             options["pool_size"] = _env_int("DB_POOL_SIZE", 5)
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)
             options["pool_timeout"] = _env_int("DB_POOL_TIMEOUT", 30)
-    options["json_deserializer"] = loads  # orjson with json's fallback (app._json)
+    options["json_deserializer"] = loads  # orjson, with json where it reads differently
+    options["json_serializer"] = dumps  # orjson for plain flat objects (app._json)
     options.update(engine_kwargs)
     engine = create_engine(resolved, **options)
     install_transaction_rules(engine)  # BEGIN IMMEDIATE on SQLite, the COMMIT guard

@@ -13,8 +13,10 @@ written driver code would produce it:
   ``checkpoint_thread = "<session>:<run>"``);
 * timestamps: a fresh ``now`` in the driver's representation (text on SQLite,
   an aware datetime on PostgreSQL);
-* JSON values: serialized again per call (``json.dumps`` / ``psycopg``'s ``Jsonb``;
-  ``append_many``'s batch arrays with the layer's own encoder);
+* JSON values: serialized again per call, with the engines' serializer
+  (``app._json.dumps``; on PostgreSQL through ``psycopg``'s ``Jsonb``, which the
+  raw connection's adapters give the same one) or, for ``append_many``'s batch
+  arrays, the layer's transport encoder;
 * a value the previous statement returned under the same name (SQLite's
   ``seq``, allocated by one statement and inserted by the next).
 
@@ -34,7 +36,7 @@ from sqlalchemy import JSON, DateTime
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from app._capture import CapturedStatement
-from app._json import dumps_transport
+from app._json import dumps, dumps_transport
 from app.repositories._batch import JSONText
 
 SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
@@ -153,5 +155,5 @@ def _slot_for(
         return lambda _ids, _previous: Jsonb(document)
     if isinstance(value, str) and _is_type(type_, JSON):
         document = json.loads(value)
-        return lambda _ids, _previous: json.dumps(document)
+        return lambda _ids, _previous: dumps(document)  # the engines' serializer
     return None

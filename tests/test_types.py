@@ -26,7 +26,7 @@ from sqlalchemy.ext import mutable
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session as DbSession
 
-from app._json import loads
+from app._json import dumps, loads
 from app.models import RunStatus, SessionRun
 from app.repositories import RunRepository
 from app.types import StrEnumType, TrackedJSONDict, UTCDateTime, _Parents
@@ -116,6 +116,41 @@ def test_rows_decode_as_json_loads_decodes(value: Any, ascii: bool) -> None:
     text_ = json.dumps(value, ensure_ascii=ascii)
     assert loads(text_) == json.loads(text_)
     assert loads(text_.encode()) == json.loads(text_)  # psycopg hands over bytes
+
+
+storable_flat = st.dictionaries(
+    st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False, min_value=-1e15, max_value=1e15)
+    | st.text(max_size=20),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.one_of(storable_flat, json_values))
+def test_stored_text_reads_back_as_json_dumps_text_does(value: Any) -> None:
+    assert json.loads(dumps(value)) == json.loads(json.dumps(value))
+    if isinstance(value, dict):
+        assert json.loads(dumps(TrackedJSONDict(value))) == json.loads(json.dumps(value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"score": float("nan")},
+        {"big": 2**70},
+        {"text": "x\ud800y"},
+        {1: "integer key"},
+        {"nested": {"a": 1}},
+        [1, 2],
+    ],
+)
+def test_what_is_not_certainly_storable_is_written_by_json_dumps(value: Any) -> None:
+    """A value that escaped validation is stored (or refused) as before, never changed."""
+    assert dumps(value) == json.dumps(value)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,6 @@ wakes ``app.feed``'s followers; bursts: docs/events.md.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
-from app._json import dumps_transport
+from app._json import dumps, dumps_transport
 from app.errors import (
     BadParameterError,
     ConflictError,
@@ -470,8 +469,8 @@ class EventRepository:
         params["first_seq"] = first_seq
         params["items"] = dumps_transport(
             [
-                # The payload's text as append stores it (SQLAlchemy's json.dumps).
-                {**item, "position": position, "payload": json.dumps(item["payload"])}
+                # The payload's text as append stores it (the engine's serializer).
+                {**item, "position": position, "payload": dumps(item["payload"])}
                 for position, item in enumerate(pending)
             ]
         )
