@@ -28,6 +28,11 @@ layer's own ``sqlite_begin``, dialect-level listeners, and statements whose
 parameters SQLAlchemy expands or renders at execution time.
 ``tests/test_driver_path.py`` checks that both paths send the same SQL and
 parameters and read the same values.
+
+``execute_overlapped`` runs a statement and some Python work at once: on
+psycopg the statement goes out in pipeline mode, the work runs while the
+server executes it, then the rows are fetched (``append_many`` builds its
+events meanwhile).
 """
 
 from __future__ import annotations
