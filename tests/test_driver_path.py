@@ -73,11 +73,13 @@ class _Compared:
         self.executed: set[int] = set()
         self.statements: set[int] = set()
 
-    def execute(self, connection: Connection, statement: Any, params: dict[str, Any]) -> Any:
+    def execute(
+        self, connection: Connection, statement: Any, params: dict[str, Any], work: Any = None
+    ) -> Any:
         self.executed.add(id(statement))
         plan = _driver._plans(connection.dialect).get(id(statement))
         if plan is None:
-            return _original_execute(connection, statement, params)
+            return _original_execute(connection, statement, params, work)
         sent: list[tuple[str, Any]] = []
 
         def record(_conn: Any, _cursor: Any, sql: str, parameters: Any, *_: Any) -> None:
@@ -86,19 +88,19 @@ class _Compared:
         savepoint = connection.begin_nested()
         event.listen(connection, "before_cursor_execute", record)
         try:
-            expected = _original_execute(connection, statement, params)
+            expected, _ = _original_execute(connection, statement, params, None)
         finally:
             event.remove(connection, "before_cursor_execute", record)
             savepoint.rollback()
         ((sql, arguments),) = sent
         assert (plan.sql, _plain(plan.arguments(params))) == (sql, _plain(arguments))
-        actual = _original_execute(connection, statement, params)
+        actual, done = _original_execute(connection, statement, params, work)
         assert _comparable(plan, actual.rows) == _comparable(plan, expected.rows)
         self.statements.add(id(statement))
-        return actual
+        return actual, done
 
 
-_original_execute = _driver.execute
+_original_execute = _driver._execute
 
 
 def _plain(arguments: Any) -> Any:
@@ -127,7 +129,7 @@ def _comparable(plan: _driver.Plan, rows: list[tuple[Any, ...]]) -> list[tuple[A
 @pytest.fixture
 def compared(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Compared]:
     comparison = _Compared()
-    monkeypatch.setattr(_driver, "execute", comparison.execute)
+    monkeypatch.setattr(_driver, "_execute", comparison.execute)
     yield comparison
 
 

@@ -71,9 +71,6 @@ class Rows:
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         return iter(self.rows)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
     def first(self) -> tuple[Any, ...] | None:
         return self.rows[0] if self.rows else None
 
@@ -142,14 +139,7 @@ def execute_core(session: DbSession, statement: Executable, params: dict[str, An
     A driver error becomes a domain error (``_driver_errors``), raised outside the
     ``except`` block so that no chained exception carries the statement's parameters.
     """
-    session.flush()
-    try:
-        return execute(session.connection(), statement, params)
-    except DBAPIError as exc:
-        error = domain_error(exc, params)
-        if error is None:
-            raise
-    raise error
+    return _in_session(session, statement, params, None)[0]
 
 
 def execute_overlapped(
@@ -162,17 +152,29 @@ def execute_overlapped(
     fetched; leaving pipeline mode costs a round trip, so it pays for big
     statements only (``append_many``'s batches). Elsewhere ``work`` runs after.
     """
+    return _in_session(session, statement, params, work)  # type: ignore[return-value]
+
+
+def _in_session(
+    session: DbSession,
+    statement: Executable,
+    params: dict[str, Any],
+    work: Callable[[], T] | None,
+) -> tuple[Rows, T | None]:
     session.flush()
     connection = session.connection()
-    if connection.dialect.driver != "psycopg":
-        return execute_core(session, statement, params), work()
+    overlapped = work if connection.dialect.driver == "psycopg" else None
     try:
-        return _execute(connection, statement, params, work)
+        rows, done = _execute(connection, statement, params, overlapped)
     except DBAPIError as exc:
         error = domain_error(exc, params)
         if error is None:
             raise
-    raise error
+    else:
+        if work is not None and overlapped is None:
+            done = work()
+        return rows, done
+    raise error  # outside the except block: no context carrying the parameters
 
 
 def execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Rows:

@@ -62,7 +62,7 @@ def _instance(model: type[M], values: Mapping[str, Any]) -> tuple[M, Any]:
 
 def inserted(session: DbSession, model: type[M], values: Mapping[str, Any]) -> M:
     """A persistent instance for a row this transaction has just inserted (see
-    ``inserted_many``)."""
+    ``_register_inserted``)."""
     instance, state = _instance(model, values)
     _register_inserted(session, model, [state])
     return instance
@@ -84,7 +84,8 @@ def _register_inserted(
     (``tracked``: ``track_json`` has done that already).
     """
     dispatch = session.dispatch
-    load = _mapper(model).class_manager.dispatch.load
+    mapper = _mapper(model)
+    load = mapper.class_manager.dispatch.load
     if (
         dispatch.before_attach
         or dispatch.after_attach
@@ -95,7 +96,7 @@ def _register_inserted(
             session._save_impl(state)
         session._register_persistent(set(states))
     else:
-        key_of = _mapper(model).identity_key_from_primary_key
+        key_of = mapper.identity_key_from_primary_key
         primary_key = _primary_key(model)
         identity_map, hash_key = session.identity_map, session.hash_key
         created = session._autobegin_t()._new

@@ -858,7 +858,9 @@ class RunRepository:
 
     def _idempotency_keys(self) -> IdempotencyKeys:
         if self._keys is None:
-            window = self._idempotency_window or window_from_environment()
+            window = self._idempotency_window
+            if window is None:
+                window = window_from_environment()
             self._keys = IdempotencyKeys(self._session, window)
         return self._keys
 
