@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import psycopg
 import sqlalchemy
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
@@ -64,8 +64,8 @@ class ScratchDatabases:
             raise RuntimeError("PostgreSQL is not available for this run")
         name = f"bench_{os.getpid()}_{label}"
         with self._admin() as admin, admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            _drop_database(conn, name)
+            conn.execute(text(f"CREATE DATABASE {_quoted(conn, name)}"))
         self._created.append(name)
         return (
             resolve_database_url(self.postgresql_url)
@@ -80,15 +80,17 @@ class ScratchDatabases:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{parsed.database}{suffix}").unlink(missing_ok=True)
             return
+        if parsed.database not in self._created:
+            raise ValueError(f"{parsed.database} is no database of this run")
         with self._admin() as admin, admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
+            _drop_database(conn, parsed.database)
         self._created.remove(parsed.database)
 
     def close(self) -> None:
         if self._created:
             with self._admin() as admin, admin.connect() as conn:
                 for name in self._created:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                    _drop_database(conn, name)
             self._created.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -208,3 +210,12 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _quoted(conn: Connection, name: str) -> str:
+    """``name`` as a PostgreSQL identifier (names are made here: ``bench_<pid>_<label>``)."""
+    return conn.dialect.identifier_preparer.quote_identifier(name)
+
+
+def _drop_database(conn: Connection, name: str) -> None:
+    conn.execute(text(f"DROP DATABASE IF EXISTS {_quoted(conn, name)} WITH (FORCE)"))
