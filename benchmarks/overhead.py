@@ -35,7 +35,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import psycopg
-from sqlalchemy import Engine, func, insert, select, text
+from sqlalchemy import Engine, func, insert, select
 from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
@@ -79,8 +79,12 @@ LIFECYCLES: tuple[tuple[str, ...], ...] = (
     # already or created after its turn (no other run of the database is queued).
     ("create run", "claim_next", "complete"),
 )
-FLOOR = "floor: Session, SELECT 1, commit"
-"""Not a hot path: what any repository call pays before its own SQL (reported as the floor)."""
+FLOOR = "floor: the Session alone (begin, commit)"
+"""Not a hot path: what any repository call pays before its own SQL (reported as the
+floor). The Session begins its transaction (``connection()``: a pooled connection, and
+``BEGIN IMMEDIATE`` on SQLite) and commits, with no statement of its own; the raw side
+replays the same (SQLite: ``BEGIN IMMEDIATE``, ``COMMIT``; PostgreSQL: a commit with
+nothing to commit)."""
 READS = ("get run", "list_for_run (page of 100)", "list_for_session (page of 100 runs)", FLOOR)
 OPERATIONS = (
     "create run",
@@ -146,7 +150,7 @@ REPOSITORY_OPERATIONS: dict[str, Operation] = {
     "list_for_session (page of 100 runs)": lambda db, chain: RunRepository(db).list_for_session(
         chain.session_id, limit=PAGE_OF_RUNS
     ),
-    FLOOR: lambda db, _chain: db.execute(text("SELECT 1")).all(),
+    FLOOR: lambda db, _chain: db.connection(),
 }
 
 

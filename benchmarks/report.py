@@ -75,8 +75,8 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
         "alternate step by step; the first round is a warm-up. On PostgreSQL the engine pings "
         "only connections that sat idle for `DB_POOL_PING_AFTER_IDLE` seconds, so these busy "
         "connections are not pinged. The last operation is no hot path but the "
-        "floor: a Session that runs `SELECT 1` and commits, what every call pays before its "
-        "own SQL.",
+        "floor: a Session that begins its transaction and commits with no statement, what "
+        "every call pays before its own SQL.",
     ]
     for result in results:
         target = RATIO_TARGETS[result.backend]
@@ -99,6 +99,8 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             "",
             table(header, rows, "lrrrl"),
             "",
+            _read_bounds(result),
+            "",
             _pages_table(result),
             "",
             _peers_table(result),
@@ -106,6 +108,34 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             _replayed_sql(result, "start"),
         ]
     return "\n".join(parts)
+
+
+def _read_bounds(result: OverheadResult) -> str:
+    """What this run's own figures leave for the read targets: the Session alone against
+    ``get``'s budget, and a raw driver building the page's instances against the page's."""
+    samples = result.samples
+    targets = READ_TARGETS[result.backend]
+    raw_get = samples.summary(RAW, "get run").median_us
+    floor = samples.summary(REPOSITORY, FLOOR).median_us
+    get = samples.summary(REPOSITORY, "get run").median_us
+    budget = targets["get run"] * raw_get
+    lines = [
+        "What bounds the reads in this run:",
+        "",
+        f"- `get`: its target allows {format_us(budget)} µs ({targets['get run']} x "
+        f"{format_us(raw_get)}). The Session alone takes {format_us(floor)} µs "
+        f"({floor / raw_get:.2f}x raw `get`), which leaves {format_us(budget - floor)} µs "
+        f"for the statement, its row and the instance; the repository spends "
+        f"{format_us(get - floor)} µs on them.",
+    ]
+    for operation in PAGES:
+        raw = samples.summary(RAW, operation).median_us
+        built = samples.summary(RAW_OBJECTS, operation).median_us
+        lines.append(
+            f"- {operation}: a raw driver that only builds the model instances from the rows "
+            f"takes {built / raw:.2f}x raw, against the target of {targets[operation]}x raw."
+        )
+    return "\n".join(lines)
 
 
 def _pages_table(result: OverheadResult) -> str:
