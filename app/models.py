@@ -204,6 +204,8 @@ class SessionEvent(StoredModel, table=True):
     __table_args__ = (
         Index("idx_session_event_seq", "session_id", "seq"),
         Index("idx_session_event_run_seq", "session_id", "run_id", "seq"),
+        # Deleting a run deletes its events by run_id (migration 0013).
+        Index("idx_session_events_run", "run_id"),
         # Extensions. The first is created only where legacy rows allow it.
         Index("uq_session_events_session_seq", "session_id", "seq", unique=True),
         Index(

@@ -63,6 +63,7 @@ from migrations import (
     m0010_bigint_event_ids,
     m0011_run_failed_events_for_superseded_runs,
     m0012_run_queue_and_idempotency_keys,
+    m0013_index_events_by_run,
 )
 from migrations.steps import Migration, MigrationError
 
@@ -79,6 +80,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0010_bigint_event_ids.MIGRATION,
     m0011_run_failed_events_for_superseded_runs.MIGRATION,
     m0012_run_queue_and_idempotency_keys.MIGRATION,
+    m0013_index_events_by_run.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

@@ -40,6 +40,8 @@ PINNED = {
     (11, "postgresql"): "e9014816dfc5096ba4dae8b722a2176edf3d2c9cdfcf7576d4bc38a6bbb62c69",
     (12, "sqlite"): "ab008971e2ab610e11749cbdf7b8c7c10dab0cf71034a59c41dd9f86add0230f",
     (12, "postgresql"): "298c7428883a7e1ffcd551843213126dc5ebd4411212d3adfaa910d4765b3230",
+    (13, "sqlite"): "d0c5e6e2bcb2a2d98900135c1d4e1f8df05096c6b39b39cb6d48563d94ea1ba3",
+    (13, "postgresql"): "d0c5e6e2bcb2a2d98900135c1d4e1f8df05096c6b39b39cb6d48563d94ea1ba3",
 }
 
 

@@ -278,3 +278,107 @@ def test_create_and_its_event_are_index_served(engine: Engine, population: Popul
     assert None not in _session_runs_accesses(engine, create)
     if engine.dialect.name == "postgresql":
         _assert_event_allocation_is_index_served(engine, create)
+
+
+# --------------------------------------------------------------------------
+# Deleting a run: its events go by ON DELETE CASCADE, found through run_id.
+
+
+_CASCADE_SQL = {
+    False: "DELETE FROM session_events WHERE run_id = ?",
+    True: "DELETE FROM session_events WHERE run_id = %(run_id)s",
+}
+
+
+def _events_by_run(engine: Engine, run_id: str) -> CapturedStatement:
+    """The lookup the database's cascade makes for a deleted run (as a statement of its own,
+    since neither EXPLAIN shows the work of a foreign key action)."""
+    named = engine.dialect.name == "postgresql"
+    return CapturedStatement(
+        sql=_CASCADE_SQL[named],
+        parameters={"run_id": run_id} if named else (run_id,),
+        names=("run_id",),
+        types=(None,),
+        result_columns=(),
+    )
+
+
+def test_the_cascade_of_a_deleted_run_finds_its_events_through_idx_session_events_run(
+    engine: Engine, population: Population
+) -> None:
+    query = _events_by_run(engine, population.run_ids[2])
+    assert _indexes_on(engine, query, "session_events") == {"idx_session_events_run"}
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_deleting_a_run_scans_no_event_log_on_postgresql(
+    engine: Engine, population: Population
+) -> None:
+    """The real cascade, counted by the server for this transaction: no sequential scan of
+    ``session_events`` (planned from statistics, ``enable_seqscan`` left on)."""
+    run_id = population.run_ids[4]
+    with DbSession(engine) as db:
+        RunRepository(db).delete(run_id)
+        seq_scans, left = db.execute(
+            text(
+                "SELECT (SELECT seq_scan FROM pg_stat_xact_user_tables "
+                "WHERE relid = 'session_events'::regclass), "
+                "(SELECT count(*) FROM session_events WHERE run_id = :run_id)"
+            ),
+            {"run_id": run_id},
+        ).one()
+        db.rollback()
+    assert left == 0
+    assert seq_scans == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_deleting_a_run_on_sqlite_costs_the_same_when_the_event_log_doubles(
+    engine: Engine, population: Population
+) -> None:
+    """SQLite's virtual machine steps for the real delete and its cascade, counted by the
+    progress handler (deterministic): with the index they stay flat when the event log of
+    other sessions doubles; a scan of ``session_events`` would double them."""
+
+    def steps_to_delete(run_id: str) -> int:
+        count = 0
+
+        def tick() -> int:
+            nonlocal count
+            count += 1
+            return 0
+
+        with DbSession(engine) as db:
+            driver = db.connection().connection.driver_connection
+            driver.set_progress_handler(tick, 1)
+            try:
+                RunRepository(db).delete(run_id)
+            finally:
+                driver.set_progress_handler(None, 1)
+            db.commit()
+        return count
+
+    before = steps_to_delete(population.run_ids[5])
+    # As many events again, in many small sessions (as a real log grows): a scan, or
+    # a skip-scan per session of the (session_id, run_id, seq) index, would grow with them.
+    others = [new_id() for _ in range(15 * SESSIONS)]
+    per_session = RUNS_PER_SESSION * EVENTS_PER_RUN // 15
+    with engine.begin() as conn:
+        conn.execute(insert(Session.__table__), [{"id": o, "title": "more"} for o in others])
+        conn.execute(
+            insert(SessionEvent.__table__),
+            [
+                {
+                    "session_id": other,
+                    "seq": seq,
+                    "type": "task_progress",
+                    "payload": {},
+                    "source": "session",
+                    "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+                }
+                for other in others
+                for seq in range(1, per_session + 1)
+            ],
+        )
+    after = steps_to_delete(population.run_ids[6])
+    assert after < before * 1.2, (before, after)
