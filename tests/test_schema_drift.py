@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, inspect, text
 from sqlmodel import SQLModel
 
 from app.db import create_db_engine
@@ -79,3 +79,20 @@ def _versions(engine: Engine) -> list[tuple[int, str, str]]:
     query = text("SELECT version, name, checksum FROM schema_migrations ORDER BY version")
     with engine.connect() as conn:
         return [tuple(row) for row in conn.execute(query)]
+
+
+def test_every_foreign_key_leads_an_index(engine: Engine) -> None:
+    """Each foreign key's columns are the first columns of an index (or of the primary
+    key), so that deleting or updating a referenced row finds the referencing rows
+    without scanning their table (0013 added the one that was missing)."""
+    inspector = inspect(engine)
+    unindexed = []
+    for table in inspector.get_table_names():
+        leading = [tuple(inspector.get_pk_constraint(table)["constrained_columns"])]
+        leading += [tuple(index["column_names"]) for index in inspector.get_indexes(table)]
+        leading += [tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)]
+        for key in inspector.get_foreign_keys(table):
+            columns = tuple(key["constrained_columns"])
+            if not any(index[: len(columns)] == columns for index in leading):
+                unindexed.append(f"{table}({', '.join(columns)}) -> {key['referred_table']}")
+    assert unindexed == []
