@@ -445,35 +445,78 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
 _FLAT_MEMBERS = 16
 
 
-def _flat_and_storable(value: dict[Any, Any], max_bytes: int) -> bool:
+def _flat_and_storable(value: dict[Any, Any], max_bytes: int, *, nested: bool = False) -> bool:
     """True when ``value`` is a small object of scalars that ``_find_unstorable`` would
     pass (the common event payload), decided without its walk; False means "walk it",
-    so every refusal and its message still come from ``_find_unstorable``."""
+    so every refusal and its message still come from ``_find_unstorable``.
+
+    ``nested``: its members may also be small objects of scalars or small lists of
+    scalars, one level down (a lifecycle event's ``{"metrics": {...}}``, the create
+    options' ``"target_pages": []``); only where two levels are allowed.
+    """
+    most = _most_bytes(value, nested)
+    return 0 <= most <= max_bytes
+
+
+def _most_bytes(value: dict[Any, Any], nested: bool) -> int:
+    """At most how many bytes ``value`` takes as JSON, if it is a small object of storable
+    scalars (with ``nested``, or of such objects and lists); -1 otherwise."""
     if len(value) > _FLAT_MEMBERS:
-        return False
+        return -1
     most = 2 + len(value)  # brackets and commas, as _find_unstorable counts them
     for key, item in value.items():
         if type(key) is not str or "\x00" in key or not key.isascii():
-            return False
+            return -1
         most += 6 * len(key) + 3
         kind = type(item)
         if kind is str:
             if "\x00" in item or not item.isascii():
-                return False
+                return -1
             most += 6 * len(item) + 2
         elif kind is int:
             if not JSON_INT_MIN <= item <= JSON_INT_MAX:
-                return False
+                return -1
             most += 20
         elif kind is float:
             if not math.isfinite(item) or abs(item) >= FLOAT_EXACT_LIMIT:
-                return False
+                return -1
+            most += 24
+        elif item is None or kind is bool:
+            most += 5
+        elif nested and (kind is dict or kind is list):
+            inner = _most_bytes(item, False) if kind is dict else _list_most_bytes(item)
+            if inner < 0:
+                return -1
+            most += inner
+        else:
+            return -1
+    return most
+
+
+def _list_most_bytes(value: list[Any]) -> int:
+    """``_most_bytes`` of a small list of storable scalars; -1 otherwise."""
+    if len(value) > _FLAT_MEMBERS:
+        return -1
+    most = 2 + len(value)
+    for item in value:
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item or not item.isascii():
+                return -1
+            most += 6 * len(item) + 2
+        elif kind is int:
+            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                return -1
+            most += 20
+        elif kind is float:
+            if not math.isfinite(item) or abs(item) >= FLOAT_EXACT_LIMIT:
+                return -1
             most += 24
         elif item is None or kind is bool:
             most += 5
         else:
-            return False
-    return most <= max_bytes
+            return -1
+    return most
 
 
 def ensure_json_object(
@@ -496,7 +539,7 @@ def ensure_json_object(
     if not isinstance(value, dict):
         raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
     limit = max_json_bytes() if max_bytes is None else max_bytes
-    if max_depth >= 1 and _flat_and_storable(value, limit):
+    if max_depth >= 1 and _flat_and_storable(value, limit, nested=max_depth >= 2):
         return value
     problem = _find_unstorable(value, name, max_depth, limit)
     if problem:
