@@ -245,13 +245,16 @@ class EventRepository:
         ``BadParameterError`` (also for a run-scoped type without ``run_id``,
         see ``RUN_SCOPED_EVENT_TYPES``) before anything is written.
         """
+        limit = max_json_bytes()  # read once for the call's arguments
         params = {
-            "session_id": text_param(session_id, "session_id"),
-            "type": text_param(type, "type", max_length=TYPE_MAX_LENGTH),
-            "payload": json_object_param(payload, "payload"),
+            "session_id": text_param(session_id, "session_id", max_bytes=limit),
+            "type": text_param(type, "type", max_length=TYPE_MAX_LENGTH, max_bytes=limit),
+            "payload": json_object_param(payload, "payload", max_bytes=limit),
             "source": enum_param(EventSource, source, "source").value,
-            "run_id": optional_text_param(run_id, "run_id"),
-            "event_id": optional_text_param(event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH),
+            "run_id": optional_text_param(run_id, "run_id", max_bytes=limit),
+            "event_id": optional_text_param(
+                event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH, max_bytes=limit
+            ),
         }
         if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
             raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
