@@ -24,9 +24,10 @@ import math
 import os
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
+from itertools import repeat
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, String
@@ -445,6 +446,10 @@ def _find_unstorable(value: Any, name: str, max_depth: int, max_bytes: int) -> s
 _FLAT_MEMBERS = 16
 
 
+_ELEMENT = object()
+"""The key ``_most_bytes`` gets with an array's elements (None is a dict key JSON refuses)."""
+
+
 def _flat_and_storable(value: dict[Any, Any], max_bytes: int, *, nested: bool = False) -> bool:
     """True when ``value`` is a small object of scalars that ``_find_unstorable`` would
     pass (the common event payload), decided without its walk; False means "walk it",
@@ -454,20 +459,23 @@ def _flat_and_storable(value: dict[Any, Any], max_bytes: int, *, nested: bool = 
     scalars, one level down (a lifecycle event's ``{"metrics": {...}}``, the create
     options' ``"target_pages": []``); only where two levels are allowed.
     """
-    most = _most_bytes(value, nested)
+    if len(value) > _FLAT_MEMBERS:
+        return False
+    most = _most_bytes(value.items(), len(value), nested)
     return 0 <= most <= max_bytes
 
 
-def _most_bytes(value: dict[Any, Any], nested: bool) -> int:
-    """At most how many bytes ``value`` takes as JSON, if it is a small object of storable
-    scalars (with ``nested``, or of such objects and lists); -1 otherwise."""
-    if len(value) > _FLAT_MEMBERS:
-        return -1
-    most = 2 + len(value)  # brackets and commas, as _find_unstorable counts them
-    for key, item in value.items():
-        if type(key) is not str or "\x00" in key or not key.isascii():
-            return -1
-        most += 6 * len(key) + 3
+def _most_bytes(members: Iterable[tuple[Any, Any]], count: int, nested: bool) -> int:
+    """At most how many bytes a container takes as JSON, given its ``count`` members as
+    (key, value) pairs, the key ``_ELEMENT`` for an array's elements; -1 unless every key
+    is a storable string and every value a storable scalar (with ``nested``, or a small
+    object or list of them)."""
+    most = 2 + count  # brackets and commas, as _find_unstorable counts them
+    for key, item in members:
+        if key is not _ELEMENT:
+            if type(key) is not str or "\x00" in key or not key.isascii():
+                return -1
+            most += 6 * len(key) + 3
         kind = type(item)
         if kind is str:
             if "\x00" in item or not item.isascii():
@@ -483,37 +491,12 @@ def _most_bytes(value: dict[Any, Any], nested: bool) -> int:
             most += 24
         elif item is None or kind is bool:
             most += 5
-        elif nested and (kind is dict or kind is list):
-            inner = _most_bytes(item, False) if kind is dict else _list_most_bytes(item)
+        elif nested and (kind is dict or kind is list) and len(item) <= _FLAT_MEMBERS:
+            pairs = item.items() if kind is dict else zip(repeat(_ELEMENT), item)
+            inner = _most_bytes(pairs, len(item), False)
             if inner < 0:
                 return -1
             most += inner
-        else:
-            return -1
-    return most
-
-
-def _list_most_bytes(value: list[Any]) -> int:
-    """``_most_bytes`` of a small list of storable scalars; -1 otherwise."""
-    if len(value) > _FLAT_MEMBERS:
-        return -1
-    most = 2 + len(value)
-    for item in value:
-        kind = type(item)
-        if kind is str:
-            if "\x00" in item or not item.isascii():
-                return -1
-            most += 6 * len(item) + 2
-        elif kind is int:
-            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
-                return -1
-            most += 20
-        elif kind is float:
-            if not math.isfinite(item) or abs(item) >= FLOAT_EXACT_LIMIT:
-                return -1
-            most += 24
-        elif item is None or kind is bool:
-            most += 5
         else:
             return -1
     return most

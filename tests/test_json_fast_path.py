@@ -65,7 +65,8 @@ def test_the_payloads_transitions_write_take_the_shortcut() -> None:
     self_ref: dict[str, Any] = {}
     self_ref["me"] = {"inner": 1}
     self_ref["me"]["loop"] = self_ref
-    for payload in (too_deep, too_big, self_ref):
+    none_key = {"metrics": {None: 1}}  # JSON keys are strings; the walk refuses it
+    for payload in (too_deep, too_big, self_ref, none_key, {None: 1}):
         assert not _flat_and_storable(
             payload, 1_000 if payload is not too_big else 100, nested=True
         )
