@@ -40,6 +40,18 @@ class Population:
     run_ids: list[str]
 
 
+def _event(session_id: str, seq: int, run_id: str | None) -> dict[str, Any]:
+    return {
+        "session_id": session_id,
+        "seq": seq,
+        "type": "task_progress",
+        "payload": {"seq": seq},
+        "source": "session",
+        "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+        "run_id": run_id,
+    }
+
+
 @pytest.fixture
 def population(engine: Engine) -> Population:
     """Sessions with runs and interleaved events, statistics up to date."""
@@ -47,16 +59,8 @@ def population(engine: Engine) -> Population:
     sessions = [new_id() for _ in range(SESSIONS)]
     runs = {session_id: [new_id() for _ in range(RUNS_PER_SESSION)] for session_id in sessions}
     events = [
-        {
-            "session_id": session_id,
-            "seq": seq,
-            "type": "task_progress",
-            "payload": {"seq": seq},
-            "source": "session",
-            "created_at": start,
-            # Every seventh event is a legacy one, without a run.
-            "run_id": None if seq % 7 == 0 else run_ids[seq % RUNS_PER_SESSION],
-        }
+        # Every seventh event is a legacy one, without a run.
+        _event(session_id, seq, None if seq % 7 == 0 else run_ids[seq % RUNS_PER_SESSION])
         for session_id, run_ids in runs.items()
         for seq in range(1, RUNS_PER_SESSION * EVENTS_PER_RUN + 1)
     ]
@@ -367,18 +371,7 @@ def test_deleting_a_run_on_sqlite_costs_the_same_when_the_event_log_doubles(
         conn.execute(insert(Session.__table__), [{"id": o, "title": "more"} for o in others])
         conn.execute(
             insert(SessionEvent.__table__),
-            [
-                {
-                    "session_id": other,
-                    "seq": seq,
-                    "type": "task_progress",
-                    "payload": {},
-                    "source": "session",
-                    "created_at": datetime(2026, 1, 1, tzinfo=UTC),
-                }
-                for other in others
-                for seq in range(1, per_session + 1)
-            ],
+            [_event(other, seq, None) for other in others for seq in range(1, per_session + 1)],
         )
     after = steps_to_delete(population.run_ids[6])
     assert after < before * 1.2, (before, after)
