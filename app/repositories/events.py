@@ -248,13 +248,7 @@ class EventRepository:
         limit = max_json_bytes()  # read once for the call's arguments
         params = {
             "session_id": text_param(session_id, "session_id", max_bytes=limit),
-            "type": text_param(type, "type", max_length=TYPE_MAX_LENGTH, max_bytes=limit),
-            "payload": json_object_param(payload, "payload", max_bytes=limit),
-            "source": enum_param(EventSource, source, "source").value,
-            "run_id": optional_text_param(run_id, "run_id", max_bytes=limit),
-            "event_id": optional_text_param(
-                event_id, "event_id", max_length=EVENT_ID_MAX_LENGTH, max_bytes=limit
-            ),
+            **_checked_item(NewEvent(type, payload, source, run_id, event_id), limit, _ITEM_FIELDS),
         }
         if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
             raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
@@ -263,7 +257,7 @@ class EventRepository:
             return written
         return self._stored(*written, params)
 
-    def _write_lifecycle_event(
+    def write_lifecycle_event(
         self, session_id: str, type: str, payload: dict[str, Any], run_id: str
     ) -> None:
         """``append`` for ``RunRepository``'s lifecycle events, whose arguments it has
@@ -556,6 +550,8 @@ def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> d
 def _checked_item(
     item: NewEvent | Mapping[str, Any], limit: int, names: tuple[str, ...], where: str = "events"
 ) -> dict[str, Any]:
+    """An event's arguments checked as ``append`` and ``append_many`` take them; errors
+    name each argument by ``names`` (type, payload, source, run_id, event_id)."""
     if isinstance(item, Mapping):
         try:
             item = NewEvent(**item)

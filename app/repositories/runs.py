@@ -791,7 +791,7 @@ class RunRepository:
         ):
             stale = self._runs(statement, {"now": now, "error": error, **extra})
             for run in stale:
-                self._events._write_lifecycle_event(
+                self._events.write_lifecycle_event(
                     run.session_id, FAIL.event_type, {"error": error}, run.id
                 )
             failed.extend(run.id for run in stale)
@@ -1001,7 +1001,7 @@ class RunRepository:
             if event_row_id is not None:
                 return
             self._events.give_back(run.session_id, seq, now)
-        self._events._write_lifecycle_event(run.session_id, event_type, payload, run.id)
+        self._events.write_lifecycle_event(run.session_id, event_type, payload, run.id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
         """One row of a Core statement as the session's run (see ``app.repositories._rows``).
