@@ -183,9 +183,11 @@ class IdempotencyKeys:
         if execute_core(self._session, self._sql.claim[scope], params).first() is not None:
             return Claim(owned=True)
         stored = execute_core(self._session, self._sql.lookup, params).first()
-        if stored is None or stored[1] is None:
+        if stored is None:
             return Claim(owned=False)
         stored_hash, run_id = stored
+        if run_id is None:
+            return Claim(owned=False)
         if stored_hash != fingerprint:
             raise IdempotencyKeyReusedError(scope.value, scope_id)
         return Claim(owned=False, replay_run_id=run_id)
