@@ -22,7 +22,7 @@ from app.errors import DataLayerError
 from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories import EventRepository, RunRepository, _driver
 from app.repositories._batch import NewEvent
-from app.repositories._driver import execute, execute_core
+from app.repositories._driver import execute_core
 from app.repositories.events import OVERLAP_MIN_EVENTS
 from app.types import utc_now
 from tests.factories import SessionFactory
@@ -101,6 +101,11 @@ class _Compared:
 
 
 _original_execute = _driver._execute
+
+
+def _execute_on(connection: Connection, statement: Any, values: dict[str, Any]) -> _driver.Rows:
+    """One statement on ``connection``, all rows fetched, through its plan when it has one."""
+    return _original_execute(connection, statement, values, None)[0]
 
 
 def _plain(arguments: Any) -> Any:
@@ -201,10 +206,10 @@ def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: DbSession) -> None
     }
     connection = db.connection()
     savepoint = connection.begin_nested()
-    execute(connection, statement, values)  # through SQLAlchemy: makes the plan
+    _execute_on(connection, statement, values)  # through SQLAlchemy: makes the plan
     assert _driver._plans(connection.dialect)[id(statement)] is not None
     with pytest.raises(IntegrityError) as caught:
-        execute(connection, statement, values)  # the driver path
+        _execute_on(connection, statement, values)  # the driver path
     assert caught.value.orig is not None
     savepoint.rollback()
 
@@ -235,9 +240,9 @@ def test_a_lost_connection_is_invalidated_on_the_driver_path(engine: Engine) -> 
 def test_plans_are_made_only_for_what_can_be_replayed(db: DbSession) -> None:
     connection = db.connection()
     expanding = select(RUNS.c.id).where(RUNS.c.id.in_(["a", "b"]))
-    execute(connection, expanding, {})
+    _execute_on(connection, expanding, {})
     assert _driver._plans(connection.dialect)[id(expanding)] is None
-    assert execute(connection, expanding, {}).rows == []
+    assert _execute_on(connection, expanding, {}).rows == []
 
 
 @pytest.mark.parametrize("backend", ["postgresql"])

@@ -177,12 +177,6 @@ def _in_session(
     raise error  # outside the except block: no context carrying the parameters
 
 
-def execute(connection: Connection, statement: Executable, params: dict[str, Any]) -> Rows:
-    """``connection.execute(statement, params)``, all rows fetched; through the
-    statement's plan when the connection allows it (module docstring)."""
-    return _execute(connection, statement, params, None)[0]
-
-
 def _execute(
     connection: Connection,
     statement: Executable,
@@ -312,4 +306,4 @@ def _result_types(statement: Executable, count: int) -> list[Any] | None:
     return None
 
 
-__all__ = ["Plan", "Rows", "execute", "execute_core", "execute_overlapped"]
+__all__ = ["Plan", "Rows", "execute_core", "execute_overlapped"]
