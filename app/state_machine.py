@@ -33,6 +33,11 @@ class RunEventType(StrEnum):
     RUN_CANCELLED = "run_cancelled"
 
 
+LIFECYCLE_EVENT_TYPES: frozenset[str] = frozenset(event_type.value for event_type in RunEventType)
+"""Event types only ``RunRepository`` writes, each with the run change it records:
+``EventRepository.append`` and ``append_many`` refuse them (a ``run_failed`` appended
+by hand would end the run's streams while the run keeps running)."""
+
 RUN_SCOPED_EVENT_TYPES: frozenset[str] = frozenset(
     {
         *(event_type.value for event_type in RunEventType),
@@ -44,7 +49,7 @@ RUN_SCOPED_EVENT_TYPES: frozenset[str] = frozenset(
     }
 )
 """Event types that belong to a run (spec section 7): ``EventRepository.append``
-requires their ``run_id``. Rows stored earlier are read as they are."""
+and ``append_many`` require their ``run_id``. Rows stored earlier are read as they are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,7 @@ __all__ = [
     "COMPLETE",
     "EVENT_TARGET",
     "FAIL",
+    "LIFECYCLE_EVENT_TYPES",
     "RESUME",
     "RUN_SCOPED_EVENT_TYPES",
     "START",

@@ -36,7 +36,7 @@ from sqlmodel import Session as DbSession
 from app.errors import BadParameterError, IdempotencyKeyReusedError
 from app.models import IdempotencyKey, IdempotencyScope, Session, SessionRun
 from app.repositories._driver import execute_core
-from app.repositories._params import text_param
+from app.repositories._params import described, text_param
 from app.repositories._sql import NOW, insert_for
 from app.types import UTCDateTime
 
@@ -129,7 +129,8 @@ def window_param(window: Any) -> timedelta:
     if not isinstance(window, timedelta) or not timedelta(0) < window <= MAX_WINDOW:
         raise BadParameterError(
             "idempotency_window",
-            f"expected a positive timedelta of at most {MAX_WINDOW.days} days, got {window!r}",
+            f"expected a positive timedelta of at most {MAX_WINDOW.days} days, "
+            f"got {described(window)}",
         )
     return window
 

@@ -8,6 +8,8 @@ and error messages reach logs and responses. Limits: ``docs/input-limits.md``.
 
 from __future__ import annotations
 
+from collections.abc import Sized
+from datetime import timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -22,15 +24,27 @@ MAX_SEQ = 2**31 - 1
 
 
 def described(value: Any) -> str:
-    """What a bad argument was, without its content: ``an empty str``, ``a str of 12
-    characters``, ``the integer 5``, ``a dict``."""
+    """What a bad argument was, by its type and size, without its content: ``an empty
+    str``, ``a str of 12 characters``, ``the integer 5``, ``a dict of 2 items``,
+    ``a float``."""
     if isinstance(value, str):
         return f"a str of {len(value)} characters" if value else "an empty str"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 10**12:
         return f"the integer {value}"
     if value is None or isinstance(value, bool):
         return repr(value)
-    return f"a {type(value).__name__}"
+    kind = type(value).__name__
+    if isinstance(value, timedelta):
+        return f"a timedelta of {value.total_seconds():g} seconds"
+    if isinstance(value, (bytes, bytearray)):
+        return f"a {kind} of {len(value)} bytes"
+    try:
+        size = len(value) if isinstance(value, Sized) else None
+    except Exception:  # a broken __len__ tells nothing more
+        size = None
+    if size is None:
+        return f"a {kind}"
+    return f"a {kind} of {size} item{'' if size == 1 else 's'}"
 
 
 def text_param(

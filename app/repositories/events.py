@@ -50,6 +50,7 @@ from app.models import EventSource, Session, SessionEvent, SessionEventSequence,
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
 from app.repositories._driver import Rows, execute_core, execute_overlapped
 from app.repositories._params import (
+    described,
     enum_param,
     json_object_param,
     optional_text_param,
@@ -70,7 +71,7 @@ from app.repositories._sql import (
     greatest,
     insert_for,
 )
-from app.state_machine import RUN_SCOPED_EVENT_TYPES
+from app.state_machine import LIFECYCLE_EVENT_TYPES, RUN_SCOPED_EVENT_TYPES
 from app.types import max_json_bytes, utc_now
 
 EVENTS = SessionEvent.__table__
@@ -242,16 +243,16 @@ class EventRepository:
         With an ``event_id`` already stored for the session, the stored event
         comes back and nothing is written. Raises ``SessionNotFoundError``,
         ``RunNotFoundError`` (the run is not in that session) or
-        ``BadParameterError`` (also for a run-scoped type without ``run_id``,
-        see ``RUN_SCOPED_EVENT_TYPES``) before anything is written.
+        ``BadParameterError`` before anything is written: also for a run-scoped
+        type without ``run_id`` (``RUN_SCOPED_EVENT_TYPES``) and for a lifecycle
+        type (``LIFECYCLE_EVENT_TYPES``: ``RunRepository`` writes those with the
+        run's change); ``append_many`` keeps the same rules (``_checked_item``).
         """
         limit = max_json_bytes()  # read once for the call's arguments
         params = {
             "session_id": text_param(session_id, "session_id", max_bytes=limit),
             **_checked_item(NewEvent(type, payload, source, run_id, event_id), limit, _ITEM_FIELDS),
         }
-        if params["run_id"] is None and params["type"] in RUN_SCOPED_EVENT_TYPES:
-            raise BadParameterError("run_id", f"required for the run-scoped event type {type}")
         written = self._write(params)
         if isinstance(written, SessionEvent):
             return written
@@ -272,6 +273,19 @@ class EventRepository:
             "event_id": None,
         }
         self._write(params)
+
+    def write_lifecycle_events(
+        self, session_id: str, type: str, payload: dict[str, Any], run_ids: Sequence[str]
+    ) -> None:
+        """``write_lifecycle_event`` for many runs of one session (an ``interrupt``
+        create cancelling every active run): consecutive seqs in the order given, in
+        batches of ``MAX_BATCH``, all in the caller's transaction."""
+        item = {"type": type, "payload": payload, "source": EventSource.SESSION.value}
+        for start in range(0, len(run_ids), MAX_BATCH):
+            chunk = run_ids[start : start + MAX_BATCH]
+            self._append_checked(
+                session_id, [{**item, "run_id": run_id, "event_id": None} for run_id in chunk]
+            )
 
     def _write(self, params: dict[str, Any]) -> tuple[int, int] | SessionEvent:
         """(new event id, seq), or the stored event of a known ``event_id``."""
@@ -309,11 +323,17 @@ class EventRepository:
         """
         session_id = text_param(session_id, "session_id")
         if isinstance(events, (str, bytes, Mapping)) or not isinstance(events, Sequence):
-            raise BadParameterError("events", f"expected a sequence of events, got {events!r}")
+            raise BadParameterError(
+                "events", f"expected a sequence of events, got {described(events)}"
+            )
         if len(events) > MAX_BATCH:
             raise BadParameterError("events", f"at most {MAX_BATCH} per call, got {len(events)}")
         limit = max_json_bytes()  # read once for the batch, not three times an item
         items = [_batch_item(index, item, limit) for index, item in enumerate(events)]
+        return self._append_checked(session_id, items)
+
+    def _append_checked(self, session_id: str, items: list[dict[str, Any]]) -> list[SessionEvent]:
+        """``append_many`` of items already checked (``_checked_item``), at most ``MAX_BATCH``."""
         firsts: dict[str, dict[str, Any]] = {}
         unique = []
         for item in items:
@@ -542,27 +562,24 @@ def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> d
     try:
         return _checked_item(item, limit, _ITEM_FIELDS)
     except BadParameterError:
-        # Checked again only to raise with the item's place in every name.
-        where = f"events[{index}]"
-        return _checked_item(item, limit, tuple(f"{where}.{name}" for name in _ITEM_FIELDS), where)
+        pass  # checked again below, outside this block, so that no error is chained
+    # Only to raise with the item's place in every name.
+    where = f"events[{index}]"
+    return _checked_item(item, limit, tuple(f"{where}.{name}" for name in _ITEM_FIELDS), where)
 
 
 def _checked_item(
     item: NewEvent | Mapping[str, Any], limit: int, names: tuple[str, ...], where: str = "events"
 ) -> dict[str, Any]:
     """An event's arguments checked as ``append`` and ``append_many`` take them; errors
-    name each argument by ``names`` (type, payload, source, run_id, event_id)."""
+    name each argument by ``names`` (type, payload, source, run_id, event_id) and
+    describe a bad one by its type and size, never by its content."""
     if isinstance(item, Mapping):
-        try:
-            item = NewEvent(**item)
-        except TypeError:
-            raise BadParameterError(
-                where, f"expected the fields of NewEvent {NewEvent.__slots__} (type required)"
-            ) from None
+        item = _from_mapping(item, where)
     if not isinstance(item, NewEvent):
-        raise BadParameterError(where, f"expected a NewEvent or a mapping, got {item!r}")
+        raise BadParameterError(where, f"expected a NewEvent or a mapping, got {described(item)}")
     type_name, payload_name, source_name, run_id_name, event_id_name = names
-    return {
+    checked = {
         "type": text_param(item.type, type_name, max_length=TYPE_MAX_LENGTH, max_bytes=limit),
         "payload": json_object_param(item.payload, payload_name, max_bytes=limit),
         "source": enum_param(EventSource, item.source, source_name).value,
@@ -571,6 +588,37 @@ def _checked_item(
             item.event_id, event_id_name, max_length=EVENT_ID_MAX_LENGTH, max_bytes=limit
         ),
     }
+    _check_type_rules(checked["type"], checked["run_id"], type_name, run_id_name)
+    return checked
+
+
+def _from_mapping(item: Mapping[str, Any], where: str) -> NewEvent:
+    """A ``NewEvent`` of a mapping of its fields; the error names none of the mapping's
+    keys and is raised outside the ``except`` block (the TypeError quotes a key)."""
+    try:
+        return NewEvent(**item)
+    except TypeError:
+        pass
+    raise BadParameterError(
+        where,
+        f"expected the fields of NewEvent {NewEvent.__slots__} (type required), "
+        f"got {described(item)}",
+    )
+
+
+def _check_type_rules(type: str, run_id: str | None, type_name: str, run_id_name: str) -> None:
+    """The rules of event types, one for ``append`` and ``append_many``: a run-scoped type
+    needs its run; a lifecycle type is ``RunRepository``'s alone (its own writes,
+    ``write_lifecycle_event(s)``, do not come through here)."""
+    if run_id is None and type in RUN_SCOPED_EVENT_TYPES:
+        raise BadParameterError(run_id_name, f"required for the run-scoped event type {type}")
+    if type in LIFECYCLE_EVENT_TYPES:
+        raise BadParameterError(
+            type_name,
+            f"{type} is a lifecycle event type: RunRepository writes it with the run's "
+            "change (start, wait_for_input, resume, complete, fail, cancel); "
+            "append another type",
+        )
 
 
 __all__ = ["EventRepository", "NewEvent"]

@@ -65,7 +65,6 @@ from app.models import (
     TriggerSource,
     new_id,
 )
-from app.repositories._batch import NewEvent
 from app.repositories._driver import execute_core
 from app.repositories._idempotency import (
     IdempotencyKeys,
@@ -767,15 +766,17 @@ class RunRepository:
         """
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise BadParameterError(
-                "older_than", f"expected a positive timedelta, got {older_than!r}"
+                "older_than", f"expected a positive timedelta, got {described(older_than)}"
             )
         now = utc_now()
         try:
             cutoff = now - older_than
         except OverflowError:
+            cutoff = None  # raised below, outside this block
+        if cutoff is None:
             raise BadParameterError(
-                "older_than", f"reaches before the year 1, got {older_than!r}"
-            ) from None
+                "older_than", f"reaches before the year 1, got {described(older_than)}"
+            )
         lease_error = {
             "code": "stale_run",
             "message": f"the worker's lease expired before {now.isoformat()}",
@@ -825,9 +826,8 @@ class RunRepository:
         cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id, "now": utc_now()})
         if cancelled:
             payload = {"multitask_strategy": strategy.value, "interrupted_by": run_id}
-            self._events.append_many(
-                session_id,
-                [NewEvent(CANCEL.event_type, payload, run_id=run.id) for run in cancelled],
+            self._events.write_lifecycle_events(
+                session_id, CANCEL.event_type, payload, [run.id for run in cancelled]
             )
         return self._insert(**values, run_id=run_id)
 
@@ -1042,7 +1042,8 @@ def _after(now: datetime, duration: Any, name: str) -> datetime:
     try:
         return now + duration
     except OverflowError:
-        raise BadParameterError(name, f"reaches past the year 9999, got {duration!r}") from None
+        pass  # raised below, outside this block
+    raise BadParameterError(name, f"reaches past the year 9999, got {described(duration)}")
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:
