@@ -16,7 +16,11 @@ hooks for "provide an implementation of connection.begin() / commit()"):
 * Both: ``do_commit`` refuses with ``TransactionAbortedError`` when the
   database already rolled the transaction back (SQLite after SQLITE_FULL,
   SQLITE_IOERR, ...; PostgreSQL after a failed statement, where COMMIT would
-  answer ROLLBACK and psycopg would raise nothing).
+  answer ROLLBACK and psycopg would raise nothing). On PostgreSQL it first
+  rolls the aborted transaction back on the driver's connection: SQLAlchemy
+  takes a transaction whose commit raised as ended, so closing the session
+  afterwards neither rolls back nor lets the pool reset the connection, and
+  the next unit of work on it would fail with ``InFailedSqlTransaction``.
 
 ``install(engine)`` gives the engine's dialect these methods by making it an
 instance of a subclass of its own class (made once per dialect class), so the
@@ -92,8 +96,11 @@ def _postgresql_rules(base: type[Any]) -> type[Any]:
         supports_statement_cache = True
 
         def do_commit(self, dbapi_connection: Any) -> None:
-            status = dbapi_connection.dbapi_connection.info.transaction_status
-            if status == TransactionStatus.INERROR:
+            driver = dbapi_connection.dbapi_connection
+            if driver.info.transaction_status == TransactionStatus.INERROR:
+                # End it here: after a commit that raised, neither Session.close()
+                # nor the pool's reset-on-return rolls back (see module docstring).
+                driver.rollback()
                 raise TransactionAbortedError("a statement in it failed")
             super().do_commit(dbapi_connection)
 
