@@ -2,14 +2,17 @@
 
 * ``fail-stale --older-than SECONDS``: ``RunRepository.fail_stale``: fail the
   running runs whose ``claim_next`` lease has expired, and those without a
-  lease silent for that long; prints their ids.
+  lease silent for that long (0.001 to 315360000 seconds, ten years); prints
+  their ids.
 * ``purge-keys``: ``RunRepository.purge_idempotency_keys``: delete the
-  idempotency keys whose window has passed; prints how many.
+  idempotency keys whose window has passed; prints how many. A bad
+  ``RUN_IDEMPOTENCY_WINDOW_SECONDS`` is refused first.
 
 Run both from cron or a scheduler every minute or so; several at once are safe
 (each is one transaction of guarded statements). The database is ``--url``,
 else ``DATABASE_URL``, else ``./runs.db``. Exit codes as for ``python -m
-migrations``: 0 done, 1 a database problem, 2 a usage or configuration mistake.
+migrations``: 0 done, 1 a database problem, 2 a usage or configuration mistake
+(a number out of its range included: one line naming the option and the range).
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.db import unit_of_work
 from app.errors import DataLayerError
 from app.repositories import RunRepository
+from app.repositories._idempotency import window_from_environment
+from app.repositories.runs import MAX_DURATION
 from migrations._operator import (
     DATABASE,
+    USAGE,
     OneLineParser,
     OperatorError,
     add_connect_timeout,
     database_problem,
     open_engine,
-    seconds,
+    seconds_between,
 )
+
+MIN_OLDER_THAN = 0.001
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,9 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     stale = commands.add_parser("fail-stale", help="fail runs whose worker is presumed dead")
     stale.add_argument(
         "--older-than",
-        type=seconds,
+        type=seconds_between(MIN_OLDER_THAN, MAX_DURATION.total_seconds()),
         required=True,
-        help="seconds without a heartbeat after which a run without a lease is failed",
+        help="seconds without a heartbeat after which a run without a lease is failed "
+        f"({MIN_OLDER_THAN:g} to {MAX_DURATION.total_seconds():.0f}, ten years)",
     )
     commands.add_parser("purge-keys", help="delete expired idempotency keys")
     for command in commands.choices.values():
@@ -54,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "purge-keys":
+        try:
+            window_from_environment()  # a bad setting is the operator's to fix, before any work
+        except ValueError as exc:
+            print(f"{args.command} failed: configuration error: {exc}", file=sys.stderr)
+            return USAGE
     try:
         engine = open_engine(args.url, must_exist=True, connect_timeout=args.connect_timeout)
     except OperatorError as exc:

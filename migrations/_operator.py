@@ -13,6 +13,7 @@ import errno
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from app.db import create_db_engine, resolve_database_url
-from migrations.runner import positive_seconds
+from migrations.runner import MAX_TIMEOUT, MIN_TIMEOUT, positive_seconds, timeout_range
 
 USAGE = 2
 DATABASE = 1
@@ -42,31 +43,49 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE, f"{self.prog}: {message} (see --help)\n")
 
 
+MAX_CONNECT_TIMEOUT = 3600.0
+
+
 def add_connect_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
-        type=seconds,
+        type=seconds_between(1, MAX_CONNECT_TIMEOUT),
         default=None,
-        help="PostgreSQL: seconds to wait for a connection (default: $DB_CONNECT_TIMEOUT, else 10)",
+        help="PostgreSQL: seconds to wait for a connection, "
+        f"1 to {MAX_CONNECT_TIMEOUT:g} (default: $DB_CONNECT_TIMEOUT, else 10)",
     )
 
 
-def seconds(raw: str, *, zero_allowed: bool = False) -> float:
-    """argparse type: a finite number of seconds, more than 0 (or 0 if allowed)."""
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not positive_seconds(value, zero_allowed=zero_allowed):
-        expected = "0 or more" if zero_allowed else "more than 0"
-        raise argparse.ArgumentTypeError(
-            f"expected a finite number of seconds, {expected}; got {raw!r}"
-        )
-    return value
+def seconds_between(
+    low: float, high: float, *, zero_allowed: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds from ``low`` to ``high`` (or 0 if
+    allowed). A bad one is one line naming the option and the range (exit 2)."""
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not positive_seconds(value, zero_allowed=zero_allowed, low=low, high=high):
+            given = repr(raw) if len(raw) <= _QUOTED_MAX else f"a text of {len(raw)} characters"
+            raise argparse.ArgumentTypeError(
+                "expected a finite number of seconds "
+                f"{timeout_range(zero_allowed=zero_allowed, low=low, high=high)}; got {given}"
+            )
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
 
 
-def seconds_or_zero(raw: str) -> float:
-    return seconds(raw, zero_allowed=True)
+_QUOTED_MAX = 40
+"""An option's value is quoted back (the operator typed it) up to this length."""
+
+seconds = seconds_between(MIN_TIMEOUT, MAX_TIMEOUT)
+"""A database timeout in seconds (``migrations.runner.positive_seconds``)."""
+seconds_or_zero = seconds_between(MIN_TIMEOUT, MAX_TIMEOUT, zero_allowed=True)
+"""``seconds``, or 0 for no limit."""
 
 
 def open_engine(

@@ -89,6 +89,12 @@ VERSION_TABLE = "schema_migrations"
 DEFAULT_LOCK_TIMEOUT = 300.0
 DEFAULT_STATEMENT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 900.0
+MIN_TIMEOUT = 0.001
+"""Timeouts go to the database in whole milliseconds: a smaller one would round to 0,
+which PostgreSQL reads as no limit at all."""
+MAX_TIMEOUT = 2_147_483.647
+"""PostgreSQL's largest ``lock_timeout`` and ``statement_timeout`` (INT_MAX ms, ~24.8
+days); SQLite's ``busy_timeout`` is an int of milliseconds too."""
 wait_logger = logging.getLogger("migrations.waits")
 T = TypeVar("T")
 
@@ -507,15 +513,32 @@ class Waits:
             ("statement_timeout", self.statement, True),
         ):
             if not positive_seconds(value, zero_allowed=zero_allowed):
-                expected = ">= 0" if zero_allowed else "> 0"
                 raise ValueError(
-                    f"{name} must be a finite number of seconds {expected}, got {value!r}"
+                    f"{name} must be a finite number of seconds "
+                    f"{timeout_range(zero_allowed=zero_allowed)}, got {value!r}"
                 )
 
 
-def positive_seconds(value: float, *, zero_allowed: bool = False) -> bool:
-    """Whether ``value`` is a usable timeout: finite, and positive (or zero if allowed)."""
-    return math.isfinite(value) and (value > 0 or (zero_allowed and value == 0))
+def positive_seconds(
+    value: float,
+    *,
+    zero_allowed: bool = False,
+    low: float = MIN_TIMEOUT,
+    high: float = MAX_TIMEOUT,
+) -> bool:
+    """Whether ``value`` is a usable timeout: finite, from ``low`` to ``high`` (by
+    default what the databases take, in whole milliseconds), or zero if allowed."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) and (low <= value <= high or (zero_allowed and value == 0))
+
+
+def timeout_range(
+    *, zero_allowed: bool = False, low: float = MIN_TIMEOUT, high: float = MAX_TIMEOUT
+) -> str:
+    """``positive_seconds``'s range in words: ``from 0.001 to 2147483.647``."""
+    words = f"from {low:.15g} to {high:.15g}"
+    return f"{words}, or 0 for no limit" if zero_allowed else words
 
 
 @contextmanager

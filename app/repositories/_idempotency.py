@@ -110,16 +110,21 @@ def window_from_environment() -> timedelta:
     return _parse_window(raw)
 
 
+MIN_WINDOW = timedelta(milliseconds=1)
+
+
 @cache
 def _parse_window(raw: str) -> timedelta:
+    """A ``ValueError`` naming the variable and its range, not quoting the value."""
     try:
         seconds = float(raw)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= MAX_WINDOW.total_seconds():
+    if not MIN_WINDOW.total_seconds() <= seconds <= MAX_WINDOW.total_seconds():
         raise ValueError(
-            f"{WINDOW_ENVIRONMENT_VARIABLE} must be a number of seconds from 0 (exclusive) "
-            f"to ten years, got {raw!r}"
+            f"{WINDOW_ENVIRONMENT_VARIABLE} must be a number of seconds from "
+            f"{MIN_WINDOW.total_seconds():g} to {MAX_WINDOW.total_seconds():.0f} (ten years), "
+            f"got {described(raw)}"
         )
     return timedelta(seconds=seconds)
 

@@ -118,6 +118,8 @@ ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAIT
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
 DEFAULT_LEASE = timedelta(minutes=5)
 """How long a ``claim_next`` lease holds without a ``heartbeat``."""
+MAX_DURATION = timedelta(days=3650)
+"""The longest lease and ``fail_stale`` age (ten years, as an idempotency window)."""
 WORKER_ID_MAX_LENGTH = 255
 
 
@@ -764,19 +766,9 @@ class RunRepository:
         UPDATE picks and fails them at once; a worker that comes back late
         cannot overwrite that: its ``complete`` raises ``InvalidTransitionError``.
         """
-        if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
-            raise BadParameterError(
-                "older_than", f"expected a positive timedelta, got {described(older_than)}"
-            )
+        older_than = _duration(older_than, "older_than")
         now = utc_now()
-        try:
-            cutoff = now - older_than
-        except OverflowError:
-            cutoff = None  # raised below, outside this block
-        if cutoff is None:
-            raise BadParameterError(
-                "older_than", f"reaches before the year 1, got {described(older_than)}"
-            )
+        cutoff = now - older_than
         lease_error = {
             "code": "stale_run",
             "message": f"the worker's lease expired before {now.isoformat()}",
@@ -1033,6 +1025,17 @@ def _strategy(body: RunCreate, given: MultitaskStrategy | str | None) -> Multita
             f"the body says {body.multitask_strategy.value}, the argument {strategy.value}",
         )
     return strategy
+
+
+def _duration(value: Any, name: str) -> timedelta:
+    """A positive ``timedelta`` of at most ``MAX_DURATION``."""
+    if not isinstance(value, timedelta) or not timedelta(0) < value <= MAX_DURATION:
+        raise BadParameterError(
+            name,
+            f"expected a positive timedelta of at most {MAX_DURATION.days} days, "
+            f"got {described(value)}",
+        )
+    return value
 
 
 def _after(now: datetime, duration: Any, name: str) -> datetime:
