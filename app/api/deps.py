@@ -36,6 +36,7 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session as DbSession
 
+from app.api.errors import describe_problem, unreadable_body
 from app.db import get_engine, unit_of_work
 from app.errors import BadParameterError, DatabaseBusyError
 from app.repositories import EventRepository, RunRepository
@@ -166,17 +167,33 @@ def get_event_reader(session: ReadSessionDep) -> EventRepository:
 
 async def get_resume_request(request: Request) -> RunResumeRequest:
     """The resume body, validated; anything wrong with it is a 400 ``bad_parameter``
-    (spec 8: "bad resume payload"), malformed JSON included."""
+    (spec 8: "bad resume payload"), malformed JSON and JSON nested deeper than the
+    parser goes included."""
     raw = await request.body()
+    if not raw:
+        raise BadParameterError("resume", 'the body is empty; expected {"resume": {...}}')
     try:
         body: Any = json.loads(raw)
-    except ValueError:
-        raise BadParameterError("resume", 'expected a JSON body {"resume": {...}}') from None
+    except (RecursionError, ValueError) as exc:
+        problem = unreadable_body(exc)
+        raise BadParameterError("resume", f'{problem}; expected {{"resume": {{...}}}}') from None
     try:
         return RunResumeRequest.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(error["msg"] for error in exc.errors(include_input=False))
-        raise BadParameterError("resume", f'expected {{"resume": {{...}}}}: {problems}') from None
+        errors = exc.errors(include_input=False)
+        raise BadParameterError("resume", _resume_problems(errors)) from None
+
+
+def _resume_problems(errors: list[Any]) -> str:
+    """The problems of a resume body in words; the expected shape when it is wrong."""
+    problems, shape_wrong = [], False
+    for error in errors:
+        where = ".".join(str(part) for part in error["loc"])
+        problem = describe_problem(where, error["msg"])
+        shape_wrong = shape_wrong or not where or problem.startswith(f"{where}: ")
+        problems.append(problem)
+    described = "; ".join(problems)
+    return f'expected {{"resume": {{...}}}}; {described}' if shape_wrong else described
 
 
 RunRepositoryDep = Annotated[RunRepository, Depends(get_run_repository)]
