@@ -5,7 +5,8 @@
         ...                                     # lists of SessionEvent, in seq order
     events = feed.wait(session_id, since_seq=12, timeout=30)   # blocking, for sync callers
 
-How a follower learns that something committed (docs/events.md):
+What is committed is read from the pool at once; only live wake-ups wait for
+the feed's listener thread (``app.feed_listener``; docs/events.md):
 
 * **PostgreSQL**: every writer of events calls ``pg_notify('session_events',
   <session id>)`` inside its transaction (``append``, ``append_many``, so also
@@ -14,7 +15,9 @@ How a follower learns that something committed (docs/events.md):
   connection (not from the pool) for every follower of the process. If that
   connection drops, the thread reconnects with backoff and then wakes every
   follower, which reads from the last seq it delivered: notices lost while
-  disconnected cost nothing, and nothing is delivered twice.
+  disconnected cost nothing, and nothing is delivered twice. Until it
+  listens again, live wake-ups come from polling the followed sessions'
+  counter rows through the pool (said once in the log).
 * **SQLite**: one thread asks ``PRAGMA data_version`` on a connection of its
   own every few milliseconds. The number changes when another connection
   commits; then one read of the followed sessions' counter rows says which
@@ -31,39 +34,45 @@ a process hold at most ``readers`` pooled connections, and only while reading.
 Why reads catch everything: writers of one session queue on the session's
 counter row and commit in seq order, so once a read sees seq ``n`` every
 event below ``n`` is visible too; a follower never needs to look back.
+
 A follower of a run stops after delivering the run's terminal lifecycle event
-(``run_completed``, ``run_failed``, ``run_cancelled``), or at once when the
-run is already terminal and nothing after ``since_seq`` is left.
+(``run_completed``, ``run_failed``, ``run_cancelled``), or when the run is
+terminal and nothing after its position is left (also when the client's
+``since_seq`` is past the run's terminal event). It raises
+``RunNotFoundError`` when the run is gone (deleted, or its chat session was):
+at the start, and at its next re-check (every ``recheck`` seconds) while it
+follows.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
-import sqlite3
+import math
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
-import psycopg
-from psycopg import sql
 from sqlalchemy import Engine
 
 from app.db import unit_of_work
-from app.errors import RunNotFoundError
+from app.errors import BadParameterError, RunNotFoundError
+from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
 from app.models import SessionEvent
 from app.repositories import EventRepository, RunRepository
-from app.repositories._params import page_size, since_seq_param, text_param
-from app.repositories._sql import EVENTS_CHANNEL, POSTGRESQL
+from app.repositories._params import (
+    described,
+    optional_text_param,
+    page_size,
+    since_seq_param,
+    text_param,
+)
+from app.repositories._sql import POSTGRESQL
 from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
 
-log = logging.getLogger("app.feed")
 T = TypeVar("T")
 
 TERMINAL_EVENT_TYPES = frozenset(
@@ -71,191 +80,22 @@ TERMINAL_EVENT_TYPES = frozenset(
 )
 DEFAULT_PAGE = 500
 RECHECK_SECONDS = 5.0
-"""A follower with no wake-up reads anyway after this long (a safety net, not the mechanism)."""
-SQLITE_POLL_SECONDS = 0.005
-SQLITE_IDLE_POLL_SECONDS = 0.1
-LISTEN_TIMEOUT_SECONDS = 0.5
-RECONNECT_BACKOFF = (0.05, 2.0)
+"""A follower with no wake-up reads anyway after this long (a safety net, not the
+mechanism); a follower of a run also checks that its run still exists this often."""
+MIN_INTERVAL_SECONDS = 0.01
+"""The shortest ``heartbeat`` and ``recheck``: shorter ones would spin."""
 
 
-# --------------------------------------------------------------------------
-# Wake-ups: generations per followed session
-
-
-@dataclass(eq=False)
-class _Watch:
-    """One followed session: a generation bumped on each commit notice."""
-
-    generation: int = 0
-    users: int = 0
-    waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
-
-
-class _Signals:
-    """Commit notices from the listener thread to followers in threads and event loops."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._watches: dict[str, _Watch] = {}
-
-    @property
-    def followed(self) -> int:
-        return len(self._watches)
-
-    def followed_sessions(self) -> list[str]:
-        with self._lock:
-            return list(self._watches)
-
-    @contextlib.contextmanager
-    def watch(self, session_id: str) -> Iterator[_Watch]:
-        with self._lock:
-            watch = self._watches.setdefault(session_id, _Watch())
-            watch.users += 1
-        try:
-            yield watch
-        finally:
-            with self._lock:
-                watch.users -= 1
-                if watch.users == 0:
-                    del self._watches[session_id]
-
-    def bump(self, session_id: str | None) -> None:
-        """A commit in ``session_id``; ``None``: anything may have changed (wake everyone)."""
-        with self._lock:
-            if session_id is None:
-                watches = list(self._watches.values())
-            else:
-                watch = self._watches.get(session_id)
-                watches = [] if watch is None else [watch]
-            waiters = []
-            for watch in watches:
-                watch.generation += 1
-                waiters.extend(watch.waiters)
-            if watches:
-                self._changed.notify_all()
-        for loop, event in waiters:
-            with contextlib.suppress(RuntimeError):  # that loop has closed
-                loop.call_soon_threadsafe(event.set)
-
-    async def wait_async(self, watch: _Watch, seen: int, timeout: float) -> bool:
-        """Until ``watch`` moves past ``seen`` (True) or ``timeout`` seconds pass (False)."""
-        event = asyncio.Event()
-        waiter = (asyncio.get_running_loop(), event)
-        with self._lock:
-            if watch.generation != seen:
-                return True
-            watch.waiters.add(waiter)
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with self._lock:
-                watch.waiters.discard(waiter)
-
-    def wait_sync(self, watch: _Watch, seen: int, timeout: float) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: watch.generation != seen, timeout)
-
-
-# --------------------------------------------------------------------------
-# Listener threads
-
-
-class _Listener(threading.Thread):
-    def __init__(self, signals: _Signals, name: str) -> None:
-        super().__init__(name=name, daemon=True)
-        self.signals = signals
-        self.stopping = threading.Event()
-        self.ready = threading.Event()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join(timeout=5)
-
-
-class _PostgresListener(_Listener):
-    """``LISTEN session_events`` on one dedicated connection; reconnects when it drops."""
-
-    def __init__(self, signals: _Signals, conninfo: str) -> None:
-        super().__init__(signals, "event-feed-listen")
-        self._conninfo = conninfo
-        self.backend_pid: int | None = None
-        self.connections = 0
-        """How many times the listening connection was opened (1 + reconnects)."""
-
-    def run(self) -> None:
-        backoff = RECONNECT_BACKOFF[0]
-        while not self.stopping.is_set():
-            try:
-                with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(EVENTS_CHANNEL)))
-                    self.backend_pid = conn.info.backend_pid
-                    self.connections += 1
-                    backoff = RECONNECT_BACKOFF[0]
-                    # Notices sent while no connection listened are lost: everyone re-reads.
-                    self.signals.bump(None)
-                    self.ready.set()
-                    while not self.stopping.is_set():
-                        for notice in conn.notifies(timeout=LISTEN_TIMEOUT_SECONDS):
-                            self.signals.bump(notice.payload)
-            except psycopg.Error as exc:
-                self.ready.clear()
-                log.warning("event feed: listening connection lost (%s); reconnecting", exc)
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, RECONNECT_BACKOFF[1])
-
-
-class _SqlitePoller(_Listener):
-    """``PRAGMA data_version`` on a connection of its own: changes when others commit.
-
-    Then one read of the followed sessions' counter rows (``next_seq`` moves
-    with every append) tells which sessions to wake, so a commit wakes the
-    followers of its session only. Both are reads outside any write
-    transaction: in WAL mode they never wait for a writer nor hold one up.
-    """
-
-    def __init__(self, signals: _Signals, path: str) -> None:
-        super().__init__(signals, "event-feed-poll")
-        self._path = path
-        self._counters: dict[str, int] = {}
-
-    def run(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            version = conn.execute("PRAGMA data_version").fetchone()[0]
-            self.ready.set()
-            while not self.stopping.is_set():
-                busy = self.signals.followed > 0
-                self.stopping.wait(SQLITE_POLL_SECONDS if busy else SQLITE_IDLE_POLL_SECONDS)
-                try:
-                    current = conn.execute("PRAGMA data_version").fetchone()[0]
-                    if current != version:
-                        version = current
-                        self._wake_changed(conn)
-                except sqlite3.Error as exc:
-                    log.warning("event feed: polling SQLite failed (%s); waking everyone", exc)
-                    self.signals.bump(None)
-        finally:
-            conn.close()
-
-    def _wake_changed(self, conn: sqlite3.Connection) -> None:
-        followed = self.signals.followed_sessions()
-        rows = conn.execute(_FOLLOWED_COUNTERS, (json.dumps(followed),)).fetchall()
-        counters = dict(rows)
-        for session_id in followed:
-            if counters.get(session_id) != self._counters.get(session_id):
-                self.signals.bump(session_id)
-        self._counters = counters
-
-
-_FOLLOWED_COUNTERS = (
-    "SELECT session_id, next_seq FROM session_event_sequences "
-    "WHERE session_id IN (SELECT value FROM json_each(?))"
-)
-"""The counter rows of the followed sessions (one JSON array parameter)."""
+def seconds_param(value: Any, name: str, *, minimum: float) -> float:
+    """A finite number of seconds, at least ``minimum``, else ``BadParameterError`` naming
+    ``name`` (NaN and infinities never compare as a wait needs them to)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadParameterError(name, f"expected a number of seconds, got {described(value)}")
+    if not math.isfinite(value):
+        raise BadParameterError(name, f"expected a finite number of seconds, got {value}")
+    if value < minimum:
+        raise BadParameterError(name, f"expected at least {minimum} seconds, got {value:g}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------
@@ -282,33 +122,62 @@ class _Tail:
         return [event for event in self.events if event.seq > position]
 
 
+@dataclass(eq=False)
+class _RunCheck:
+    """The last check of one followed run in one event loop, for its followers to share."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    began: float = -math.inf
+    terminal: bool = False
+    missing: RunNotFoundError | None = None
+    users: int = 0
+
+
+@dataclass(eq=False)
+class _LoopState:
+    """What the followers in one event loop share: the read limiter, tails and run checks."""
+
+    limiter: anyio.CapacityLimiter
+    tails: dict[str, _Tail] = field(default_factory=dict)
+    checks: dict[tuple[str, str], _RunCheck] = field(default_factory=dict)
+
+
 class EventFeed:
     """Followers of the event log that wake on commit (see the module docstring).
 
     ``readers``: reads running at once (pooled connections the followers may
-    hold). ``recheck``: seconds after which an idle follower reads anyway.
+    hold). ``recheck``: seconds after which an idle follower reads anyway, and
+    a follower of a run checks that its run still exists.
     """
 
     def __init__(self, engine: Engine, *, readers: int = 2, recheck: float = RECHECK_SECONDS):
+        if isinstance(readers, bool) or not isinstance(readers, int) or readers < 1:
+            raise BadParameterError(
+                "readers", f"expected an integer from 1, got {described(readers)}"
+            )
         self._engine = engine
         self._readers = readers
-        self._recheck = recheck
-        self._signals = _Signals()
-        self._listener: _Listener | None = None
+        self._recheck = seconds_param(recheck, "recheck", minimum=MIN_INTERVAL_SECONDS)
+        self._signals = Signals()
+        self._listener: Listener | None = None
         self._start_lock = threading.Lock()
-        self._loops: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[anyio.CapacityLimiter, dict[str, _Tail]]
-        ] = weakref.WeakKeyDictionary()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start the listener thread (followers do it on first use); wait until it listens."""
+        """Start the listener thread (followers do it on first use, without waiting);
+        wait until it listens, at most ``timeout`` seconds."""
+        self._start_listener().ready.wait(timeout)
+
+    def _start_listener(self) -> Listener:
         with self._start_lock:
             if self._listener is None or not self._listener.is_alive():
                 self._listener = self._new_listener()
                 self._listener.start()
-        self._listener.ready.wait(timeout)
+            return self._listener
 
     def close(self) -> None:
         with self._start_lock:
@@ -320,22 +189,22 @@ class EventFeed:
     def listener_backend_pid(self) -> int | None:
         """PostgreSQL: the pid of the listening connection's backend (None on SQLite)."""
         listener = self._listener
-        return listener.backend_pid if isinstance(listener, _PostgresListener) else None
+        return listener.backend_pid if isinstance(listener, PostgresListener) else None
 
     @property
     def listener_connections(self) -> int:
         """PostgreSQL: how often the listening connection was opened (1 + reconnects)."""
         listener = self._listener
-        return listener.connections if isinstance(listener, _PostgresListener) else 0
+        return listener.connections if isinstance(listener, PostgresListener) else 0
 
-    def _new_listener(self) -> _Listener:
+    def _new_listener(self) -> Listener:
         url = self._engine.url
         if self._engine.dialect.name == POSTGRESQL:
             conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-            return _PostgresListener(self._signals, conninfo)
+            return PostgresListener(self._signals, conninfo, self._engine)
         if url.database in (None, "", ":memory:"):
             raise ValueError("EventFeed needs a SQLite database file, not an in-memory database")
-        return _SqlitePoller(self._signals, url.database)
+        return SqlitePoller(self._signals, url.database)
 
     # ------------------------------------------------------------ following
 
@@ -350,25 +219,36 @@ class EventFeed:
     ) -> AsyncIterator[list[SessionEvent]]:
         """Yield each batch of newly committed events with ``seq > since_seq``, in seq order.
 
-        With ``heartbeat``, an empty batch comes after that many seconds without
-        one (for a stream's keep-alive).
+        With ``heartbeat`` (seconds, at least ``MIN_INTERVAL_SECONDS``), an empty
+        batch comes after that many seconds without one (for a stream's keep-alive).
 
         With ``run_id``, only that run's events (session seqs), and the
-        iterator ends after the run's terminal event. Raises
-        ``RunNotFoundError`` when the run is not in the session.
+        iterator ends after the run's terminal event, or once the run is
+        terminal and nothing after the position is left. Raises
+        ``RunNotFoundError`` when the run is not in the session, at the start
+        or (deleted meanwhile) at a later check.
         """
         session_id = text_param(session_id, "session_id")
+        run_id = optional_text_param(run_id, "run_id")
         position, limit = since_seq_param(since_seq), page_size(limit)
-        await anyio.to_thread.run_sync(self.start)
-        terminal = False
-        if run_id is not None:
-            terminal = await self._in_thread(self._run_is_terminal, session_id, run_id)
-        limiter, tails = self._loop_state()
-        tail = tails.setdefault(session_id, _Tail())
+        if heartbeat is not None:
+            heartbeat = seconds_param(heartbeat, "heartbeat", minimum=MIN_INTERVAL_SECONDS)
+        self._start_listener()  # no waiting for it: what is committed is read from the pool
+        state = self._loop_state()
+        limiter = state.limiter
+        tail = state.tails.setdefault(session_id, _Tail())
         tail.users += 1
+        check = None
+        if run_id is not None:
+            check = state.checks.setdefault((session_id, run_id), _RunCheck())
+            check.users += 1
         try:
+            terminal = False
+            last_check = time.monotonic()
+            if check is not None:
+                terminal = await self._check_run(check, session_id, run_id, last_check)
             with self._signals.watch(session_id) as watch:
-                forced = False
+                forced = woken = read_any = False
                 last_yield = time.monotonic()
                 while True:
                     seen = watch.generation
@@ -387,6 +267,7 @@ class EventFeed:
                     forced = False
                     if events:
                         position = events[-1].seq
+                        read_any, woken = True, False
                         mine = [e for e in events if run_id is None or e.run_id == run_id]
                         if mine:
                             yield mine
@@ -396,20 +277,59 @@ class EventFeed:
                             ):
                                 return
                         continue
+                    # Nothing new after ``position``.
+                    now = time.monotonic()
+                    if check is not None and not terminal:
+                        # A deleted run sends no notice: check it every ``recheck`` seconds.
+                        # And while the position is past the log's end (a client's cursor
+                        # beyond the last seq), a wake-up that brought nothing may be the
+                        # run's end, written below the position.
+                        if (woken and not read_any) or now - last_check >= self._recheck:
+                            terminal = await self._check_run(check, session_id, run_id, now)
+                            last_check = now
+                            if terminal:  # read once more: its last events may be new
+                                forced = True
+                                continue
                     if terminal:
                         return
+                    if heartbeat is not None and now - last_yield >= heartbeat:
+                        yield []
+                        last_yield = now = time.monotonic()
                     timeout = self._recheck
                     if heartbeat is not None:
-                        timeout = min(timeout, heartbeat - (time.monotonic() - last_yield))
-                    if not await self._signals.wait_async(watch, seen, max(timeout, 0.0)):
-                        forced = True
-                        if heartbeat is not None and time.monotonic() - last_yield >= heartbeat:
-                            yield []
-                            last_yield = time.monotonic()
+                        timeout = min(timeout, last_yield + heartbeat - now)
+                    if check is not None:
+                        timeout = min(timeout, last_check + self._recheck - now)
+                    woken = await self._signals.wait_async(watch, seen, max(timeout, 0.0))
+                    forced = not woken
         finally:
             tail.users -= 1
-            if tail.users == 0 and tails.get(session_id) is tail:
-                del tails[session_id]
+            if tail.users == 0 and state.tails.get(session_id) is tail:
+                del state.tails[session_id]
+            if check is not None:
+                check.users -= 1
+                if check.users == 0 and state.checks.get((session_id, run_id)) is check:
+                    del state.checks[(session_id, run_id)]
+
+    async def _check_run(
+        self, check: _RunCheck, session_id: str, run_id: str, asked_at: float
+    ) -> bool:
+        """Whether the run is terminal, from a check begun at ``asked_at`` or later, which
+        the followers of the run in this event loop share; ``RunNotFoundError`` if gone."""
+        async with check.lock:
+            if check.began < asked_at:
+                began = time.monotonic()
+                try:
+                    check.terminal = await self._in_thread(
+                        self._run_is_terminal, session_id, run_id
+                    )
+                    check.missing = None
+                except RunNotFoundError as exc:
+                    check.missing = exc
+                check.began = began
+            if check.missing is not None:
+                raise RunNotFoundError(run_id, session_id=check.missing.session_id)
+            return check.terminal
 
     def wait(
         self,
@@ -421,12 +341,19 @@ class EventFeed:
         limit: int = DEFAULT_PAGE,
     ) -> list[SessionEvent]:
         """Block until events with ``seq > since_seq`` (of ``run_id``, if given) are
-        committed and return them (at most ``limit``); ``[]`` after ``timeout`` seconds."""
+        committed and return them (at most ``limit``); ``[]`` after ``timeout`` seconds
+        (a finite number, 0 or more). Raises ``RunNotFoundError`` as ``follow`` does:
+        the run is not in the session, at the start or at a later check."""
         session_id = text_param(session_id, "session_id")
+        run_id = optional_text_param(run_id, "run_id")
         position, limit = since_seq_param(since_seq), page_size(limit)
-        self.start()
+        timeout = seconds_param(timeout, "timeout", minimum=0.0)
+        self._start_listener()
         deadline = time.monotonic() + timeout
         with self._signals.watch(session_id) as watch:
+            if run_id is not None:
+                self._run_is_terminal(session_id, run_id)
+            last_check = time.monotonic()
             while True:
                 seen = watch.generation
                 page = self._read(session_id, position, limit)
@@ -436,10 +363,17 @@ class EventFeed:
                 if page:
                     position = page[-1].seq
                     continue
-                remaining = deadline - time.monotonic()
+                now = time.monotonic()
+                if run_id is not None and now - last_check >= self._recheck:
+                    self._run_is_terminal(session_id, run_id)  # raises if it is gone
+                    last_check = now
+                remaining = deadline - now
                 if remaining <= 0:
                     return []
-                self._signals.wait_sync(watch, seen, min(remaining, self._recheck))
+                wait = min(remaining, self._recheck)
+                if run_id is not None:
+                    wait = min(wait, last_check + self._recheck - now)
+                self._signals.wait_sync(watch, seen, max(wait, 0.0))
 
     # ------------------------------------------------------------ reads
 
@@ -450,6 +384,7 @@ class EventFeed:
             )
 
     def _run_is_terminal(self, session_id: str, run_id: str) -> bool:
+        """Whether the run has finished; ``RunNotFoundError`` if it is not in the session."""
         with unit_of_work(self._engine, readonly=True) as db:
             run = RunRepository(db).get(run_id)
             if run.session_id != session_id:
@@ -465,13 +400,15 @@ class EventFeed:
     async def _in_thread(
         self, call: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None
     ) -> T:
-        return await anyio.to_thread.run_sync(call, *args, limiter=limiter or self._loop_state()[0])
+        return await anyio.to_thread.run_sync(
+            call, *args, limiter=limiter or self._loop_state().limiter
+        )
 
-    def _loop_state(self) -> tuple[anyio.CapacityLimiter, dict[str, _Tail]]:
+    def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
-            state = self._loops[loop] = (anyio.CapacityLimiter(self._readers), {})
+            state = self._loops[loop] = _LoopState(anyio.CapacityLimiter(self._readers))
         return state
 
 
