@@ -8,12 +8,14 @@ installs; the statuses each endpoint can answer are listed in its OpenAPI.
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm.attributes import instance_state
@@ -26,11 +28,11 @@ from app.api.deps import (
     RunRepositoryDep,
 )
 from app.db import unit_of_work
-from app.errors import BadParameterError
+from app.errors import BadParameterError, DataLayerError
 from app.feed import get_feed
 from app.models import SessionEvent, SessionRun
 from app.repositories import RunRepository
-from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ
+from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ, described
 from app.schemas import (
     ErrorResponse,
     EventPage,
@@ -160,6 +162,18 @@ def _session_of_run(engine: Engine, run_id: str) -> str:
         return RunRepository(db).get(run_id).session_id
 
 
+def _last_event_id(value: str) -> int:
+    """The seq in a ``Last-Event-ID`` header; a bad one is described, never quoted."""
+    digits = value.strip()
+    seq = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 10 else -1
+    if not 0 <= seq <= MAX_SEQ:
+        raise BadParameterError(
+            "Last-Event-ID",
+            f"expected an event seq from 0 to {MAX_SEQ}, got {described(value)}",
+        )
+    return seq
+
+
 async def get_stream_start(
     run_id: str,
     engine: EngineDep,
@@ -171,14 +185,7 @@ async def get_stream_start(
     """Checked before the stream opens, so an unknown run is a plain 404. ``Last-Event-ID``
     (sent by an ``EventSource`` that reconnects) wins over ``since_seq``."""
     if last_event_id is not None:
-        try:
-            since_seq = int(last_event_id.strip())
-        except ValueError:
-            since_seq = -1
-        if not 0 <= since_seq <= MAX_SEQ:
-            raise BadParameterError(
-                "Last-Event-ID", f"expected an event seq from 0 to {MAX_SEQ}, got {last_event_id!r}"
-            )
+        since_seq = _last_event_id(last_event_id)
     session_id = await get_feed(engine).read(_session_of_run, engine, run_id)
     return StreamStart(session_id, run_id, since_seq)
 
@@ -193,6 +200,7 @@ def _event_json(event: SessionEvent) -> str:
     return serialized
 
 
+log = logging.getLogger("app.api")
 SSE_PING_SECONDS = 15.0
 """A ``: ping`` comment after this long without events keeps proxies from closing the stream."""
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -202,25 +210,64 @@ def _sse_message(event: SessionEvent) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (event.seq, _event_json(event).encode())
 
 
+def _sse_end(run_id: str, last_seq: int) -> bytes:
+    return (
+        b"event: end\ndata: %s\n\n" % json.dumps({"run_id": run_id, "last_seq": last_seq}).encode()
+    )
+
+
+async def _sse_error(request: Request, exc: Exception) -> bytes:
+    """``event: error`` whose data is the body a request failing with ``exc`` gets: the one
+    error shape, from the app's own handlers (``install_error_handlers``), which also log
+    what they log; an app without them gets the domain error's code, or internal_error."""
+    handler = None
+    for cls in type(exc).__mro__:
+        handler = request.app.exception_handlers.get(cls)
+        if handler is not None:
+            break
+    body: bytes | None = None
+    if handler is not None:
+        response = handler(request, exc)
+        if inspect.isawaitable(response):
+            response = await response
+        if isinstance(response, Response) and response.media_type == "application/json":
+            body = bytes(response.body)
+    if body is None:
+        if isinstance(exc, DataLayerError):
+            error = exc.to_dict()
+        else:
+            log.error("unhandled %s in %s", type(exc).__name__, request.url.path)
+            error = {"code": "internal_error", "message": "internal error"}
+        body = json.dumps({"error": error}).encode()
+    return b"event: error\ndata: %s\n\n" % body
+
+
 @router.get(
     "/{run_id}/events/stream",
     response_class=StreamingResponse,
     responses={
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            "description": "id: <seq>, data: EventResponse JSON; : ping; event: end",
+            "description": "id: <seq>, data: EventResponse JSON; : ping; then event: end, "
+            "or event: error (data: the error shape) when the run is gone",
         }
     }
     | _errors(400, 404),
 )
 async def stream_run_events(
-    start: Annotated[StreamStart, Depends(get_stream_start)], engine: EngineDep
+    start: Annotated[StreamStart, Depends(get_stream_start)],
+    engine: EngineDep,
+    request: Request,
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events, as they commit (docs/events.md).
 
     Each event is ``id: <seq>`` and ``data: <EventResponse JSON>``; a ``: ping``
     comment goes out after ``SSE_PING_SECONDS`` without events. The stream ends
-    with ``event: end`` once the run's terminal event has been sent. It holds
+    with ``event: end`` once the run is over: after its terminal event, or at
+    once when it is terminal and the client's cursor is past that event. When
+    the run is gone meanwhile (deleted, or its chat session was), or the
+    stream fails, it ends with ``event: error`` whose data is the one error
+    shape (``{"error": {"code": "run_not_found", ...}}``), then closes. It holds
     no database session while it waits (``app.feed``). The framing is written
     here, one write per batch of events: FastAPI's ``EventSourceResponse``
     passes every message through two memory streams and a keepalive task,
@@ -235,14 +282,17 @@ async def stream_run_events(
             run_id=start.run_id,
             heartbeat=SSE_PING_SECONDS,
         )
-        async for batch in follow:
-            if not batch:
-                yield b": ping\n\n"
-                continue
-            yield b"".join(_sse_message(event) for event in batch)
-            last_seq = batch[-1].seq
-        end = json.dumps({"run_id": start.run_id, "last_seq": last_seq})
-        yield f"event: end\ndata: {end}\n\n".encode()
+        try:
+            async for batch in follow:
+                if not batch:
+                    yield b": ping\n\n"
+                    continue
+                yield b"".join(_sse_message(event) for event in batch)
+                last_seq = batch[-1].seq
+        except Exception as exc:  # the stream has begun: the error goes out as an event
+            yield await _sse_error(request, exc)
+            return
+        yield _sse_end(start.run_id, last_seq)
 
     return StreamingResponse(messages(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
