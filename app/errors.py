@@ -12,7 +12,9 @@ status the Run API answers with (``status_code``) and a stable machine code
     ├── IdempotencyKeyReusedError (422): one Idempotency-Key, two different requests
     ├── ReadOnlyFieldError (500): a stored row changed outside the repositories
     ├── TransactionAbortedError (500): commit of a transaction the database aborted
-    └── DatabaseBusyError (503): no connection or lock within its timeout; retry
+    ├── PayloadTooLargeError (413): a request body over the Run API's size limit
+    ├── DatabaseBusyError (503): no connection or lock within its timeout; retry
+    └── DatabaseUnavailableError (503): the database cannot be reached; retry
 """
 
 from __future__ import annotations
@@ -209,16 +211,46 @@ class DatabaseBusyError(DataLayerError):
     code = "database_busy"
 
 
+class DatabaseUnavailableError(DataLayerError):
+    """The database cannot be reached: the server is down or refuses connections,
+    the connection was lost, or the SQLite file cannot be opened. The answer says
+    nothing more; the cause is logged (``app.api.errors``)."""
+
+    status_code = 503
+    code = "database_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("the database cannot be reached; retry later")
+
+
+class PayloadTooLargeError(DataLayerError):
+    """A request body over the Run API's limit (``app.api.limits``), refused unread."""
+
+    status_code = 413
+    code = "too_large"
+
+    def __init__(self, limit: int, size: int | None = None, *, setting: str = "") -> None:
+        """``size``: the declared size (``Content-Length``); None while a chunked body
+        is still arriving. ``setting``: where the limit comes from."""
+        what = f"is {size:,} bytes, over" if size is not None else "is over"
+        where = f" (set by {setting})" if setting else ""
+        super().__init__(f"the request body {what} the limit of {limit:,} bytes{where}")
+        self.limit = limit
+        self.size = size
+
+
 __all__ = [
     "ActiveRunExistsError",
     "BadParameterError",
     "ConflictError",
     "DataLayerError",
     "DatabaseBusyError",
+    "DatabaseUnavailableError",
     "IdempotencyKeyReusedError",
     "InvalidTransitionError",
     "LeaseNotHeldError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "ReadOnlyFieldError",
     "RunNotFoundError",
     "SessionNotFoundError",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
+from app.api.limits import BodyLimit, max_body_bytes
 from app.api.routes import router
 
 
@@ -16,6 +17,7 @@ def create_app() -> FastAPI:
     api = FastAPI(title="Run API", version="0.8")
     install_error_handlers(api)
     api.include_router(router)
+    api.add_middleware(BodyLimit, max_bytes=max_body_bytes())
     return api
 
 

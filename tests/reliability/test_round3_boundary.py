@@ -12,11 +12,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -25,12 +35,14 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session as DbSession
 
 from app.api.deps import get_db_engine
+from app.api.limits import BODY_ENVELOPE_BYTES
 from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
 from app.errors import ActiveRunExistsError, TransactionAbortedError
 from app.models import RunStatus
 from app.repositories import RunRepository
-from tests.concurrency import seed
+from app.types import DEFAULT_MAX_JSON_BYTES
+from tests.concurrency import ROOT, seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
 
@@ -272,3 +284,249 @@ def test_a_body_nested_too_deep_for_the_limit_is_named_once_in_words(
     assert message.count(f"{field}.a") == 1 and message.count(f"{field}:") == (
         1 if where == "resume" else 0
     ), message
+
+
+# --------------------------------------------------------------------------
+# A real uvicorn on 127.0.0.1
+
+
+HOST = "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _uvicorn(
+    port: int, database_url: str, log: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app"]
+    command += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+    with log.open("ab") as stderr:
+        return subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": database_url, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+
+
+@contextmanager
+def serving(
+    database_url: str, tmp_path: Path, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """``uvicorn --factory app.api.main:create_app`` (one process) on a free port, ready:
+    its base URL, its process and the file its stderr goes to. The readiness probe
+    (``/openapi.json``) touches no database."""
+    port, log = _free_port(), tmp_path / f"uvicorn-{uuid.uuid4().hex[:6]}.log"
+    process = _uvicorn(port, database_url, log, env)
+    base_url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"uvicorn exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "uvicorn not ready within 30 s"
+            try:
+                if httpx.get(f"{base_url}/openapi.json", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base_url, process, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _port_of(base_url: str) -> int:
+    return int(base_url.rsplit(":", 1)[1])
+
+
+def _send_head(base_url: str, path: str, headers: dict[str, str]) -> socket.socket:
+    sock = socket.create_connection((HOST, _port_of(base_url)), timeout=10)
+    lines = [f"POST {path} HTTP/1.1", f"Host: {HOST}", "Content-Type: application/json"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    return sock
+
+
+def _read_answer(sock: socket.socket, timeout: float) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of the response on ``sock``; ``TimeoutError`` if none
+    comes within ``timeout`` seconds."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed without an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in header_lines)
+    }
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-answer"
+        body += chunk
+    return int(status_line.split()[1]), json.loads(body[:length])
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# --------------------------------------------------------------------------
+# 4. Bodies over the limit
+
+
+@pytest.fixture
+def waiting_run(engine: Engine) -> str:
+    return seed(
+        engine,
+        lambda db: SessionRunFactory(status=RunStatus.WAITING_INPUT, waiting_reason="why").id,
+    )
+
+
+def _route(which: str, run_id: str) -> str:
+    return "/api/runs" if which == "create" else f"/api/runs/{run_id}/resume"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["create", "resume"])
+def test_a_declared_body_over_the_limit_is_a_413_while_the_client_is_still_sending(
+    engine: Engine,
+    database_url: str,
+    tmp_path: Path,
+    waiting_run: str,
+    backend: str,
+    which: str,
+) -> None:
+    """17 MB declared, 64 KiB sent: the answer comes from the headers, before the rest
+    is sent (before the fix the server waited for all of it, then parsed it for
+    seconds), and the server answers others meanwhile."""
+    declared = 17_000_000
+    with serving(database_url, tmp_path) as (base_url, _process, _log):
+        sock = _send_head(base_url, _route(which, waiting_run), {"Content-Length": str(declared)})
+        try:
+            sock.sendall(b'{"resume": {"x": "' + b"y" * 65_536)
+            status, body = _read_answer(sock, timeout=5)
+            other = httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=5)
+        finally:
+            sock.close()
+    assert status == 413, body
+    limit = DEFAULT_MAX_JSON_BYTES + BODY_ENVELOPE_BYTES
+    assert body == {
+        "error": {
+            "code": "too_large",
+            "message": f"the request body is {declared:,} bytes, over the limit of "
+            f"{limit:,} bytes (set by RUN_API_MAX_BODY_BYTES)",
+        }
+    }
+    assert other.status_code == 200 and other.json()["status"] == "waiting_input"
+    record("bad inputs tried", 1, backend)
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["create", "resume"])
+def test_a_chunked_body_is_a_413_once_it_passes_the_limit(
+    engine: Engine,
+    database_url: str,
+    tmp_path: Path,
+    waiting_run: str,
+    backend: str,
+    which: str,
+) -> None:
+    """No Content-Length: the bytes are counted as they arrive. 128 KiB sent of a body
+    that never ends, limit 100,000: the 413 comes at once (before the fix the server
+    waited for the end of the body)."""
+    with serving(database_url, tmp_path, RUN_API_MAX_BODY_BYTES="100000") as (base_url, *_):
+        sock = _send_head(base_url, _route(which, waiting_run), {"Transfer-Encoding": "chunked"})
+        try:
+            sock.sendall(_chunk(b'{"resume": {"x": "'))
+            for _ in range(8):
+                sock.sendall(_chunk(b"y" * 16_384))
+            status, body = _read_answer(sock, timeout=5)
+        finally:
+            sock.close()
+        within = httpx.post(
+            f"{base_url}{_route(which, waiting_run)}",
+            content=iter([b'{"resume": {"x": "', b"y" * 90_000, b'"}}']),  # chunked
+            headers={"content-type": "application/json"},
+            timeout=10,
+        )
+    assert status == 413, body
+    assert body["error"] == {
+        "code": "too_large",
+        "message": "the request body is over the limit of 100,000 bytes "
+        "(set by RUN_API_MAX_BODY_BYTES)",
+    }
+    # Within the limit the body is read and judged as before: 202 for the resume,
+    # 422 for the create (a resume body is no create body).
+    assert within.status_code == (202 if which == "resume" else 422), within.text
+    record("bad inputs tried", 1, backend)
+
+
+@pytest.mark.slow
+def test_a_17_mb_resume_body_leaves_the_server_memory_flat(
+    engine: Engine, database_url: str, tmp_path: Path, waiting_run: str, backend: str
+) -> None:
+    """Sent in full: before the fix the server held and parsed it (162 -> 516 MB in
+    the issue); now it is refused from its headers and the bytes are dropped."""
+    items = b",".join([b'{"a": 1}'] * 2_000_000)  # 17 MB of small objects
+    body = b'{"resume": {"x": [' + items + b"]}}"
+    with serving(database_url, tmp_path) as (base_url, process, _log):
+        before = _rss_kib(process.pid)
+        answer = httpx.post(
+            f"{base_url}/api/runs/{waiting_run}/resume",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
+        time.sleep(0.2)
+        after = _rss_kib(process.pid)
+        still = httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=5)
+    assert answer.status_code == 413 and answer.json()["error"]["code"] == "too_large"
+    assert after - before < 32 * 1024, f"RSS grew from {before} to {after} KiB"
+    assert still.json()["status"] == "waiting_input"
+    record("bad inputs tried", 1, backend)
+
+
+@pytest.mark.parametrize("transfer", ["content-length", "chunked"])
+def test_the_body_limit_is_exact_and_configurable(
+    engine: Engine, waiting_run: str, monkeypatch: pytest.MonkeyPatch, transfer: str
+) -> None:
+    """``RUN_API_MAX_BODY_BYTES`` bytes pass, one more is a 413; by default the limit
+    is ``RUN_DATA_MAX_JSON_BYTES`` plus the envelope."""
+    path = f"/api/runs/{waiting_run}/resume"
+
+    def post(client: TestClient, size: int) -> Response:
+        body = b'{"resume": {"x": "' + b"y" * (size - 21) + b'"}}'
+        assert len(body) == size
+        content = iter([body[:10], body[10:]]) if transfer == "chunked" else body
+        return client.post(path, content=content, headers={"content-type": "application/json"})
+
+    monkeypatch.setenv("RUN_DATA_MAX_JSON_BYTES", "2000")
+    for setting, limit in (("5000", 5000), ("", 2000 + BODY_ENVELOPE_BYTES)):
+        monkeypatch.setenv("RUN_API_MAX_BODY_BYTES", setting)
+        with TestClient(_app_on(engine), raise_server_exceptions=False) as test_client:
+            over = post(test_client, limit + 1)
+            at = post(test_client, limit)
+        assert over.status_code == 413 and over.json()["error"]["code"] == "too_large"
+        assert f"{limit:,} bytes" in over.json()["error"]["message"]
+        # At the limit the body is read: the resume's own JSON limit refuses it.
+        assert at.status_code == 400 and at.json()["error"]["code"] == "bad_parameter", at.text
