@@ -1,10 +1,13 @@
 """Repositories: the Run Service's way into the database.
 
 They execute and flush inside the caller's transaction and never commit: the
-caller owns the unit of work (docs/unit-of-work.md).
+caller owns the unit of work (docs/unit-of-work.md). ``RunReads`` / ``EventReads``
+read runs and event pages outside the ORM Session, into the API's response
+schemas (docs/read-path.md).
 """
 
 from app.repositories.events import EventRepository
+from app.repositories.reads import EventReads, RunReads
 from app.repositories.runs import RunRepository
 
-__all__ = ["EventRepository", "RunRepository"]
+__all__ = ["EventReads", "EventRepository", "RunReads", "RunRepository"]
