@@ -35,7 +35,7 @@ from app.models import EventSource, RunStatus, SessionEvent, TriggerSource
 from app.repositories import EventReads, EventRepository, RunReads, RunRepository
 from app.repositories import events as event_statements
 from app.repositories import runs as run_statements
-from app.repositories._driver import _plans
+from app.repositories._driver import _PLANS, _plans
 from app.repositories.reads import _fast_fields, page
 from app.repositories.runs import RUN_COLUMNS
 from app.schemas import EventPage, EventResponse, RunResponse
@@ -347,22 +347,33 @@ def test_bad_arguments_and_unknown_rows_raise_what_the_repositories_raise(
 
 
 def test_a_database_that_cannot_be_opened_raises_what_a_session_raises(
-    backend: str, database_url: str
+    backend: str, engine: Engine, database_url: str
 ) -> None:
+    """Both paths: SQLAlchemy's (no plan yet), and the driver's (the plans of a working
+    engine of the same dialect handed over, so the read goes straight to the pool)."""
     if backend == "sqlite":
         url = "sqlite:////nonexistent-folder/for/this/test/runs.db"
     else:
         url = make_url(database_url).set(port=1).render_as_string(hide_password=False)
-    engine = create_db_engine(url)
-    try:
-        with pytest.raises(OperationalError) as reference, unit_of_work(engine) as db:
-            RunRepository(db).get("any")
-        with pytest.raises(OperationalError) as mine:
-            RunReads.of(engine).get("any")
-        assert type(mine.value) is type(reference.value)
-        assert type(mine.value.orig) is type(reference.value.orig)
-    finally:
-        engine.dispose()
+    RunReads.of(engine).get_or_none("any")  # the working engine's plan of the statement
+    for handed_over in (False, True):
+        unreachable = create_db_engine(url)
+        if handed_over:
+            unreachable.dialect.__dict__[_PLANS] = engine.dialect.__dict__[_PLANS]
+        try:
+            with pytest.raises(OperationalError) as reference, unit_of_work(unreachable) as db:
+                RunRepository(db).get("any")
+            with pytest.raises(OperationalError) as mine:
+                RunReads.of(unreachable).get("any")
+            assert type(mine.value) is type(reference.value)
+            assert type(mine.value.orig) is type(reference.value.orig)
+            assert RunReads.of(unreachable)._by_id._plan is (
+                _plans(engine.dialect)[id(run_statements._statements(backend).by_id)]
+                if handed_over
+                else None
+            )
+        finally:
+            unreachable.dispose()
 
 
 def _kill_pooled_connections(engine: Engine, count: int) -> None:
