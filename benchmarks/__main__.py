@@ -13,6 +13,7 @@ defaults are the sizes of the benchmarks issue and take a few minutes.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -212,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     parts, backends = _csv(args.only), _csv(args.backends)
     notes = ["quick run (small sizes): figures for development only"] if args.quick else []
+    notes.append(f"load average at the start (1, 5, 15 min): {_load()}")
     postgresql_url: str | None = None
     if "postgresql" in backends:
         postgresql_url = postgresql_server_url()
@@ -230,10 +232,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             if section is not None:
                 sections.append(section)
                 _emit(section)
+    sections.append(f"Load average at the end (1, 5, 15 min): {_load()}")
+    _emit(sections[-1])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n\n".join(sections) + "\n")
     print(f"\nreport written to {args.output}")
     return 0
+
+
+def _load() -> str:
+    """The machine's load average, as ``uptime`` shows it: the figures of a busy machine
+    are noisier (other processes share its cores)."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def _emit(section: str) -> None:

@@ -19,6 +19,21 @@ Sides, measured in one process on one database per backend:
   ``advanced-alchemy`` (its ``SQLAlchemySyncRepository`` over the same models,
   when the ``bench`` extra is installed), each with its own sessions.
 
+The reads are also measured on the read path outside the ORM Session
+(``app.repositories.reads``: ``RunReads`` / ``EventReads``, a pooled connection, the
+repository's statement in autocommit, response schemas built from the rows), against:
+
+* ``raw read``: the same statements replayed the way the read path sends them, one
+  statement in autocommit (SQLite: no BEGIN; PostgreSQL: a connection in autocommit),
+  every row fetched;
+* ``raw read + schemas``: that, plus what hand-written driver code does to return the
+  same response schemas: each value converted (aware datetimes, enums, decoded JSON)
+  and ``model_construct`` per row.
+
+And the ways of making the response schemas from rows already read are timed side by
+side (``SCHEMA_BUILDS``): ``model_validate`` of the ORM instance (what the routes do),
+``model_validate`` of a dict, ``model_construct``, and the read path's own build.
+
 Each run goes through a lifecycle on each side, one transaction per step;
 the sides take turns step by step (and swap who goes first every round), so
 that drift in the machine's speed hits both alike. The first round warms up
@@ -49,7 +64,11 @@ from app.models import (
     SessionRun,
     new_id,
 )
-from app.repositories import EventRepository, RunRepository
+from app.repositories import EventReads, EventRepository, RunReads, RunRepository
+from app.repositories.events import EVENT_COLUMNS
+from app.repositories.reads import _builder
+from app.repositories.runs import RUN_COLUMNS
+from app.schemas import EventResponse, RunResponse
 from app.state_machine import RunEventType
 from app.types import StrEnumType, UTCDateTime, utc_now
 from benchmarks import peers
@@ -101,6 +120,9 @@ OPERATIONS = (
 WORKER = "bench-worker"
 
 REPOSITORY, RAW, NAIVE, ADVANCED_ALCHEMY = "repository", "raw", "naive SQLModel", "advanced-alchemy"
+READ_PATH, RAW_READ, RAW_READ_SCHEMAS = "read path", "raw read", "raw read + schemas"
+READ_PATH_READS = READS[:3]
+"""The reads that the read path serves (the floor is the Session's)."""
 
 
 @dataclass
@@ -152,6 +174,20 @@ REPOSITORY_OPERATIONS: dict[str, Operation] = {
     ),
     FLOOR: lambda db, _chain: db.connection(),
 }
+
+
+def _read_path_operations(engine: Engine) -> dict[str, Operation]:
+    """The reads on ``app.repositories.reads``: no Session (the ``db`` argument is unused)."""
+    runs, events = RunReads.of(engine), EventReads.of(engine)
+    return {
+        "get run": lambda _db, chain: runs.get(chain.run_id),
+        "list_for_run (page of 100)": lambda _db, chain: events.list_for_run(
+            chain.run_id, limit=PAGE_OF_EVENTS
+        ),
+        "list_for_session (page of 100 runs)": lambda _db, chain: runs.list_for_session(
+            chain.session_id, limit=PAGE_OF_RUNS
+        ),
+    }
 
 
 def _claimed(chain: Chain, run: SessionRun | NaiveRun | None) -> None:
@@ -337,6 +373,18 @@ class RepositorySide:
             db.commit()
 
 
+class ReadPathSide:
+    """The read path: one call each, no Session, nothing to commit."""
+
+    name = READ_PATH
+
+    def __init__(self, engine: Engine) -> None:
+        self._operations = _read_path_operations(engine)
+
+    def run(self, operation: str, chain: Chain) -> None:
+        self._operations[operation](None, chain)  # type: ignore[arg-type]
+
+
 class RawSide:
     """Replays the captured scripts on one driver connection, one transaction per operation."""
 
@@ -434,6 +482,144 @@ class RawObjectsSide(RawSide):
         connection.commit()
 
 
+class RawReadSide:
+    """Replays a read's captured statement as the read path sends it: one statement in
+    autocommit (``connection``: SQLite's with the driver's transaction handling off, as
+    ``app.db`` leaves it; a PostgreSQL connection in autocommit), every row fetched."""
+
+    name = RAW_READ
+
+    def __init__(
+        self, connection: sqlite3.Connection | psycopg.Connection, scripts: dict[str, Script]
+    ) -> None:
+        self._connection = connection
+        self._scripts = scripts
+
+    def run(self, operation: str, chain: Chain) -> None:
+        for statement in self._scripts[operation].statements:
+            self._connection.execute(
+                statement.sql, statement.parameters(chain.ids, None)
+            ).fetchall()
+
+
+SCHEMAS = {
+    "get run": (RunResponse, RUN_COLUMNS),
+    "list_for_run (page of 100)": (EventResponse, EVENT_COLUMNS),
+    "list_for_session (page of 100 runs)": (RunResponse, RUN_COLUMNS),
+}
+"""The response schema the read path returns for each read, and the columns of its rows."""
+
+
+class RawReadSchemasSide(RawReadSide):
+    """``raw read``, plus the response schemas made as hand-written driver code would make
+    them without validation: each value converted as ``RawObjectsSide`` converts it, then
+    ``model_construct`` per row (fields from their columns: ``run_id`` from ``id``,
+    ``timestamp`` from ``created_at``, a NULL payload as ``{}``)."""
+
+    name = RAW_READ_SCHEMAS
+
+    def __init__(
+        self, connection: sqlite3.Connection | psycopg.Connection, scripts: dict[str, Script]
+    ) -> None:
+        super().__init__(connection, scripts)
+        sqlite = isinstance(connection, sqlite3.Connection)
+        self._builds: dict[str, Callable[[list[Any]], list[Any]]] = {}
+        for operation, (schema, columns) in SCHEMAS.items():
+            table = (SessionRun if schema is RunResponse else SessionEvent).__table__
+            self._builds[operation] = _construct(schema, columns, table, sqlite)
+
+    def run(self, operation: str, chain: Chain) -> None:
+        (statement,) = self._scripts[operation].statements
+        rows = self._connection.execute(
+            statement.sql, statement.parameters(chain.ids, None)
+        ).fetchall()
+        self._builds[operation](rows)
+
+
+def _construct(
+    schema: type[Any], columns: tuple[str, ...], table: Any, sqlite: bool
+) -> Callable[[list[Any]], list[Any]]:
+    fields = []
+    for name, info in schema.model_fields.items():
+        source = info.validation_alias if isinstance(info.validation_alias, str) else name
+        index = columns.index(source)
+        fields.append((name, index, _converter(table.c[source], sqlite)))
+    construct = schema.model_construct
+    payload = "payload" if schema is EventResponse else None
+
+    def build(rows: list[Any]) -> list[Any]:
+        built = []
+        for row in rows:
+            values = {
+                name: value if convert is None or value is None else convert(value)
+                for name, index, convert in fields
+                for value in (row[index],)
+            }
+            if payload is not None and values[payload] is None:
+                values[payload] = {}
+            built.append(construct(**values))
+        return built
+
+    return build
+
+
+# --------------------------------------------------------------------------
+# Making the response schemas from rows already read
+
+SCHEMA_BUILDS = (
+    "model_validate(instance)",
+    "model_validate(dict)",
+    "model_construct(**dict)",
+    "read path build",
+)
+SCHEMA_CASES = ("RunResponse, 1 run", "EventResponse, 100 events", "RunResponse, 100 runs")
+
+
+def _schema_builds(
+    runs: list[SessionRun], events: list[SessionEvent]
+) -> dict[str, dict[str, Callable[[], object]]]:
+    """Per case and way, a call that makes the schemas from the same stored values."""
+    cases = {
+        "RunResponse, 1 run": (RunResponse, RUN_COLUMNS, runs[:1]),
+        "EventResponse, 100 events": (EventResponse, EVENT_COLUMNS, events[:PAGE_OF_EVENTS]),
+        "RunResponse, 100 runs": (RunResponse, RUN_COLUMNS, runs[:PAGE_OF_RUNS]),
+    }
+    builds: dict[str, dict[str, Callable[[], object]]] = {}
+    for case, (schema, columns, instances) in cases.items():
+        rows = [tuple(instance.__dict__[column] for column in columns) for instance in instances]
+        dicts = [dict(zip(columns, row, strict=True)) for row in rows]
+        named = [
+            {
+                name: row[columns.index(alias if isinstance(alias, str) else name)]
+                for name, info in schema.model_fields.items()
+                for alias in (info.validation_alias,)
+            }
+            for row in rows
+        ]
+        for values in named:
+            if values.get("payload", {}) is None:
+                values["payload"] = {}
+        build = _builder(schema, columns, None)
+        validate, construct = schema.model_validate, schema.model_construct
+        builds[case] = {
+            "model_validate(instance)": lambda v=validate, i=instances: [v(x) for x in i],
+            "model_validate(dict)": lambda v=validate, d=dicts: [v(x) for x in d],
+            "model_construct(**dict)": lambda c=construct, n=named: [c(**x) for x in n],
+            "read path build": lambda b=build, r=rows: b(r),
+        }
+    return builds
+
+
+def _time_schema_builds(
+    samples: Samples, builds: dict[str, dict[str, Callable[[], object]]], batch: int, round_: int
+) -> None:
+    for case, ways in builds.items():
+        order = list(SCHEMA_BUILDS) if round_ % 2 == 0 else list(SCHEMA_BUILDS)[::-1]
+        for _ in range(batch):
+            for way in order:
+                samples.time(way, case, ways[way])
+
+
 # --------------------------------------------------------------------------
 # Setup
 
@@ -469,6 +655,31 @@ def _read_fixture(engine: Engine, runs: int, events: int) -> Chain:
             )
         db.commit()
     return chain
+
+
+def _stored_rows(engine: Engine, chain: Chain) -> tuple[list[SessionRun], list[SessionEvent]]:
+    """The fixture's runs and the page of events, as the repositories read them."""
+    with DbSession(engine, expire_on_commit=False) as db:
+        runs = RunRepository(db).list_for_session(chain.session_id, limit=PAGE_OF_RUNS)
+        events = EventRepository(db).list_for_run(chain.run_id, limit=PAGE_OF_EVENTS)
+        db.commit()
+    return runs, events
+
+
+def _check_read_path_agrees(
+    engine: Engine, chain: Chain, runs: list[SessionRun], events: list[SessionEvent]
+) -> None:
+    """The read path answers what the repositories' rows validate into."""
+    agree = (
+        RunReads.of(engine).get(chain.run_id)
+        == RunResponse.model_validate(next(run for run in runs if run.id == chain.run_id))
+        and RunReads.of(engine).list_for_session(chain.session_id, limit=PAGE_OF_RUNS)
+        == [RunResponse.model_validate(run) for run in runs]
+        and EventReads.of(engine).list_for_run(chain.run_id, limit=PAGE_OF_EVENTS)
+        == [EventResponse.model_validate(event) for event in events]
+    )
+    if not agree:
+        raise RuntimeError("the read path and the repositories disagree")
 
 
 def _record_scripts(engine: Engine, side: RepositorySide, read_chain: Chain) -> dict[str, Script]:
@@ -529,6 +740,19 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     raw = RawSide(connection, scripts)
     sides: list[Side] = [repository, raw, *peer_sides]
     raw_objects = RawObjectsSide(connection, scripts)
+    # The read path's raw counterpart: its own driver connection, in autocommit.
+    pooled_reader = raw_engine.raw_connection()
+    reader_connection = pooled_reader.driver_connection
+    if isinstance(reader_connection, psycopg.Connection):
+        reader_connection.autocommit = True
+    read_sides: list[Side] = [
+        ReadPathSide(engine),
+        RawReadSide(reader_connection, scripts),
+        RawReadSchemasSide(reader_connection, scripts),
+    ]
+    stored_runs, stored_events = _stored_rows(engine, read_chain)
+    _check_read_path_agrees(engine, read_chain, stored_runs, stored_events)
+    builds = _schema_builds(stored_runs, stored_events)
     # Each side has its own sessions; a lifecycle ends in a terminal status, so
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
@@ -544,13 +768,20 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
                     for side in order:
                         _time_batch(samples, side, operation, chains[side.name], counted)
             for operation in READS:
-                page_sides = order
+                page_sides = list(order)
                 if operation in PAGES:
-                    page_sides = [*order, raw_objects] if round_ % 2 == 0 else [raw_objects, *order]
+                    page_sides.append(raw_objects)
+                if operation in READ_PATH_READS:
+                    page_sides += read_sides
+                if round_ % 2:
+                    page_sides.reverse()
                 for side in page_sides:
                     _time_batch(samples, side, operation, [read_chain] * batch, counted)
+            if counted:
+                _time_schema_builds(samples, builds, batch, round_)
         _check_sides_agree(engine, sessions)
     finally:
+        pooled_reader.close()
         pooled.close()
         raw_engine.dispose()
         engine.dispose()

@@ -19,7 +19,13 @@ from benchmarks.overhead import (
     PAGES,
     RAW,
     RAW_OBJECTS,
+    RAW_READ,
+    RAW_READ_SCHEMAS,
+    READ_PATH,
+    READ_PATH_READS,
     REPOSITORY,
+    SCHEMA_BUILDS,
+    SCHEMA_CASES,
     OverheadResult,
 )
 from benchmarks.queue import CLAIM, COMPLETE, ClaimCostResult, ClaimRate
@@ -37,6 +43,10 @@ READ_TARGETS = {  # issue 14: get and pages of 100 have targets of their own
         "get run": 2.0,
         **dict.fromkeys(("list_for_run (page of 100)", "list_for_session (page of 100 runs)"), 2.0),
     },
+}
+READ_PATH_TARGETS = {  # issue 21: the read path outside the Session
+    "sqlite": {"get run": 3.0},
+    "postgresql": {"get run": 1.5},
 }
 PAGE_OBJECTS_TARGET = 1.5
 FLATNESS_TARGET = 1.5
@@ -103,6 +113,10 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             "",
             _pages_table(result),
             "",
+            _read_path_table(result),
+            "",
+            _schema_builds_table(result),
+            "",
             _peers_table(result),
             "",
             _replayed_sql(result, "start"),
@@ -159,6 +173,69 @@ def _pages_table(result: OverheadResult) -> str:
     return (
         "Pages versus the raw driver building the same model instances from the rows "
         "(aware datetimes, enums, decoded JSON; in no session):\n\n" + table(header, rows, "lrrrl")
+    )
+
+
+def _read_path_table(result: OverheadResult) -> str:
+    """The read path outside the Session (``app.repositories.reads``) against the raw driver
+    sending the same statement the same way, and against the repository's raw transaction."""
+    samples = result.samples
+    targets = READ_PATH_TARGETS[result.backend]
+    rows = []
+    for operation in READ_PATH_READS:
+        mine = samples.summary(READ_PATH, operation)
+        raw_read = samples.summary(RAW_READ, operation)
+        raw = samples.summary(RAW, operation)
+        row = [operation, _median_p95(mine), _median_p95(raw_read)]
+        ratio = mine.median_us / raw_read.median_us
+        row.append(f"{ratio:.2f}")
+        if operation in targets:
+            row.append(f"{_verdict(ratio <= targets[operation])} (≤ {targets[operation]})")
+        else:
+            row.append("")
+        schemas = samples.summary(RAW_READ_SCHEMAS, operation)
+        row += [_median_p95(schemas), f"{mine.median_us / schemas.median_us:.2f}"]
+        if operation in PAGES:
+            row[-1] += f" {_verdict(mine.median_us / schemas.median_us <= PAGE_OBJECTS_TARGET)}"
+            row[-1] += f" (≤ {PAGE_OBJECTS_TARGET})"
+        row += [format_us(raw.median_us), f"{mine.median_us / raw.median_us:.2f}"]
+        row.append(f"{samples.summary(REPOSITORY, operation).median_us / mine.median_us:.1f}x")
+        rows.append(row)
+    header = [
+        "read",
+        "read path µs",
+        "raw read µs",
+        "ratio",
+        "target",
+        "raw read + schemas µs",
+        "ratio",
+        "raw µs (repository's tx)",
+        "ratio",
+        "repository / read path",
+    ]
+    return (
+        "Reads outside the ORM Session (`RunReads` / `EventReads`: a pooled connection, the "
+        "repository's statement in autocommit, response schemas from the rows), median (p95) "
+        "µs, interleaved with the rows above. *raw read*: the same statement replayed as the "
+        "read path sends it (one statement in autocommit; PostgreSQL: a connection in "
+        "autocommit). *raw read + schemas*: that, plus each value converted by hand (aware "
+        "datetimes, enums, decoded JSON) and `model_construct` per row. *raw*: the "
+        "repository's replay above (in a transaction: SQLite `BEGIN IMMEDIATE` ... `COMMIT`, "
+        "PostgreSQL `BEGIN` ... `COMMIT`).\n\n" + table(header, rows, "lrrrlrrrrr")
+    )
+
+
+def _schema_builds_table(result: OverheadResult) -> str:
+    """The ways of making the response schemas from values already read, side by side."""
+    samples = result.samples
+    rows = []
+    for case in SCHEMA_CASES:
+        medians = [samples.summary(way, case).median_us for way in SCHEMA_BUILDS]
+        rows.append([case, *(format_us(median) for median in medians)])
+    return (
+        "Making the response schemas from the same stored values, median µs per case "
+        "(interleaved; the routes today validate the repository's instance):\n\n"
+        + table(["schemas", *SCHEMA_BUILDS], rows)
     )
 
 
