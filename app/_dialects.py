@@ -22,6 +22,10 @@ hooks for "provide an implementation of connection.begin() / commit()"):
   afterwards neither rolls back nor lets the pool reset the connection, and
   the next unit of work on it would fail with ``InFailedSqlTransaction``.
 
+* SQLite, for engines made with ``existing_file_only`` (the server's): ``connect``
+  opens the file as the URI ``file:PATH?mode=rw``, so a missing file is an
+  error ("unable to open database file") instead of a new, empty database.
+
 ``install(engine)`` gives the engine's dialect these methods by making it an
 instance of a subclass of its own class (made once per dialect class), so the
 URL, the driver and everything else about the dialect stay as they were.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 from functools import cache
 from typing import Any
+from urllib.parse import quote
 
 from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, event
@@ -65,6 +70,14 @@ def _sqlite_rules(base: type[Any]) -> type[Any]:
             driver = dbapi_connection.dbapi_connection
             if not driver.in_transaction:  # else a ``sqlite_begin`` listener has begun it
                 driver.execute("BEGIN IMMEDIATE")
+
+        def connect(self, *cargs: Any, **cparams: Any) -> Any:
+            if getattr(self, _EXISTING_FILE_ONLY, False) and cargs and not cparams.get("uri"):
+                filename = str(cargs[0])
+                if filename != ":memory:" and not filename.startswith("file:"):
+                    cargs = (f"file:{quote(filename)}?mode=rw", *cargs[1:])
+                    cparams = {**cparams, "uri": True}
+            return super().connect(*cargs, **cparams)
 
         def do_commit(self, dbapi_connection: Any) -> None:
             # SQLite rolls a transaction back by itself after some errors (SQLITE_FULL,
@@ -108,6 +121,7 @@ def _postgresql_rules(base: type[Any]) -> type[Any]:
 
 
 _RULES = "_run_layer_rules"
+_EXISTING_FILE_ONLY = "_run_layer_existing_file_only"
 
 
 @cache
@@ -120,8 +134,13 @@ def _with_rules(dialect_class: type[Dialect]) -> type[Dialect]:
     return subclass
 
 
-def install(engine: Engine) -> None:
-    """Give ``engine``'s dialect the layer's ``do_begin`` / ``do_commit`` (module docstring)."""
+def install(engine: Engine, *, existing_file_only: bool = False) -> None:
+    """Give ``engine``'s dialect the layer's ``do_begin`` / ``do_commit`` (module docstring).
+
+    ``existing_file_only``: a SQLite engine opens its file only if it exists.
+    """
     dialect = engine.dialect
     if not getattr(dialect, _RULES, False):
         dialect.__class__ = _with_rules(type(dialect))
+    if existing_file_only and dialect.name == "sqlite":
+        setattr(dialect, _EXISTING_FILE_ONLY, True)

@@ -11,7 +11,9 @@ metrics with). Both: ``DB_CONNECT_TIMEOUT``, and a COMMIT refused with
 ``TransactionAbortedError`` when the database already rolled the transaction
 back (both rules are dialect methods, not engine events: ``app._dialects``).
 ``unit_of_work(engine)``: one transaction, committed when the block ends (the
-FastAPI request session is ``app.api.deps.SessionDep``).
+FastAPI request session is ``app.api.deps.SessionDep``). ``must_exist=True``
+(``get_engine``, the server's engine): a SQLite file that does not exist is an
+error at connect, never created (only ``python -m migrations upgrade`` creates one).
 
 Settings and defaults: README.md (Configuration). Why: docs/design.md
 (SQLite transactions, the idle ping).
@@ -152,11 +154,16 @@ def _configure_postgresql(engine: Engine) -> None:
             raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
-def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engine:
+def create_db_engine(
+    url: str | URL | None = None, *, must_exist: bool = False, **engine_kwargs: Any
+) -> Engine:
     """An engine for ``url`` (see ``resolve_database_url``), configured for this layer.
 
-    Extra keyword arguments go to ``sqlalchemy.create_engine`` and win over
-    the defaults chosen here.
+    ``must_exist``: a SQLite file is opened only if it exists (``mode=rw``);
+    connecting to a missing one raises ``OperationalError`` ("unable to open
+    database file") instead of creating an empty database. Extra keyword
+    arguments go to ``sqlalchemy.create_engine`` and win over the defaults
+    chosen here.
     """
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
@@ -175,7 +182,8 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
     options["json_serializer"] = dumps  # orjson for plain flat objects (app._json)
     options.update(engine_kwargs)
     engine = create_engine(resolved, **options)
-    install_transaction_rules(engine)  # BEGIN IMMEDIATE on SQLite, the COMMIT guard
+    # BEGIN IMMEDIATE on SQLite, the COMMIT guard, mode=rw for an existing file only
+    install_transaction_rules(engine, existing_file_only=must_exist)
     if resolved.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
     else:
@@ -185,8 +193,9 @@ def create_db_engine(url: str | URL | None = None, **engine_kwargs: Any) -> Engi
 
 @cache
 def get_engine() -> Engine:
-    """The process-wide engine for ``DATABASE_URL``, created on first use."""
-    return create_db_engine()
+    """The process-wide engine for ``DATABASE_URL``, created on first use. It never
+    creates a SQLite database: the file must exist (``must_exist``)."""
+    return create_db_engine(must_exist=True)
 
 
 def read_only(engine: Engine) -> Engine:

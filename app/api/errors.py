@@ -1,5 +1,14 @@
 """One error shape for every failure: ``{"error": {"code": ..., "message": ...}}``.
 
+Database errors: a database that cannot be reached (refused or lost
+connection, a server shutting down, a database that no longer exists, a SQLite
+file that cannot be opened) is a 503 ``database_unavailable`` with
+``Retry-After``; a pool timeout or SQLite's write lock past its busy timeout a
+503 ``database_busy``; any other a 500 ``internal_error``. The log names the
+cause without data (``database_cause``): the driver's error class and code, its
+message only where it cannot quote values, and for a 500 the stack frames;
+never ``str()`` of SQLAlchemy's error, which carries the statement's parameters.
+
 Status rule (docs/run-api.md): anything wrong with a query or path parameter
 is 400 ``bad_parameter``; a request body that does not validate is 422
 ``validation_failed`` (the resume body is the exception: its dependency
@@ -12,19 +21,23 @@ whose body says nothing about the cause; the exception is logged.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
 from app.errors import (
     BadParameterError,
     DatabaseBusyError,
+    DatabaseUnavailableError,
     DataLayerError,
     ValidationFailedError,
 )
@@ -44,9 +57,19 @@ def error_response(status_code: int, code: str, message: str, **headers: str) ->
     )
 
 
+BUSY_RETRY_AFTER = "1"
+UNAVAILABLE_RETRY_AFTER = "5"
+"""``Retry-After`` seconds of the two 503s: a lock or a slot frees up soon; a
+database that is down takes longer to come back."""
+
+
 def _data_layer_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DataLayerError)
-    headers = {"Retry-After": "1"} if isinstance(exc, DatabaseBusyError) else {}
+    headers = {}
+    if isinstance(exc, DatabaseBusyError):
+        headers["Retry-After"] = BUSY_RETRY_AFTER
+    elif isinstance(exc, DatabaseUnavailableError):
+        headers["Retry-After"] = UNAVAILABLE_RETRY_AFTER
     return error_response(exc.status_code, exc.code, exc.message, **headers)
 
 
@@ -112,14 +135,96 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
 
 
+_UNREACHABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "3D000", "53300"})
+"""PostgreSQL: admin or crash shutdown, cannot connect now, no such database, too
+many connections; with the classes ``_UNREACHABLE_CLASSES``."""
+_UNREACHABLE_CLASSES = ("08", "28")  # connection exception, authorization refused
+_SQLITE_UNREACHABLE = ("SQLITE_CANTOPEN", "SQLITE_IOERR")
+_DATA_EXCEPTIONS = "22"
+"""PostgreSQL's class of errors whose message may quote a value (``invalid input
+syntax for type integer: "..."``): only their code is logged."""
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return exc.orig
+    return exc
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (SQLAlchemy's or the driver's) says the database cannot be
+    reached, rather than that a statement failed."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    driver = _driver_error(exc)
+    if isinstance(driver, sqlite3.Error):
+        return str(getattr(driver, "sqlite_errorname", "")).startswith(_SQLITE_UNREACHABLE)
+    if isinstance(driver, psycopg.Error):
+        state = driver.sqlstate
+        if state is None:  # raised by the client: connecting failed, connection lost
+            return isinstance(driver, psycopg.OperationalError | psycopg.InterfaceError)
+        return state in _UNREACHABLE_SQLSTATES or state.startswith(_UNREACHABLE_CLASSES)
+    return False
+
+
+def _database_locked(exc: BaseException) -> bool:
+    driver = _driver_error(exc)
+    return isinstance(driver, sqlite3.OperationalError) and (
+        getattr(driver, "sqlite_errorname", "") == "SQLITE_BUSY"
+        or "database is locked" in str(driver)
+    )
+
+
+def database_cause(exc: BaseException) -> str:
+    """The cause of a database error for the log, without data: the driver's error
+    class, its code, and its message where that cannot quote values (module docstring)."""
+    driver = _driver_error(exc)
+    kind = f"{type(driver).__module__}.{type(driver).__qualname__}"
+    message = ""
+    if isinstance(driver, sqlite3.Error):  # SQLite's messages name objects, never values
+        code = getattr(driver, "sqlite_errorname", None)
+        message = str(driver)
+    elif isinstance(driver, psycopg.Error):
+        code = driver.sqlstate
+        if code is None:  # the client's words: host, port, database, user names
+            message = str(driver)
+        elif not code.startswith(_DATA_EXCEPTIONS):
+            message = driver.diag.message_primary or ""
+    else:
+        code = None
+    described = f"{kind} [{code}]" if code else kind
+    first_line = message.strip().splitlines()[0].strip() if message.strip() else ""
+    return f"{described}: {first_line}" if first_line else described
+
+
 def _busy(_request: Request, exc: Exception) -> JSONResponse:
     """A pool timeout, or SQLite's write lock not free within its busy timeout."""
-    if isinstance(exc, OperationalError) and "database is locked" not in str(exc.orig):
-        return _internal_error(_request, exc)
     log.warning("database busy: %s", type(exc).__name__)
     return error_response(
-        503, "database_busy", "the database is busy; retry later", **{"Retry-After": "1"}
+        503,
+        "database_busy",
+        "the database is busy; retry later",
+        **{"Retry-After": BUSY_RETRY_AFTER},
     )
+
+
+def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """A database error no repository turned into a domain error (module docstring)."""
+    if _database_locked(exc):
+        return _busy(request, exc)
+    where = f"{request.method} {request.url.path}"
+    if database_unreachable(exc):
+        log.warning("database unavailable in %s: %s", where, database_cause(exc))
+        return _data_layer_error(request, DatabaseUnavailableError())
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error(
+        "unhandled %s in %s: %s\nTraceback (most recent call last):\n%s",
+        type(exc).__name__,
+        where,
+        database_cause(exc),
+        frames.rstrip(),
+    )
+    return error_response(500, "internal_error", "internal error")
 
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -133,8 +238,16 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(PoolTimeoutError, _busy)
-    app.add_exception_handler(OperationalError, _busy)
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(sqlite3.Error, _database_error)  # raw, from the driver
+    app.add_exception_handler(psycopg.Error, _database_error)
     app.add_exception_handler(Exception, _internal_error)
 
 
-__all__ = ["error_response", "install_error_handlers", "validation_error"]
+__all__ = [
+    "database_cause",
+    "database_unreachable",
+    "error_response",
+    "install_error_handlers",
+    "validation_error",
+]

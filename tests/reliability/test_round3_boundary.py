@@ -16,12 +16,13 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
 from app.api.deps import get_db_engine
@@ -42,6 +45,7 @@ from app.errors import ActiveRunExistsError, TransactionAbortedError
 from app.models import RunStatus
 from app.repositories import RunRepository
 from app.types import DEFAULT_MAX_JSON_BYTES
+from migrations import MIGRATIONS, upgrade
 from tests.concurrency import ROOT, seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
@@ -530,3 +534,223 @@ def test_the_body_limit_is_exact_and_configurable(
         assert f"{limit:,} bytes" in over.json()["error"]["message"]
         # At the limit the body is read: the resume's own JSON limit refuses it.
         assert at.status_code == 400 and at.json()["error"]["code"] == "bad_parameter", at.text
+
+
+# --------------------------------------------------------------------------
+# 11. A database that is missing, not migrated, or gone
+
+
+def _refused_start(database_url: str, tmp_path: Path, **env: str) -> str:
+    """Start the server and expect it to stop at start-up: its stderr. Before the fix
+    it started and answered 500s, so waiting for its exit timed out."""
+    port, log = _free_port(), tmp_path / "refused.log"
+    process = _uvicorn(port, database_url, log, env)
+    try:
+        code = process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    stderr = log.read_text()
+    assert code == 3, stderr  # uvicorn's "startup failed"
+    assert "Traceback" not in stderr, stderr
+    (line,) = [line for line in stderr.splitlines() if "Run API not started" in line]
+    return line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_the_server_refuses_to_start_without_its_sqlite_file_and_creates_none(
+    tmp_path: Path, backend: str
+) -> None:
+    path = tmp_path / "never-made.db"
+    line = _refused_start(f"sqlite:///{path}", tmp_path)
+    assert f"no database at {path}" in line and "python -m migrations upgrade" in line
+    assert not path.exists() and not list(tmp_path.glob("never-made.db*"))
+    record("faults survived", 1, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("migrated", ["none", "all but the last"])
+def test_the_server_refuses_to_start_on_a_database_not_at_the_code_version(
+    make_database_url: Callable[[], str], tmp_path: Path, backend: str, migrated: str
+) -> None:
+    url = make_database_url()
+    migrations = MIGRATIONS[:-1] if migrated == "all but the last" else []
+    if backend == "sqlite":  # the empty file of a database never migrated
+        sqlite3.connect(make_url(url).database).close()
+    setup = create_db_engine(url, poolclass=NullPool)
+    try:
+        if migrations:
+            upgrade(setup, migrations=migrations)
+    finally:
+        setup.dispose()
+    line = _refused_start(url, tmp_path)
+    missing = len(MIGRATIONS) - len(migrations)
+    assert "is not at this code's schema version" in line, line
+    assert f"{missing} of {len(MIGRATIONS)} migrations not applied" in line, line
+    assert MIGRATIONS[-1].label in line and "run: python -m migrations upgrade" in line, line
+    record("faults survived", 1, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_the_server_refuses_to_start_when_postgresql_cannot_be_reached(
+    tmp_path: Path, backend: str
+) -> None:
+    closed = _free_port()  # bound a moment ago and released: nothing listens there
+    line = _refused_start(f"postgresql://postgres@{HOST}:{closed}/test", tmp_path)
+    assert f"cannot reach the database postgresql+psycopg://postgres@{HOST}:{closed}/test" in line
+    assert "Connection refused" in line, line
+    record("faults survived", 1, backend)
+
+
+@pytest.mark.slow
+def test_the_server_refuses_to_start_with_a_bad_body_limit(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    line = _refused_start(database_url, tmp_path, RUN_API_MAX_BODY_BYTES="1e6")
+    assert "RUN_API_MAX_BODY_BYTES must be a positive whole number of bytes" in line
+
+
+class TcpProxy:
+    """127.0.0.1:``port`` forwarded to 127.0.0.1:``target``: the database's port as the
+    server sees it. ``stop`` closes the listener and cuts every connection, so the
+    database is gone for the server: pooled connections break, new ones are refused."""
+
+    def __init__(self, target: int, port: int = 0) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((HOST, port))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # stopped
+            upstream = socket.create_connection((HOST, self.target), timeout=10)
+            upstream.settimeout(None)
+            with self.lock:
+                self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept (Linux)
+        except OSError:
+            pass
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+            self.sockets.clear()
+
+
+MARKER = "payload-marker-9f1c"
+
+
+def _assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "error": {
+            "code": "database_unavailable",
+            "message": "the database cannot be reached; retry later",
+        }
+    }
+    assert response.headers["Retry-After"] == "5"
+
+
+def _unavailable_logged(log: Path, cause: str) -> None:
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if "database unavailable in" in line]
+    assert lines and all(cause in line for line in lines), text[-3000:]
+    assert "Traceback" not in text and MARKER not in text, text[-3000:]
+
+
+def _create(base_url: str, session_id: str) -> httpx.Response:
+    body = {"session_id": session_id, "message": MARKER, "style_reference": {"k": MARKER}}
+    return httpx.post(f"{base_url}/api/runs", json=body, timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_postgresql_gone_after_start_up_is_a_503_database_unavailable(
+    engine: Engine, database_url: str, tmp_path: Path, waiting_run: str, backend: str
+) -> None:
+    """The server's database port stops answering after start-up (connections cut,
+    then refused): every request is a 503 ``database_unavailable`` with
+    ``Retry-After``, the cause is logged without data, and the server recovers when
+    the database is back. Before the fix: 500 ``internal_error``, no cause logged."""
+    target = make_url(database_url)
+    proxy = TcpProxy(target.port or 5432)
+    via_proxy = target.set(port=proxy.port).render_as_string(hide_password=False)
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    try:
+        with serving(via_proxy, tmp_path) as (base_url, _process, log):
+            assert httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=10).status_code == 200
+            proxy.stop()
+            started = time.monotonic()
+            _assert_unavailable(httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=30))
+            _assert_unavailable(_create(base_url, session_id))
+            _assert_unavailable(httpx.get(f"{base_url}/api/runs/{waiting_run}/events", timeout=30))
+            assert time.monotonic() - started < 10  # refused at once, no connect timeout
+            _unavailable_logged(log, "psycopg.OperationalError")
+            assert "Connection refused" in log.read_text()
+
+            proxy = TcpProxy(target.port or 5432, port=proxy.port)  # the database is back
+            back = httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=30)
+            assert back.status_code == 200, back.text
+    finally:
+        proxy.stop()
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM session_runs")).scalar_one() == 1
+    record("faults survived", 1, backend)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_sqlite_file_gone_after_start_up_is_a_503_and_is_not_recreated(
+    engine: Engine, database_url: str, tmp_path: Path, waiting_run: str, backend: str
+) -> None:
+    """The file is moved away after start-up: a 503 ``database_unavailable``, and the
+    server does not make a new, empty file in its place. Before the fix: an empty
+    runs.db was created and every request was a 500 ("no such table")."""
+    path = Path(make_url(database_url).database)
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    engine.dispose()
+    with serving(database_url, tmp_path) as (base_url, _process, log):
+        moved = path.rename(path.with_name("moved.db"))
+        _assert_unavailable(httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=30))
+        _assert_unavailable(_create(base_url, session_id))
+        assert not path.exists()
+        _unavailable_logged(log, "sqlite3.OperationalError [SQLITE_CANTOPEN]")
+        moved.rename(path)  # back
+        back = httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=30)
+        assert back.status_code == 200, back.text
+    record("faults survived", 1, backend)
