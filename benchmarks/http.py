@@ -64,7 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,7 +405,8 @@ class Server:
         command = [sys.executable, "-m", "uvicorn", "--factory", SERVERS[name]]
         command += ["--host", HOST, "--port", str(self.port), "--workers", str(workers)]
         command += ["--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "75"]
-        env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": path}
         self.process = processes.start(command, env=env, cwd=ROOT)
 
     @property
@@ -485,6 +486,33 @@ def _machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
+def connections_per_process(pids: list[int], port: int) -> list[int]:
+    """How many established TCP connections to ``port`` each of ``pids`` holds.
+
+    uvicorn's workers share one listening socket and each accepts what it can,
+    so wrk's connections may all land on one worker while the other idles.
+    """
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":
+                    established.add(fields[9])
+    counts = []
+    for pid in pids:
+        inodes = set()
+        with suppress(OSError):
+            for fd in os.scandir(f"/proc/{pid}/fd"):
+                with suppress(OSError):
+                    target = os.readlink(fd.path)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+        counts.append(len(inodes & established))
+    return counts
+
+
 @dataclass
 class CpuSample:
     at: float
@@ -545,6 +573,7 @@ class Measurement:
     latency_us: dict[str, int]
     cpu: dict[str, float]
     load: tuple[float, float, float]
+    connections: list[int] = field(default_factory=list)  # per worker, read once mid-run
 
     @property
     def ok(self) -> int:
@@ -558,6 +587,15 @@ class Measurement:
     def count(self, low: int, high: int) -> int:
         return sum(n for code, n in self.statuses.items() if low <= code < high)
 
+    def cpu_per_request(self, *prefixes: str) -> float:
+        """CPU microseconds per answer of the processes named ``prefixes`` (``worker``,
+        ``database``): steadier than req/s on a machine shared with other work."""
+        answers = sum(self.statuses.values())
+        if not answers or not any(k.startswith(prefixes) for k in self.cpu):
+            return float("nan")
+        percent = sum(v for k, v in self.cpu.items() if k.startswith(prefixes))
+        return percent / 100 * self.seconds / answers * 1e6
+
 
 @dataclass
 class Options:
@@ -569,15 +607,24 @@ class Options:
 
 
 def run_wrk(
-    processes: Processes, base_url: str, script: Path, options: Options, duration: float
+    processes: Processes,
+    base_url: str,
+    script: Path,
+    options: Options,
+    duration: float,
+    during: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], float]:
-    """wrk's result (the script's JSON line) and the CPU seconds wrk used."""
+    """wrk's result (the script's JSON line) and the CPU seconds wrk used;
+    ``during`` is called once, a moment after wrk has connected."""
     command = ["wrk", f"-t{options.threads}", f"-c{options.connections}"]
     command += [f"-d{max(duration, 1):g}s", "--timeout", f"{options.timeout:g}s"]
     command += ["-s", str(script), base_url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     process = processes.start(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
+        if during is not None:
+            time.sleep(min(1.0, duration / 2))
+            during()
         out, err = process.communicate(timeout=duration + options.timeout + 30)
     finally:
         processes.stop(process)
@@ -604,8 +651,16 @@ def measure(
     if endpoint.writes_pool:
         reset_pool(url)
     workers = server.worker_pids()
+    spread: list[int] = []
     before = cpu_sample()
-    result, wrk_cpu = run_wrk(processes, server.base_url, script, options, options.duration)
+    result, wrk_cpu = run_wrk(
+        processes,
+        server.base_url,
+        script,
+        options,
+        options.duration,
+        during=lambda: spread.extend(connections_per_process(workers, server.port)),
+    )
     after = cpu_sample()
     server.settle()
     return Measurement(
@@ -619,6 +674,7 @@ def measure(
         latency_us=result["latency_us"],
         cpu=cpu_use(before, after, workers, database, wrk_cpu),
         load=os.getloadavg(),
+        connections=spread,
     )
 
 
@@ -681,7 +737,7 @@ def _progress(m: Measurement) -> str:
     return (
         f"  {m.backend} round {m.round} {m.server:<8} {m.endpoint:<7} {m.rate:8.0f} req/s  "
         f"p99 {m.latency_us['p99'] / 1000:7.1f} ms  non-2xx {non_2xx} {m.statuses}  "
-        f"cpu {m.cpu}  load {m.load[0]:.2f}"
+        f"cpu {m.cpu}  connections {m.connections}  load {m.load[0]:.2f}"
     )
 
 
@@ -698,7 +754,10 @@ class Cell:
     repeats: int
     errors: int
     cpu: dict[str, float]
+    worker_us: float = float("nan")  # worker CPU per answer
+    database_us: float = float("nan")  # PostgreSQL backends' CPU per answer
     load: list[float] = field(default_factory=list)
+    spread: list[str] = field(default_factory=list)  # connections per worker, each round
 
 
 def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
@@ -715,9 +774,16 @@ def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
             repeats=sum(m.statuses.get(200, 0) for m in group) if key[0] == "cancel" else 0,
             errors=sum(sum(m.errors.values()) for m in group),
             cpu={k: statistics.median(m.cpu.get(k, 0.0) for m in group) for k in cpu_keys},
+            worker_us=statistics.median(m.cpu_per_request("worker") for m in group),
+            database_us=statistics.median(m.cpu_per_request("database") for m in group),
             load=[m.load[0] for m in group],
+            spread=["/".join(map(str, m.connections)) for m in group],
         )
     return cells
+
+
+def _us(value: float) -> str:
+    return "-" if value != value else f"{value:,.0f}"  # NaN: nothing measured
 
 
 def _ratio(a: Cell | None, b: Cell | None) -> str:
@@ -737,8 +803,8 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
         f"1-minute load during the run {min(loads):.2f}-{max(loads):.2f}.",
         "",
         "| endpoint | server | req/s (2xx) | p50 ms | p99 ms | non-2xx | socket errors "
-        "| project ÷ this (req/s) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| project ÷ this (req/s) | worker CPU µs/req | database CPU µs/req |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for endpoint in args.endpoints:
         for server in servers_for(endpoint, args.servers):
@@ -749,7 +815,8 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
             non_2xx = f"{cell.non_2xx}" + (f" (+{cell.repeats} repeats)" if cell.repeats else "")
             lines.append(
                 f"| `{ENDPOINTS[endpoint].label}` | {server} | {cell.rate:,.0f} | "
-                f"{cell.p50_ms:.1f} | {cell.p99_ms:.1f} | {non_2xx} | {cell.errors} | {ratio} |"
+                f"{cell.p50_ms:.1f} | {cell.p99_ms:.1f} | {non_2xx} | {cell.errors} | {ratio} | "
+                f"{_us(cell.worker_us)} | {_us(cell.database_us)} |"
             )
     lines += [
         "",
@@ -758,14 +825,14 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
         "",
     ]
     cpu_keys = sorted({k for cell in cells.values() for k in cell.cpu}, key=_cpu_order)
-    lines.append("| endpoint | server | " + " | ".join(cpu_keys) + " |")
-    lines.append("| --- | --- | " + " | ".join("---:" for _ in cpu_keys) + " |")
+    lines.append("| endpoint | server | " + " | ".join(cpu_keys) + " | connections per worker |")
+    lines.append("| --- | --- | " + " | ".join("---:" for _ in cpu_keys) + " | --- |")
     for endpoint in args.endpoints:
         for server in servers_for(endpoint, args.servers):
             cell = cells.get((endpoint, server))
             if cell is not None:
                 values = " | ".join(f"{cell.cpu.get(k, 0):.0f}" for k in cpu_keys)
-                lines.append(f"| {endpoint} | {server} | {values} |")
+                lines.append(f"| {endpoint} | {server} | {values} | {', '.join(cell.spread)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -787,7 +854,8 @@ def header_section(facts: dict[str, str], args: argparse.Namespace) -> str:
         f"- machine: {facts['cpu']}, {facts['machine']}; load average at the start "
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         "- " + ", ".join(f"{k} {v}" for k, v in facts.items() if k not in HEADER_FACTS),
-        "- req/s counts 2xx answers only; p50/p99 are wrk's, over all answers.",
+        "- req/s counts 2xx answers only; p50/p99 are wrk's, over all answers; CPU µs per "
+        "answer from /proc (steadier than req/s when other work shares the machine).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -814,6 +882,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn --workers")
     parser.add_argument("--endpoints", default=",".join(ENDPOINTS), help=",".join(ENDPOINTS))
     parser.add_argument("--servers", default=",".join(SERVERS), help=",".join(SERVERS))
+    parser.add_argument(
+        "--add-server",
+        action="append",
+        default=[],
+        metavar="NAME=MODULE:FACTORY",
+        help="one more server measured on every endpoint, e.g. a variant of create_app "
+        "(importable from PYTHONPATH); repeatable",
+    )
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each measurement")
     parser.add_argument("--pool", type=int, default=20_000, help="waiting runs for resume/cancel")
     parser.add_argument("--timeout", type=float, default=30.0, help="wrk --timeout, seconds")
@@ -822,6 +898,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(argv)
     args.endpoints, args.servers = _csv(args.endpoints), _csv(args.servers)
+    for extra in args.add_server:
+        name, _, target = extra.partition("=")
+        if not name or ":" not in target or name in SERVERS:
+            parser.error(f"--add-server expects a new NAME=module:factory, got {extra!r}")
+        SERVERS[name] = target
+        args.servers.append(name)
     unknown = (set(args.endpoints) - set(ENDPOINTS)) | (set(args.servers) - set(SERVERS))
     if unknown:
         parser.error(f"unknown endpoint or server: {sorted(unknown)}")
