@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
-from app.api.deps import get_db_engine
+from app.api.deps import SessionDep, get_db_engine
 from app.api.limits import BODY_ENVELOPE_BYTES
 from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
@@ -754,3 +754,37 @@ def test_a_sqlite_file_gone_after_start_up_is_a_503_and_is_not_recreated(
         back = httpx.get(f"{base_url}/api/runs/{waiting_run}", timeout=30)
         assert back.status_code == 200, back.text
     record("faults survived", 1, backend)
+
+
+def test_an_unexpected_database_error_is_a_500_whose_log_names_the_cause_without_data(
+    engine: Engine, caplog: pytest.LogCaptureFixture, backend: str
+) -> None:
+    """A driver error no repository translates (here a duplicate primary key written
+    by a route of the app's own): 500 ``internal_error``, and the log names the
+    driver's error, its code and the stack frames, never the statement's parameters.
+    Before the fix the log said only ``unhandled IntegrityError in POST /faulty``."""
+    api = _app_on(engine)
+
+    @api.post("/faulty")
+    def faulty(db: SessionDep) -> None:
+        insert = text("INSERT INTO sessions (id, title) VALUES (:id, :title)")
+        db.execute(insert, {"id": MARKER, "title": MARKER})
+        db.execute(insert, {"id": MARKER, "title": MARKER})
+
+    caplog.set_level(logging.WARNING)
+    with TestClient(api, raise_server_exceptions=False) as test_client:
+        response = test_client.post("/faulty")
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal_error", "message": "internal error"}}
+    (logged,) = [r.getMessage() for r in caplog.records if r.name == "app.api"]
+    expected = {
+        "sqlite": "sqlite3.IntegrityError [SQLITE_CONSTRAINT_PRIMARYKEY]: "
+        "UNIQUE constraint failed: sessions.id",
+        "postgresql": "psycopg.errors.UniqueViolation [23505]: "
+        'duplicate key value violates unique constraint "sessions_pkey"',
+    }[backend]
+    assert logged.startswith(f"unhandled IntegrityError in POST /faulty: {expected}\n"), logged
+    assert "Traceback (most recent call last)" in logged and "in faulty" in logged
+    assert MARKER not in caplog.text
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM sessions")).scalar_one() == 0
