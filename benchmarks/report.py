@@ -198,6 +198,11 @@ def _read_path_table(result: OverheadResult) -> str:
         if operation in PAGES:
             row[-1] += f" {_verdict(mine.median_us / schemas.median_us <= PAGE_OBJECTS_TARGET)}"
             row[-1] += f" (≤ {PAGE_OBJECTS_TARGET})"
+        if operation in PAGES:
+            objects = samples.summary(RAW_OBJECTS, operation).median_us
+            row += [format_us(objects), f"{mine.median_us / objects:.2f}"]
+        else:
+            row += ["", ""]
         row += [format_us(raw.median_us), f"{mine.median_us / raw.median_us:.2f}"]
         row.append(f"{samples.summary(REPOSITORY, operation).median_us / mine.median_us:.1f}x")
         rows.append(row)
@@ -209,6 +214,8 @@ def _read_path_table(result: OverheadResult) -> str:
         "target",
         "raw read + schemas µs",
         "ratio",
+        "raw + objects µs",
+        "ratio",
         "raw µs (repository's tx)",
         "ratio",
         "repository / read path",
@@ -219,9 +226,11 @@ def _read_path_table(result: OverheadResult) -> str:
         "µs, interleaved with the rows above. *raw read*: the same statement replayed as the "
         "read path sends it (one statement in autocommit; PostgreSQL: a connection in "
         "autocommit). *raw read + schemas*: that, plus each value converted by hand (aware "
-        "datetimes, enums, decoded JSON) and `model_construct` per row. *raw*: the "
-        "repository's replay above (in a transaction: SQLite `BEGIN IMMEDIATE` ... `COMMIT`, "
-        "PostgreSQL `BEGIN` ... `COMMIT`).\n\n" + table(header, rows, "lrrrlrrrrr")
+        "datetimes, enums, decoded JSON) and `model_construct` per row. *raw + objects*: the "
+        "pages' comparison above (the model instances in no session, in the repository's "
+        "transaction). *raw*: the repository's replay above (in a transaction: SQLite "
+        "`BEGIN IMMEDIATE` ... `COMMIT`, PostgreSQL `BEGIN` ... `COMMIT`).\n\n"
+        + table(header, rows, "lrrrlrrrrrrr")
     )
 
 
