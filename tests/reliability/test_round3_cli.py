@@ -15,7 +15,9 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session as DbSession
 
+from app.maintenance import main as maintenance_main
 from app.models import RunStatus, SessionRun
+from migrations.__main__ import main as migrations_main
 from tests.concurrency import ROOT, seed
 from tests.factories import SessionRunFactory
 
@@ -93,6 +95,7 @@ BAD_NUMBERS: dict[str, tuple[str, list[str], str, str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
 def test_a_bad_number_is_one_line_naming_the_option_and_its_range(
     engine: Engine, database_url: str, backend: str, case: str
@@ -108,6 +111,7 @@ def test_a_bad_number_is_one_line_naming_the_option_and_its_range(
         assert db.get(SessionRun, running).status is RunStatus.RUNNING
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["abc", "1e300", "1e-300", "nan"])
 def test_a_bad_idempotency_window_variable_is_one_line_for_purge_keys(
     engine: Engine, database_url: str, backend: str, value: str
@@ -125,6 +129,7 @@ def test_a_bad_idempotency_window_variable_is_one_line_for_purge_keys(
     assert "RUN_IDEMPOTENCY_WINDOW_SECONDS" in lines[0] and "315360000" in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_numbers_in_range_still_work(engine: Engine, database_url: str, backend: str) -> None:
     done = command(
         "-m", "app.maintenance", "fail-stale", "--older-than", "315360000", "--url", database_url
@@ -145,3 +150,26 @@ def test_numbers_in_range_still_work(engine: Engine, database_url: str, backend:
     assert done.returncode == 0, done.stderr
     with DbSession(engine) as db:
         assert db.scalar(select(func.count()).select_from(SessionRun)) == 0
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_the_same_refusals_in_process(
+    engine: Engine,
+    database_url: str,
+    backend: str,
+    case: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast loop's version: each command line's ``main`` called in this process."""
+    module, args, option, upper = BAD_NUMBERS[case]
+    main = migrations_main if module == "migrations" else maintenance_main
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--url", database_url])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (exited.value.code, len(lines)) == (USAGE, 1), lines
+    assert option in lines[0] and upper in lines[0], lines[0]
+    monkeypatch.setenv("RUN_IDEMPOTENCY_WINDOW_SECONDS", "abc")
+    assert maintenance_main(["purge-keys", "--url", database_url]) == USAGE
+    line = capsys.readouterr().err.strip()
+    assert "RUN_IDEMPOTENCY_WINDOW_SECONDS" in line and "\n" not in line
