@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -96,6 +96,7 @@ class _Compared:
         assert (plan.sql, _plain(plan.arguments(params))) == (sql, _plain(arguments))
         actual, done = _original_execute(connection, statement, params, work)
         assert _comparable(plan, actual.rows) == _comparable(plan, expected.rows)
+        _same_times(actual.rows, expected.rows)
         self.statements.add(id(statement))
         return actual, done
 
@@ -120,15 +121,29 @@ taken in a rolled-back savepoint, so both executions differ there."""
 
 
 def _comparable(plan: _driver.Plan, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Values with their types (a StrEnum member equals its text)."""
+    """Values with their types (a StrEnum member equals its text); a timestamp by its type
+    and time zone only (``_same_times`` compares the values)."""
     masked = [index for index, name in enumerate(plan.columns) if name in _NEW_IDS]
     return [
         tuple(
-            None if index in masked and isinstance(value, int) else (type(value), value)
+            None
+            if index in masked and isinstance(value, int)
+            else (datetime, value.tzinfo)
+            if isinstance(value, datetime)
+            else (type(value), value)
             for index, value in enumerate(row)
         )
         for row in rows
     ]
+
+
+def _same_times(actual: list[tuple[Any, ...]], expected: list[tuple[Any, ...]]) -> None:
+    """Timestamps the statement wrote come from the database's clock, read by each of the
+    two executions: they agree to within the time between them (stored ones exactly)."""
+    for row, other in zip(actual, expected, strict=True):
+        for value, reference in zip(row, other, strict=True):
+            if isinstance(value, datetime):
+                assert abs(value - reference) < timedelta(seconds=5), (value, reference)
 
 
 @pytest.fixture

@@ -99,7 +99,8 @@ def test_claim_next_records_the_lease_and_appends_run_started(
 ) -> None:
     run = queued(SessionFactory(), 1)
     db.commit()
-    before = datetime.now(UTC)
+    now = datetime.now(UTC)  # the database's clock is this host's; SQLite's counts milliseconds
+    before = now.replace(microsecond=now.microsecond // 1000 * 1000)
     claimed = runs.claim_next("worker-7", lease=timedelta(seconds=90))
     assert claimed is run
     assert run.status is RunStatus.RUNNING and run.worker_id == "worker-7"

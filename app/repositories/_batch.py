@@ -8,7 +8,8 @@ is compiled per batch size, and the SQL can be read below as it is sent.
 
 Seq allocation is ``append``'s, for N numbers at once: the upsert of the
 session's counter row moves it to ``max(next_seq, MAX(seq) + 1) + N`` and
-locks it until the transaction ends; the events take ``first_seq + position``.
+locks it until the transaction ends; the events take ``first_seq + position``,
+and the database's clock as ``created_at`` (``_sql.NOW``, one for the batch).
 On PostgreSQL the upsert, the insert and the commit notice (``pg_notify``) are
 one statement; SQLite runs the upsert and the insert as two.
 
@@ -25,10 +26,20 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Integer, String, TextClause, TypeDecorator, bindparam, text
+from sqlalchemy import (
+    BigInteger,
+    Executable,
+    Integer,
+    String,
+    TypeDecorator,
+    bindparam,
+    column,
+    text,
+)
 
 from app.models import EventSource
-from app.repositories._sql import EVENTS_CHANNEL, NOW, POSTGRESQL
+from app.repositories._sql import EVENTS_CHANNEL, POSTGRESQL, SQLITE, now_text
+from app.types import UTCDateTime
 
 MAX_BATCH = 1000
 """Most events one ``append_many`` call takes (one JSON parameter, one statement)."""
@@ -50,7 +61,7 @@ _NEXT_FREE = "(SELECT coalesce(max(seq), 0) + 1 FROM session_events WHERE sessio
 # Allocates only when the session exists and every run of the batch belongs to it.
 _ALLOCATE = """\
 INSERT INTO session_event_sequences AS counter (session_id, next_seq, updated_at)
-SELECT :session_id, {next_free} + :count, :now
+SELECT :session_id, {next_free} + :count, {now}
 WHERE EXISTS (SELECT 1 FROM sessions WHERE sessions.id = :session_id)
   AND NOT EXISTS (
     SELECT 1 FROM {run_ids}
@@ -68,15 +79,15 @@ WITH allocated AS (
 ), inserted AS (
 INSERT INTO session_events (session_id, seq, type, payload, source, created_at, run_id, event_id)
 SELECT :session_id, allocated.first_seq + item.position, item.type, item.payload,
-       CAST(item.source AS session_event_source), :now, item.run_id, item.event_id
+       CAST(item.source AS session_event_source), {now}, item.run_id, item.event_id
 FROM allocated CROSS JOIN jsonb_to_recordset(CAST(:items AS jsonb)) AS item(
     position integer, type text, payload jsonb, source text, run_id text, event_id text)
 ON CONFLICT DO NOTHING
-RETURNING id, seq
+RETURNING id, seq, created_at
 ), notified AS (
 SELECT pg_notify(:channel, :session_id) FROM allocated
 )
-SELECT allocated.first_seq, inserted.id, inserted.seq
+SELECT allocated.first_seq, inserted.id, inserted.seq, inserted.created_at
 FROM allocated CROSS JOIN notified LEFT JOIN inserted ON true"""
 APPEND_MANY_POSTGRESQL = _APPEND_MANY_POSTGRESQL.format(
     allocate=_ALLOCATE.format(
@@ -84,7 +95,9 @@ APPEND_MANY_POSTGRESQL = _APPEND_MANY_POSTGRESQL.format(
         run_ids="jsonb_array_elements_text(CAST(:run_ids AS jsonb)) AS batch_run(run_id)",
         run_id="run_id",
         greatest="greatest",
-    )
+        now=now_text(POSTGRESQL),
+    ),
+    now=now_text(POSTGRESQL),
 )
 
 ALLOCATE_MANY_SQLITE = _ALLOCATE.format(
@@ -92,19 +105,21 @@ ALLOCATE_MANY_SQLITE = _ALLOCATE.format(
     run_ids="json_each(:run_ids) AS batch_run",
     run_id="value",
     greatest="max",
+    now=now_text(SQLITE),
 )
 
 # WHERE true: SQLite's parser needs a WHERE before ON CONFLICT in INSERT ... SELECT.
-INSERT_MANY_SQLITE = """\
+_INSERT_MANY_SQLITE = """\
 INSERT INTO session_events (session_id, seq, type, payload, source, created_at, run_id, event_id)
 SELECT :session_id, :first_seq + json_extract(item.value, '$.position'),
        json_extract(item.value, '$.type'), json_extract(item.value, '$.payload'),
-       json_extract(item.value, '$.source'), :now,
+       json_extract(item.value, '$.source'), {now},
        json_extract(item.value, '$.run_id'), json_extract(item.value, '$.event_id')
 FROM json_each(:items) AS item
 WHERE true
 ON CONFLICT DO NOTHING
-RETURNING id, seq"""
+RETURNING id, seq, created_at"""
+INSERT_MANY_SQLITE = _INSERT_MANY_SQLITE.format(now=now_text(SQLITE))
 
 
 class JSONText(TypeDecorator[str]):
@@ -116,33 +131,38 @@ class JSONText(TypeDecorator[str]):
 
 
 @cache
-def append_many_statements(dialect: str) -> tuple[TextClause, ...]:
+def append_many_statements(dialect: str) -> tuple[Executable, ...]:
     """PostgreSQL: (allocate + insert + notify,); SQLite: (allocate, insert).
 
-    Parameters: ``session_id``, ``count``, ``now``, ``run_ids`` and ``items``
+    Parameters: ``session_id``, ``count``, ``run_ids`` and ``items``
     (JSON arrays as text, ``app._json.dumps_transport``; on SQLite the payloads
     inside as JSON text, as ``append`` stores them), and
     ``first_seq`` for SQLite's insert. The channel of the notice is a constant.
+    The inserted rows' columns are typed: ``created_at`` comes back as the column's
+    aware datetime.
     """
+    inserted = (
+        column("id", BigInteger()),
+        column("seq", Integer()),
+        column("created_at", UTCDateTime()),
+    )
     session_id = bindparam("session_id", type_=String())
     count = bindparam("count", type_=Integer())
     if dialect == POSTGRESQL:
         statement = text(APPEND_MANY_POSTGRESQL).bindparams(
             session_id,
             count,
-            NOW,
             bindparam("run_ids", type_=JSONText()),
             bindparam("items", type_=JSONText()),
             bindparam("channel", EVENTS_CHANNEL, type_=String()),
         )
-        return (statement,)
+        return (statement.columns(column("first_seq", Integer()), *inserted),)
     allocate = text(ALLOCATE_MANY_SQLITE).bindparams(
-        session_id, count, NOW, bindparam("run_ids", type_=JSONText())
+        session_id, count, bindparam("run_ids", type_=JSONText())
     )
     insert = text(INSERT_MANY_SQLITE).bindparams(
         session_id,
-        NOW,
         bindparam("first_seq", type_=Integer()),
         bindparam("items", type_=JSONText()),
     )
-    return allocate, insert
+    return allocate, insert.columns(*inserted)

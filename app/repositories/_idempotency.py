@@ -17,6 +17,10 @@ back with its transaction, its key included, so a retry runs it again; a key
 whose request failed in a transaction that was committed anyway keeps
 ``run_id = NULL`` and the next request with it takes it over.
 
+A key's ``created_at`` and ``expires_at`` (``created_at`` + the window) and the
+expiry checks of the claim and the purge use the database's clock (``_sql.NOW``),
+so servers whose clocks drift agree on which keys are live.
+
 Contract: docs/reference.md (Idempotency keys).
 """
 
@@ -26,7 +30,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cache
 from typing import Any
 
@@ -37,8 +41,7 @@ from app.errors import BadParameterError, IdempotencyKeyReusedError
 from app.models import IdempotencyKey, IdempotencyScope, Session, SessionRun
 from app.repositories._driver import execute_core
 from app.repositories._params import described, text_param
-from app.repositories._sql import NOW, insert_for
-from app.types import UTCDateTime
+from app.repositories._sql import NOW, insert_for, now_plus
 
 KEYS = IdempotencyKey.__table__
 KEY_MAX_LENGTH = 255
@@ -78,7 +81,7 @@ def _statements(dialect: str) -> _Statements:
                 _KEY,
                 bindparam("fingerprint", type_=String()),
                 NOW,
-                bindparam("key_expires_at", type_=UTCDateTime()),
+                now_plus("window_seconds"),
             ).where(owner),
         )
         claims[scope] = upsert.on_conflict_do_update(
@@ -169,7 +172,6 @@ class IdempotencyKeys:
         scope_id: str,
         key: str,
         request: dict[str, Any],
-        now: datetime,
     ) -> Claim:
         """Own ``key`` for this request, or find the first request's run.
 
@@ -183,8 +185,7 @@ class IdempotencyKeys:
             "key_owner": scope_id,
             "key_text": key,
             "fingerprint": fingerprint,
-            "now": now,
-            "key_expires_at": now + self._window,
+            "window_seconds": self._window.total_seconds(),
         }
         if execute_core(self._session, self._sql.claim[scope], params).first() is not None:
             return Claim(owned=True)
@@ -203,8 +204,9 @@ class IdempotencyKeys:
         params["result_run_id"] = run_id
         execute_core(self._session, self._sql.record, params)
 
-    def purge_expired(self, now: datetime) -> int:
-        return execute_core(self._session, self._sql.purge, {"now": now}).rowcount
+    def purge_expired(self) -> int:
+        """Delete the keys whose window has passed by the database's clock."""
+        return execute_core(self._session, self._sql.purge, {}).rowcount
 
 
 def key_param(key: Any) -> str:

@@ -72,7 +72,7 @@ from app.repositories._sql import (
     insert_for,
 )
 from app.state_machine import LIFECYCLE_EVENT_TYPES, RUN_SCOPED_EVENT_TYPES
-from app.types import max_json_bytes, utc_now
+from app.types import max_json_bytes
 
 EVENTS = SessionEvent.__table__
 SEQUENCES = SessionEventSequence.__table__
@@ -159,7 +159,7 @@ def _statements(dialect: str) -> _Statements:
                 ),
             )
             .on_conflict_do_nothing()
-            .returning(EVENTS.c.id)
+            .returning(EVENTS.c.id, EVENTS.c.created_at)
             .cte("inserted")
         )
         # The commit notice for app.feed: one function call in the same statement.
@@ -168,9 +168,9 @@ def _statements(dialect: str) -> _Statements:
             .select_from(allocated)
             .cte("notified")
         )
-        insert: Executable = select(allocated.c.seq, inserted.c.id).select_from(
-            allocated.join(notified, true()).outerjoin(inserted, true())
-        )
+        insert: Executable = select(
+            allocated.c.seq, inserted.c.id, inserted.c.created_at
+        ).select_from(allocated.join(notified, true()).outerjoin(inserted, true()))
     else:
         insert = (
             insert_for(dialect)(EVENTS)
@@ -183,7 +183,7 @@ def _statements(dialect: str) -> _Statements:
                 **event_values,
             )
             .on_conflict_do_nothing()
-            .returning(EVENTS.c.id)
+            .returning(EVENTS.c.id, EVENTS.c.created_at)
         )
 
     since = bindparam("since_seq", type_=Integer())
@@ -287,16 +287,15 @@ class EventRepository:
                 session_id, [{**item, "run_id": run_id, "event_id": None} for run_id in chunk]
             )
 
-    def _write(self, params: dict[str, Any]) -> tuple[int, int] | SessionEvent:
-        """(new event id, seq), or the stored event of a known ``event_id``."""
+    def _write(self, params: dict[str, Any]) -> tuple[int, int, datetime] | SessionEvent:
+        """(new event id, seq, created_at), or the stored event of a known ``event_id``."""
         session_id, event_id = params["session_id"], params["event_id"]
         for _attempt in range(ALLOCATION_ATTEMPTS):
-            params["now"] = utc_now()
-            seq, new_id = self._allocate_and_insert(params)
+            seq, new_id, created_at = self._allocate_and_insert(params)
             if new_id is not None:
-                return new_id, seq
+                return new_id, seq, created_at
             if seq is not None:
-                self._give_back(session_id, seq, params["now"])
+                self._give_back(session_id, seq)
             stored = self._find_by_event_id(session_id, event_id)
             if stored is not None:
                 return stored
@@ -385,15 +384,17 @@ class EventRepository:
     def _execute(self, statement: Executable, params: dict[str, Any]) -> Rows:
         return execute_core(self._session, statement, params)
 
-    def _allocate_and_insert(self, params: dict[str, Any]) -> tuple[int | None, int | None]:
-        """(allocated seq, new event id); ``(seq, None)`` when the insert collided."""
+    def _allocate_and_insert(self, params: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """(allocated seq, new event id, its created_at); ``(seq, None, None)`` when the
+        insert collided, ``(None, None, None)`` when nothing was allocated."""
         if self._dialect == POSTGRESQL:
             row = self._execute(self._sql.insert, params).first()
-            return (None, None) if row is None else (row[0], row[1])  # seq, id
+            return (None, None, None) if row is None else row  # seq, id, created_at
         seq = self._execute(self._sql.allocate, params).scalar()
         if seq is None:
-            return None, None
-        return seq, self._execute(self._sql.insert, {**params, "seq": seq}).scalar()
+            return None, None, None
+        row = self._execute(self._sql.insert, {**params, "seq": seq}).first()
+        return (seq, None, None) if row is None else (seq, *row)
 
     def _insert_batch(
         self, session_id: str, pending: list[dict[str, Any]]
@@ -404,7 +405,6 @@ class EventRepository:
         or after a collision none inserted (they are undone) but those whose
         ``event_id`` turned out to be stored.
         """
-        now = utc_now()
         run_ids = sorted({item["run_id"] for item in pending if item["run_id"] is not None})
 
         tracked = False
@@ -421,7 +421,7 @@ class EventRepository:
                     item["type"],
                     item["payload"],
                     _SOURCES[item["source"]],
-                    now,
+                    None,  # created_at: the database's, from the rows
                     item["run_id"],
                     item["event_id"],
                 )
@@ -431,19 +431,21 @@ class EventRepository:
             tracked = track_json(SessionEvent, events)
             return events
 
-        first_seq, rows, events = self._run_batch(session_id, pending, run_ids, now, build)
+        first_seq, rows, events = self._run_batch(session_id, pending, run_ids, build)
         if first_seq is None:
             self._raise_batch_not_found(session_id, run_ids)
         if len(rows) == len(pending):
             for position, event in enumerate(events):
                 seq = first_seq + position
                 values = event.__dict__  # fresh instances: no attribute events to pass
-                values["id"], values["seq"] = rows[seq], seq
+                new_id, created_at = rows[seq]
+                values["id"], values["seq"] = new_id, seq
+                values["created_at"] = created_at
             register_inserted(self._session, SessionEvent, events, tracked=tracked)
             return {id(item): event for item, event in zip(pending, events, strict=True)}
         if rows:
-            self._execute(_BATCH_UNDO, {"ids": list(rows.values())})
-        self._give_back(session_id, first_seq, now)
+            self._execute(_BATCH_UNDO, {"ids": [new_id for new_id, _ in rows.values()]})
+        self._give_back(session_id, first_seq)
         event_ids = [item["event_id"] for item in pending if item["event_id"] is not None]
         found = {
             event.event_id: event
@@ -458,13 +460,12 @@ class EventRepository:
         session_id: str,
         pending: list[dict[str, Any]],
         run_ids: list[str],
-        now: datetime,
         build: Callable[[], list[SessionEvent]],
-    ) -> tuple[int | None, dict[int, int], list[SessionEvent]]:
-        """(first allocated seq or None, {seq: new event id} of the rows inserted,
-        ``build()``'s events)."""
+    ) -> tuple[int | None, dict[int, tuple[int, Any]], list[SessionEvent]]:
+        """(first allocated seq or None, {seq: (new event id, created_at)} of the rows
+        inserted, ``build()``'s events)."""
         # Items carry type, payload, source, run_id and event_id (``_checked_item``).
-        params: dict[str, Any] = {"session_id": session_id, "count": len(pending), "now": now}
+        params: dict[str, Any] = {"session_id": session_id, "count": len(pending)}
         params["run_ids"] = dumps_transport(run_ids)
         if self._dialect == POSTGRESQL:
             params["items"] = dumps_transport(
@@ -476,10 +477,11 @@ class EventRepository:
                 )
             else:
                 result, events = self._execute(self._batch_sql[0], params), build()
-            if not result.rows:  # (first_seq, id, seq) rows
+            if not result.rows:  # (first_seq, id, seq, created_at) rows
                 return None, {}, events
             first_seq = result.rows[0][0]
-            return first_seq, {seq: id_ for _, id_, seq in result if id_ is not None}, events
+            inserted = {seq: (id_, at) for _, id_, seq, at in result if id_ is not None}
+            return first_seq, inserted, events
         first_seq = self._execute(self._batch_sql[0], params).scalar()
         if first_seq is None:
             return None, {}, []
@@ -491,8 +493,8 @@ class EventRepository:
                 for position, item in enumerate(pending)
             ]
         )
-        inserted_rows = self._execute(self._batch_sql[1], params)  # (id, seq)
-        return first_seq, {seq: id_ for id_, seq in inserted_rows}, build()
+        inserted_rows = self._execute(self._batch_sql[1], params)  # (id, seq, created_at)
+        return first_seq, {seq: (id_, at) for id_, seq, at in inserted_rows}, build()
 
     def _raise_batch_not_found(self, session_id: str, run_ids: list[str]) -> NoReturn:
         for run_id in run_ids:
@@ -501,16 +503,18 @@ class EventRepository:
                 self._raise_not_found(session_id, run_id)
         self._raise_not_found(session_id, None)
 
-    def give_back(self, session_id: str, seq: int, now: datetime) -> None:
+    def give_back(self, session_id: str, seq: int) -> None:
         """Undo an allocation whose insert collided (see ``_give_back``)."""
-        self._give_back(session_id, seq, now)
+        self._give_back(session_id, seq)
 
-    def _give_back(self, session_id: str, seq: int, now: datetime) -> None:
+    def _give_back(self, session_id: str, seq: int) -> None:
         """Undo an allocation whose insert collided; this transaction still holds the row."""
-        params = {"counter_session_id": session_id, "seq": seq, "now": now}
+        params = {"counter_session_id": session_id, "seq": seq}
         self._execute(self._sql.give_back, params)
 
-    def _stored(self, new_id: int, seq: int, params: dict[str, Any]) -> SessionEvent:
+    def _stored(
+        self, new_id: int, seq: int, created_at: datetime, params: dict[str, Any]
+    ) -> SessionEvent:
         """The event just inserted, in the session as if the ORM had inserted it."""
         return inserted(
             self._session,
@@ -522,7 +526,7 @@ class EventRepository:
                 "type": params["type"],
                 "payload": params["payload"],
                 "source": EventSource(params["source"]),
-                "created_at": params["now"],
+                "created_at": created_at,
                 "run_id": params["run_id"],
                 "event_id": params["event_id"],
             },

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import cache
 from typing import Any, NoReturn
 
@@ -83,6 +83,7 @@ from app.repositories._params import (
 )
 from app.repositories._rows import in_session, in_session_many, inserted
 from app.repositories._sql import (
+    EMPTY_TEXT,
     EVENTS_CHANNEL,
     LIMIT,
     NOW,
@@ -91,6 +92,8 @@ from app.repositories._sql import (
     SESSION_EXISTS,
     SESSION_ID,
     merge_metrics,
+    now_plus,
+    run_created_at,
 )
 from app.repositories.events import EventRepository
 from app.schemas.run import RunCreate, RunResumeRequest
@@ -106,7 +109,7 @@ from app.state_machine import (
     RunEventType,
     Transition,
 )
-from app.types import UTCDateTime, is_name, utc_now
+from app.types import is_name
 
 RUNS = SessionRun.__table__
 EVENTS = SessionEvent.__table__
@@ -140,7 +143,7 @@ def _status_in(statuses: frozenset[RunStatus]) -> Any:
 def _transition_update(dialect: str, transition: Transition) -> Update:
     """The SET clause of ``transition``, derived from its source and target statuses.
 
-    Parameters: ``now``, plus ``reason`` (wait_for_input), ``resume_payload``
+    Parameters: ``reason`` (wait_for_input), ``resume_payload``
     (resume), ``metrics`` (complete) or ``error`` (fail).
     """
     values: dict[str, Any] = {"status": transition.target, "updated_at": NOW}
@@ -319,8 +322,29 @@ def _statements(dialect: str) -> _Statements:
     status = bindparam("status", type_=RUNS.c.status.type)
     # Not the column names: those are reserved for SET clauses of the same name.
     worker_id = bindparam("worker", type_=String())
-    lease_expires_at = bindparam("lease_until", type_=UTCDateTime())
+    lease_expires_at = now_plus("lease_seconds")
 
+    if dialect == POSTGRESQL:
+        created_at, newest = NOW, None
+    else:  # SQLite: after the session's newest run and the queue's (``run_created_at``)
+        newest_run = RUNS.alias("newest_run")
+        newest = select(
+            func.max(
+                func.coalesce(
+                    select(func.max(newest_run.c.created_at))
+                    .where(newest_run.c.session_id == SESSION_ID)
+                    .scalar_subquery(),
+                    EMPTY_TEXT,
+                ),
+                func.coalesce(
+                    select(func.max(newest_run.c.created_at))
+                    .where(newest_run.c.status == _literal(RunStatus.QUEUED))
+                    .scalar_subquery(),
+                    EMPTY_TEXT,
+                ),
+            ).label("created_at")
+        ).subquery("newest")
+        created_at = run_created_at(newest.c.created_at)
     created_values = {
         "id": RUN_ID,
         "session_id": SESSION_ID,
@@ -331,13 +355,16 @@ def _statements(dialect: str) -> _Statements:
         "options": bindparam("options", type_=RUNS.c.options.type),
         "checkpoint_thread": bindparam("checkpoint_thread", type_=String()),
         "checkpoint_ns": bindparam("checkpoint_ns", type_=String()),
-        "created_at": NOW,
-        "updated_at": NOW,
+        "created_at": created_at,
+        "updated_at": created_at,
     }
+    created_row = select(*created_values.values())
+    if newest is not None:
+        created_row = created_row.select_from(newest)
     # Inserts nothing unless the session exists and the parent run is in it.
     create = RUNS.insert().from_select(
         list(created_values),
-        select(*created_values.values()).where(
+        created_row.where(
             exists().where(Session.__table__.c.id == SESSION_ID),
             or_(
                 parent_run_id.is_(None),
@@ -414,7 +441,7 @@ def _statements(dialect: str) -> _Statements:
         fail_stale=_loading(
             _transition_update(dialect, FAIL).where(
                 RUNS.c.lease_expires_at.is_(None),
-                RUNS.c.updated_at < bindparam("cutoff", type_=UTCDateTime()),
+                RUNS.c.updated_at < now_plus("cutoff_seconds"),
             )
         ),
         fail_expired_leases=_loading(
@@ -542,7 +569,7 @@ class RunRepository:
         Expired keys already count as unused; purging only keeps the table
         small. Run it periodically (``python -m app.maintenance purge-keys``).
         """
-        return self._idempotency_keys().purge_expired(utc_now())
+        return self._idempotency_keys().purge_expired()
 
     def retry(self, run_id: str) -> SessionRun:
         """A new queued run with the input and options of a failed or cancelled run.
@@ -694,7 +721,6 @@ class RunRepository:
         params = {
             "run_id": text_param(run_id, "run_id"),
             "metrics": json_object_param(metrics, "metrics"),
-            "now": utc_now(),
         }
         run = self._run(self._sql.update_metrics, params)
         if run is None:
@@ -712,12 +738,12 @@ class RunRepository:
         runnable run goes first. One UPDATE picks and moves it. On PostgreSQL
         claimers never wait for each other (``FOR UPDATE SKIP LOCKED``) and never
         take the same run; on SQLite the write lock serializes them. The lease
-        ends ``lease`` from now: ``heartbeat(run_id, worker_id=...)`` extends it,
-        and ``fail_stale`` fails the run once it has expired.
+        ends ``lease`` (at most ``MAX_DURATION``) from now by the database's clock,
+        as every time here is (``_sql``): ``heartbeat(run_id, worker_id=...)``
+        extends it, and ``fail_stale`` fails the run once it has expired.
         """
         worker_id = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
-        now = utc_now()
-        params = {"worker": worker_id, "lease_until": _after(now, lease, "lease"), "now": now}
+        params = {"worker": worker_id, "lease_seconds": _seconds(lease, "lease")}
         # Only a ``start`` of another run of the same session at the same moment can
         # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
         return self._change(
@@ -740,12 +766,12 @@ class RunRepository:
         longer running (failed as stale, cancelled) raises
         ``InvalidTransitionError``: the worker should stop.
         """
-        params: dict[str, Any] = {"run_id": text_param(run_id, "run_id"), "now": utc_now()}
+        params: dict[str, Any] = {"run_id": text_param(run_id, "run_id")}
         if worker_id is None:
             statement = self._sql.heartbeat
         else:
             params["worker"] = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
-            params["lease_until"] = _after(params["now"], lease, "lease")
+            params["lease_seconds"] = _seconds(lease, "lease")
             statement = self._sql.heartbeat_leased
         run = self._run(statement, params)
         if run is None:
@@ -766,23 +792,21 @@ class RunRepository:
         UPDATE picks and fails them at once; a worker that comes back late
         cannot overwrite that: its ``complete`` raises ``InvalidTransitionError``.
         """
-        older_than = _duration(older_than, "older_than")
-        now = utc_now()
-        cutoff = now - older_than
+        seconds = _seconds(older_than, "older_than")
         lease_error = {
             "code": "stale_run",
-            "message": f"the worker's lease expired before {now.isoformat()}",
+            "message": "the worker's lease expired (the database's clock passed lease_expires_at)",
         }
         stale_error = {
             "code": "stale_run",
-            "message": f"no heartbeat since {cutoff.isoformat()} (older than {older_than})",
+            "message": f"no heartbeat for more than {seconds:g} s (older_than)",
         }
         failed: list[str] = []
         for statement, error, extra in (
             (self._sql.fail_expired_leases, lease_error, {}),
-            (self._sql.fail_stale, stale_error, {"cutoff": cutoff}),
+            (self._sql.fail_stale, stale_error, {"cutoff_seconds": -seconds}),
         ):
-            stale = self._runs(statement, {"now": now, "error": error, **extra})
+            stale = self._runs(statement, {"error": error, **extra})
             for run in stale:
                 self._events.write_lifecycle_event(
                     run.session_id, FAIL.event_type, {"error": error}, run.id
@@ -815,7 +839,7 @@ class RunRepository:
                 raise ActiveRunExistsError.rejected(session_id, active_id, active_status)
             return self._insert(**values)
         run_id = new_id()
-        cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id, "now": utc_now()})
+        cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id})
         if cancelled:
             payload = {"multitask_strategy": strategy.value, "interrupted_by": run_id}
             self._events.write_lifecycle_events(
@@ -836,7 +860,7 @@ class RunRepository:
         (session or run) does not exist."""
         scope, owner, text = key[0], key[1], key_param(key[2])
         keys = self._idempotency_keys()
-        claim = keys.claim(scope, owner, text, request, utc_now())
+        claim = keys.claim(scope, owner, text, request)
         if not claim.owned:
             if claim.replay_run_id is None:
                 raise missing()
@@ -885,7 +909,6 @@ class RunRepository:
             "options": options,
             "checkpoint_thread": f"{session_id}:{run_id}",
             "checkpoint_ns": checkpoint_ns,
-            "now": utc_now(),
         }
         event = {"trigger_source": trigger_source.value, "parent_run_id": parent_run_id}
         one_statement = self._sql.create_with_event
@@ -899,7 +922,7 @@ class RunRepository:
             raise RunNotFoundError(str(parent_run_id), session_id=session_id)
         values = dict(zip(RUN_COLUMNS, row, strict=False))
         run = inserted(self._session, SessionRun, values)
-        self._lifecycle_event(run, RunEventType.RUN_CREATED, event, row, params["now"])
+        self._lifecycle_event(run, RunEventType.RUN_CREATED, event, row)
         return run
 
     def _transition(
@@ -930,7 +953,7 @@ class RunRepository:
 
         None when the run is not in a source status (or does not exist).
         """
-        params = {**params, "run_id": text_param(run_id, "run_id"), "now": utc_now()}
+        params = {**params, "run_id": text_param(run_id, "run_id")}
         event_payload = event_payload_param(event_payload)
         with_event = self._sql.transitions_with_event
         try:
@@ -975,7 +998,7 @@ class RunRepository:
         if row is None:
             return None
         run = in_session(self._session, SessionRun, RUN_COLUMNS, row[: len(RUN_COLUMNS)])
-        self._lifecycle_event(run, event_type, event_payload, row, params["now"])
+        self._lifecycle_event(run, event_type, event_payload, row)
         return run
 
     def _lifecycle_event(
@@ -984,7 +1007,6 @@ class RunRepository:
         event_type: str,
         payload: dict[str, Any],
         row: Any,
-        now: datetime,
     ) -> None:
         """The event of a run's change: written by the same statement (PostgreSQL),
         else, or when that insert collided with a v0.7 writer's seq, by ``append``."""
@@ -992,7 +1014,7 @@ class RunRepository:
             seq, event_row_id = row[len(RUN_COLUMNS)], row[len(RUN_COLUMNS) + 1]
             if event_row_id is not None:
                 return
-            self._events.give_back(run.session_id, seq, now)
+            self._events.give_back(run.session_id, seq)
         self._events.write_lifecycle_event(run.session_id, event_type, payload, run.id)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
@@ -1038,15 +1060,9 @@ def _duration(value: Any, name: str) -> timedelta:
     return value
 
 
-def _after(now: datetime, duration: Any, name: str) -> datetime:
-    """``now + duration`` for a positive ``timedelta`` that stays within the calendar."""
-    if not isinstance(duration, timedelta) or duration <= timedelta(0):
-        raise BadParameterError(name, f"expected a positive timedelta, got {described(duration)}")
-    try:
-        return now + duration
-    except OverflowError:
-        pass  # raised below, outside this block
-    raise BadParameterError(name, f"reaches past the year 9999, got {described(duration)}")
+def _seconds(value: Any, name: str) -> float:
+    """``_duration`` in seconds, the offset the statements add to the database's clock."""
+    return _duration(value, name).total_seconds()
 
 
 def _run_create(data: RunCreate | Mapping[str, Any]) -> RunCreate:

@@ -205,7 +205,6 @@ class SqliteStore:
                 1,
                 session_id,
                 1,
-                now,
                 session_id,
                 run_id,
                 run_id,
@@ -221,7 +220,7 @@ class SqliteStore:
         ).fetchone()[0]
         conn.execute(
             self.insert_event,
-            (session_id, seq, kind, json.dumps(payload), "session", now, run_id, None),
+            (session_id, seq, kind, json.dumps(payload), "session", run_id, None),
         ).fetchone()
 
     def create(self, session_id: str, message: str) -> JSONResponse:
@@ -240,8 +239,7 @@ class SqliteStore:
                     json.dumps(CREATE_OPTIONS),
                     f"{session_id}:{run_id}",
                     None,
-                    now,
-                    now,
+                    session_id,
                     session_id,
                     None,
                     None,
@@ -265,17 +263,7 @@ class SqliteStore:
         try:
             row = conn.execute(
                 self.resume_sql,
-                (
-                    "running",
-                    now,
-                    None,
-                    json.dumps(resume),
-                    now,
-                    None,
-                    None,
-                    "waiting_input",
-                    run_id,
-                ),
+                ("running", None, json.dumps(resume), None, None, "waiting_input", run_id),
             ).fetchone()
             if row is None:
                 current = conn.execute(self.by_id, (run_id,)).fetchone()
@@ -294,7 +282,7 @@ class SqliteStore:
         try:
             row = conn.execute(
                 self.cancel_sql,
-                ("cancelled", now, None, now, None, "queued", "running", "waiting_input", run_id),
+                ("cancelled", None, None, "queued", "running", "waiting_input", run_id),
             ).fetchone()
             if row is None:
                 current = conn.execute(self.by_id, (run_id,)).fetchone()
