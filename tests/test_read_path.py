@@ -415,6 +415,32 @@ def test_a_lost_connection_fails_as_in_the_repositories_then_the_pool_heals(
         assert reads.get(ids[0]) == expected
 
 
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_connections_killed_while_idle_are_replaced_by_the_checkout_ping(
+    engine: Engine,
+    session: DbSession,
+    database_url: str,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The read path checks out through the pool's own events: a connection idle past
+    DB_POOL_PING_AFTER_IDLE is pinged (psycopg's ping switches autocommit on and off as
+    the read does) and replaced, and the read never sees the dead one."""
+    _session_id, ids = _seed_runs(session, 1, random.Random(13))
+    session.close()
+    monkeypatch.setenv("DB_POOL_PING_AFTER_IDLE", "0.2")
+    pinging = create_db_engine(database_url)
+    try:
+        reads = RunReads.of(pinging)
+        expected = reads.get(ids[0])
+        _kill_pooled_connections(pinging, 3)
+        time.sleep(0.3)
+        for _ in range(3):
+            assert reads.get(ids[0]) == expected
+    finally:
+        pinging.dispose()
+
+
 # --------------------------------------------------------------------------
 # Transactions and connections
 
