@@ -62,7 +62,7 @@ from app.db import unit_of_work
 from app.errors import BadParameterError, RunNotFoundError
 from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
 from app.models import SessionEvent
-from app.repositories import EventRepository, RunRepository
+from app.repositories import EventRepository
 from app.repositories._params import (
     described,
     optional_text_param,
@@ -71,6 +71,7 @@ from app.repositories._params import (
     text_param,
 )
 from app.repositories._sql import POSTGRESQL
+from app.repositories.reads import RunReads
 from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
 
 T = TypeVar("T")
@@ -385,11 +386,10 @@ class EventFeed:
 
     def _run_is_terminal(self, session_id: str, run_id: str) -> bool:
         """Whether the run has finished; ``RunNotFoundError`` if it is not in the session."""
-        with unit_of_work(self._engine, readonly=True) as db:
-            run = RunRepository(db).get(run_id)
-            if run.session_id != session_id:
-                raise RunNotFoundError(run_id, session_id=session_id)
-            return run.status in TERMINAL_STATUSES
+        run = RunReads.of(self._engine).get(run_id)  # outside the ORM Session
+        if run.session_id != session_id:
+            raise RunNotFoundError(run_id, session_id=session_id)
+        return run.status in TERMINAL_STATUSES
 
     async def read(self, call: Callable[..., T], *args: Any) -> T:
         """Run ``call(*args)`` in a thread among the feed's ``readers`` (a short read that

@@ -14,7 +14,15 @@ event loop and holding nothing, for one of the engine's *slots* (as many as
 the pool has connections; on SQLite one for writers, see ``_limiter``); only
 then does it take a thread and a connection. Commit and rollback run in a
 thread of their own, outside the shared threadpool, so a request that holds a
-connection never waits for a thread.
+connection never waits for a thread. Every dependency here that does no I/O is
+``async def``: FastAPI runs a plain ``def`` dependency in the threadpool, one
+thread hop per dependency per request.
+
+The Run API's own routes take the shorter way, ``run_in_slot``: the slot, then
+one thread that does the whole unit of work (or one read of
+``app.repositories.reads``) and builds the answer, so a request crosses into a
+thread once, not once per dependency, handler, response validation and commit
+(docs/benchmarks.md has the measurements).
 
 Tests and apps that serve another database override ``get_db_engine``:
 ``app.dependency_overrides[get_db_engine] = lambda: engine``.
@@ -26,8 +34,8 @@ import asyncio
 import json
 import os
 import weakref
-from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import Depends, Request
@@ -42,13 +50,16 @@ from app.errors import BadParameterError, DatabaseBusyError
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunResumeRequest
 
+T = TypeVar("T")
+
 _slots: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[int, bool], anyio.CapacityLimiter]
+    asyncio.AbstractEventLoop, dict[tuple[int, bool, str], anyio.CapacityLimiter]
 ] = weakref.WeakKeyDictionary()
 
 
-def get_db_engine() -> Engine:
-    """The engine requests use: the process-wide one for ``DATABASE_URL``."""
+async def get_db_engine() -> Engine:
+    """The engine requests use: the process-wide one for ``DATABASE_URL`` (async: no
+    thread hop; an override may be a plain function)."""
     return get_engine()
 
 
@@ -84,7 +95,7 @@ def _limiter(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
     share the rest of the pool. On PostgreSQL every request shares the slots.
     """
     per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
-    key = (id(engine), readonly and engine.dialect.name == "sqlite")
+    key = (id(engine), readonly and engine.dialect.name == "sqlite", "slots")
     limiter = per_loop.get(key)
     if limiter is None:
         total = request_slots(engine)
@@ -101,11 +112,7 @@ def _slot_timeout() -> float:
     return float(raw) if raw else 30.0
 
 
-async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
-    limiter, borrower = (
-        _limiter(engine, readonly=readonly),
-        object(),
-    )  # a route may hold two sessions
+async def _take_slot(limiter: anyio.CapacityLimiter, borrower: object) -> None:
     try:
         with anyio.fail_after(_slot_timeout()):
             await limiter.acquire_on_behalf_of(borrower)
@@ -113,6 +120,45 @@ async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[D
         raise DatabaseBusyError(
             f"no database connection free within {_slot_timeout():g} s; retry later"
         ) from None
+
+
+def _threads(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
+    """Threads for requests that already hold a slot: as many as there are slots, so
+    such a request never waits for a thread behind the host's own sync work."""
+    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
+    key = (id(engine), readonly and engine.dialect.name == "sqlite", "threads")
+    threads = per_loop.get(key)
+    if threads is None:
+        total = _limiter(engine, readonly=readonly).total_tokens
+        threads = per_loop[key] = anyio.CapacityLimiter(total)
+    return threads
+
+
+async def run_in_slot(engine: Engine, readonly: bool, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in a thread, once the request holds one of ``engine``'s slots.
+
+    ``work`` does all of the request's database work there: one read of
+    ``app.repositories.reads``, or a whole ``unit_of_work`` that has committed when
+    ``work`` returns (so the answer is durable before it is sent). No slot within
+    ``DB_POOL_TIMEOUT`` is a ``DatabaseBusyError``; once ``work`` runs, it runs to the
+    end (a client that goes away does not cut a unit of work in half).
+    """
+    limiter, borrower = _limiter(engine, readonly=readonly), object()
+    await _take_slot(limiter, borrower)
+    try:
+        return await anyio.to_thread.run_sync(
+            work, *args, limiter=_threads(engine, readonly=readonly)
+        )
+    finally:
+        limiter.release_on_behalf_of(borrower)
+
+
+async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
+    limiter, borrower = (
+        _limiter(engine, readonly=readonly),
+        object(),
+    )  # a route may hold two sessions
+    await _take_slot(limiter, borrower)
     try:
         work = unit_of_work(engine, readonly=readonly)
         session = work.__enter__()  # creates the Session; no I/O yet
@@ -147,20 +193,20 @@ SessionDep = Annotated[DbSession, Depends(get_session, scope="function")]
 ReadSessionDep = Annotated[DbSession, Depends(get_read_session, scope="function")]
 
 
-def get_run_repository(session: SessionDep) -> RunRepository:
+async def get_run_repository(session: SessionDep) -> RunRepository:
     return RunRepository(session)
 
 
-def get_event_repository(session: SessionDep) -> EventRepository:
+async def get_event_repository(session: SessionDep) -> EventRepository:
     return EventRepository(session)
 
 
-def get_run_reader(session: ReadSessionDep) -> RunRepository:
+async def get_run_reader(session: ReadSessionDep) -> RunRepository:
     """A ``RunRepository`` for handlers that only read runs."""
     return RunRepository(session)
 
 
-def get_event_reader(session: ReadSessionDep) -> EventRepository:
+async def get_event_reader(session: ReadSessionDep) -> EventRepository:
     """An ``EventRepository`` for handlers that only read events."""
     return EventRepository(session)
 
@@ -219,4 +265,5 @@ __all__ = [
     "get_run_reader",
     "get_run_repository",
     "get_session",
+    "run_in_slot",
 ]

@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
@@ -232,22 +233,66 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error")
 
 
+_HANDLERS: tuple[tuple[type[BaseException], Callable[[Request, Exception], JSONResponse]], ...] = (
+    (DataLayerError, _data_layer_error),
+    (RequestValidationError, _request_validation_error),
+    (HTTPException, _http_error),
+    (PoolTimeoutError, _busy),
+    (DBAPIError, _database_error),
+    (sqlite3.Error, _database_error),  # raw, from the driver
+    (psycopg.Error, _database_error),
+    (Exception, _internal_error),
+)
+"""Every failure this layer answers, most specific first: the one table both the
+router's own routes (``ErrorShapeRoute``) and ``install_error_handlers`` use."""
+
+
+def error_response_for(request: Request, exc: Exception) -> JSONResponse:
+    """The answer, in the one error shape, for a request that failed with ``exc``
+    (what it logs, it logs here)."""
+    for kind, handler in _HANDLERS:
+        if isinstance(exc, kind):
+            return handler(request, exc)
+    raise AssertionError("unreachable: Exception is the last entry")  # pragma: no cover
+
+
+class ErrorShapeRoute(APIRoute):
+    """A route that answers its own failures in the one error shape.
+
+    The Run API's routers use it (``route_class``), so mounting them changes no
+    response of the host application's own routes: nothing is installed on the
+    app. Everything raised while the route solves its parameters or runs its
+    handler (a bad parameter, a body that does not parse or validate, a domain
+    error, a database error) is answered here; 404 and 405 for paths the router
+    does not have stay the host's.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer_in_the_error_shape(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return error_response_for(request, exc)
+
+        return answer_in_the_error_shape
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every failure in the one error shape (see the module docstring)."""
-    app.add_exception_handler(DataLayerError, _data_layer_error)
-    app.add_exception_handler(RequestValidationError, _request_validation_error)
-    app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(PoolTimeoutError, _busy)
-    app.add_exception_handler(DBAPIError, _database_error)
-    app.add_exception_handler(sqlite3.Error, _database_error)  # raw, from the driver
-    app.add_exception_handler(psycopg.Error, _database_error)
-    app.add_exception_handler(Exception, _internal_error)
+    """Answer every failure of every route of ``app`` in the one error shape (see the
+    module docstring): for an app that wants the shape on its own routes too. The Run
+    API's routers need none of it (``ErrorShapeRoute``)."""
+    for kind, handler in _HANDLERS:
+        app.add_exception_handler(kind, handler)
 
 
 __all__ = [
+    "ErrorShapeRoute",
     "database_cause",
     "database_unreachable",
     "error_response",
+    "error_response_for",
     "install_error_handlers",
     "validation_error",
 ]

@@ -15,6 +15,7 @@ Request bodies over ``RUN_API_MAX_BODY_BYTES`` are refused unread
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import anyio
@@ -101,7 +102,7 @@ class StartupCheck:
             return
         first = await receive()
         if first["type"] == "lifespan.startup":
-            problem = self.settings_problem or await anyio.to_thread.run_sync(self._problem)
+            problem = self.settings_problem or await self._problem()
             if problem is not None:
                 failed = {"type": "lifespan.startup.failed", "message": f"{NOT_STARTED}: {problem}"}
                 await send(failed)
@@ -117,13 +118,15 @@ class StartupCheck:
 
         await self.app(scope, receive_again, send)
 
-    def _problem(self) -> str | None:
+    async def _problem(self) -> str | None:
         engine_of = self.api.dependency_overrides.get(get_db_engine, get_db_engine)
         try:
-            engine = engine_of()
+            engine = engine_of()  # get_db_engine is async; an override may be a function
+            if inspect.isawaitable(engine):
+                engine = await engine
         except (ValueError, ArgumentError) as exc:  # a bad URL or setting in the environment
             return f"configuration error: {exc}"
-        return schema_problem(engine)
+        return await anyio.to_thread.run_sync(schema_problem, engine)
 
 
 __all__ = ["StartupCheck", "create_app", "schema_problem"]

@@ -8,31 +8,28 @@ installs; the statuses each endpoint can answer are listed in its OpenAPI.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import Engine
 from sqlalchemy.orm.attributes import instance_state
 
-from app.api.deps import (
-    EngineDep,
-    EventReaderDep,
-    ResumeRequestDep,
-    RunReaderDep,
-    RunRepositoryDep,
-)
+from app.api.deps import EngineDep, ResumeRequestDep, run_in_slot
+from app.api.errors import ErrorShapeRoute, error_response_for
 from app.db import unit_of_work
-from app.errors import BadParameterError, DataLayerError
+from app.errors import BadParameterError
 from app.feed import get_feed
-from app.models import SessionEvent, SessionRun
+from app.models import SessionEvent
 from app.repositories import RunRepository
 from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ, described
+from app.repositories.reads import EventReads, RunReads
 from app.schemas import (
     ErrorResponse,
     EventPage,
@@ -56,7 +53,9 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-router = APIRouter(prefix="/api/runs", tags=["runs"], responses=_errors(503))
+router = APIRouter(
+    prefix="/api/runs", tags=["runs"], responses=_errors(503), route_class=ErrorShapeRoute
+)
 
 SinceSeq = Annotated[int, Query(ge=0, le=MAX_SEQ, description="exclusive; 0 = from the start")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
@@ -74,36 +73,61 @@ IdempotencyKeyHeader = Annotated[
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def _answer(runs: RunRepository, run: SessionRun, response: Response) -> RunResponse:
-    if runs.was_replayed(run):
-        response.headers[REPLAYED_HEADER] = "true"
-    return RunResponse.model_validate(run)
+def _json(model: BaseModel, status_code: int = 200, replayed: bool = False) -> Response:
+    """The answer for ``model``, serialized once by its own pydantic serializer.
+
+    A handler that returned the model would have FastAPI validate it again against
+    the response model and serialize it in the threadpool; the routes declare
+    ``response_model`` for the OpenAPI schema and return this instead."""
+    headers = {REPLAYED_HEADER: "true"} if replayed else None
+    return Response(
+        model.__pydantic_serializer__.to_json(model),
+        status_code=status_code,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
-@router.post("", status_code=201, responses=_errors(400, 404, 409, 422))
-def create_run(
-    body: RunCreate,
-    runs: RunRepositoryDep,
-    response: Response,
-    idempotency_key: IdempotencyKeyHeader = None,
-) -> RunResponse:
+def _create(engine: Engine, body: RunCreate, key: str | None) -> tuple[RunResponse, bool]:
+    with unit_of_work(engine) as db:
+        runs = RunRepository(db)
+        run = runs.create(body, idempotency_key=key)
+        return RunResponse.model_validate(run), runs.was_replayed(run)
+
+
+@router.post("", status_code=201, response_model=RunResponse, responses=_errors(400, 404, 409, 422))
+async def create_run(
+    body: RunCreate, engine: EngineDep, idempotency_key: IdempotencyKeyHeader = None
+) -> Response:
     """Create a queued run in an existing chat session.
 
     ``multitask_strategy`` says what happens when the session already has an
     active run: ``enqueue`` (default) queues behind it, ``reject`` answers 409,
     ``interrupt`` cancels the active runs first.
     """
-    return _answer(runs, runs.create(body, idempotency_key=idempotency_key), response)
+    run, replayed = await run_in_slot(engine, False, _create, engine, body, idempotency_key)
+    return _json(run, 201, replayed)
 
 
-@router.get("/{run_id}", responses=_errors(404))
-def get_run(run_id: str, runs: RunReaderDep) -> RunResponse:
-    return RunResponse.model_validate(runs.get(run_id))
+@router.get("/{run_id}", response_model=RunResponse, responses=_errors(404))
+async def get_run(run_id: str, engine: EngineDep) -> Response:
+    """The run (read outside the ORM Session: ``app.repositories.reads``)."""
+    return _json(await run_in_slot(engine, True, RunReads.of(engine).get, run_id))
+
+
+def _resume(
+    engine: Engine, run_id: str, body: RunResumeRequest, key: str | None
+) -> tuple[RunResponse, bool]:
+    with unit_of_work(engine) as db:
+        runs = RunRepository(db)
+        run = runs.resume(run_id, body, idempotency_key=key)
+        return RunResponse.model_validate(run), runs.was_replayed(run)
 
 
 @router.post(
     "/{run_id}/resume",
     status_code=202,
+    response_model=RunResponse,
     responses=_errors(400, 404, 409, 422),
     openapi_extra={
         "requestBody": {
@@ -112,37 +136,43 @@ def get_run(run_id: str, runs: RunReaderDep) -> RunResponse:
         }
     },
 )
-def resume_run(
+async def resume_run(
     run_id: str,
     body: ResumeRequestDep,
-    runs: RunRepositoryDep,
-    response: Response,
+    engine: EngineDep,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> RunResponse:
+) -> Response:
     """Resume a run that waits for input; the same run goes back to running."""
-    return _answer(runs, runs.resume(run_id, body, idempotency_key=idempotency_key), response)
+    run, replayed = await run_in_slot(engine, False, _resume, engine, run_id, body, idempotency_key)
+    return _json(run, 202, replayed)
+
+
+def _cancel(engine: Engine, run_id: str) -> tuple[RunResponse, bool]:
+    with unit_of_work(engine) as db:
+        run, changed = RunRepository(db).cancel(run_id)
+        return RunResponse.model_validate(run), changed
 
 
 @router.post(
     "/{run_id}/cancel",
     status_code=202,
+    response_model=RunResponse,
     responses={200: {"model": RunResponse, "description": "Already finished; unchanged"}}
     | _errors(404),
 )
-def cancel_run(run_id: str, response: Response, runs: RunRepositoryDep) -> RunResponse:
+async def cancel_run(run_id: str, engine: EngineDep) -> Response:
     """Cancel, idempotently: 202 when accepted, 200 when the run had already finished."""
-    run, changed = runs.cancel(run_id)
-    if not changed:
-        response.status_code = 200
-    return RunResponse.model_validate(run)
+    run, changed = await run_in_slot(engine, False, _cancel, engine, run_id)
+    return _json(run, 202 if changed else 200)
 
 
-@router.get("/{run_id}/events", responses=_errors(400, 404))
-def list_run_events(
-    run_id: str, events: EventReaderDep, since_seq: SinceSeq = 0, limit: Limit = 100
-) -> EventPage:
+@router.get("/{run_id}/events", response_model=EventPage, responses=_errors(400, 404))
+async def list_run_events(
+    run_id: str, engine: EngineDep, since_seq: SinceSeq = 0, limit: Limit = 100
+) -> Response:
     """The run's events with ``seq > since_seq``, in seq order (session seqs)."""
-    return EventPage.of(events.list_for_run(run_id, since_seq=since_seq, limit=limit), since_seq)
+    read = partial(EventReads.of(engine).page_for_run, run_id, since_seq=since_seq, limit=limit)
+    return _json(await run_in_slot(engine, True, read))
 
 
 _SSE_JSON = "sse_json"
@@ -158,8 +188,7 @@ class StreamStart:
 
 
 def _session_of_run(engine: Engine, run_id: str) -> str:
-    with unit_of_work(engine, readonly=True) as db:
-        return RunRepository(db).get(run_id).session_id
+    return RunReads.of(engine).get(run_id).session_id
 
 
 def _last_event_id(value: str) -> int:
@@ -216,30 +245,10 @@ def _sse_end(run_id: str, last_seq: int) -> bytes:
     )
 
 
-async def _sse_error(request: Request, exc: Exception) -> bytes:
-    """``event: error`` whose data is the body a request failing with ``exc`` gets: the one
-    error shape, from the app's own handlers (``install_error_handlers``), which also log
-    what they log; an app without them gets the domain error's code, or internal_error."""
-    handler = None
-    for cls in type(exc).__mro__:
-        handler = request.app.exception_handlers.get(cls)
-        if handler is not None:
-            break
-    body: bytes | None = None
-    if handler is not None:
-        response = handler(request, exc)
-        if inspect.isawaitable(response):
-            response = await response
-        if isinstance(response, Response) and response.media_type == "application/json":
-            body = bytes(response.body)
-    if body is None:
-        if isinstance(exc, DataLayerError):
-            error = exc.to_dict()
-        else:
-            log.error("unhandled %s in %s", type(exc).__name__, request.url.path)
-            error = {"code": "internal_error", "message": "internal error"}
-        body = json.dumps({"error": error}).encode()
-    return b"event: error\ndata: %s\n\n" % body
+def _sse_error(request: Request, exc: Exception) -> bytes:
+    """``event: error`` whose data is the body a request failing with ``exc`` gets: the
+    one error shape (``app.api.errors.error_response_for``, which logs what it logs)."""
+    return b"event: error\ndata: %s\n\n" % bytes(error_response_for(request, exc).body)
 
 
 @router.get(
@@ -290,7 +299,7 @@ async def stream_run_events(
                 yield b"".join(_sse_message(event) for event in batch)
                 last_seq = batch[-1].seq
         except Exception as exc:  # the stream has begun: the error goes out as an event
-            yield await _sse_error(request, exc)
+            yield _sse_error(request, exc)
             return
         yield _sse_end(start.run_id, last_seq)
 
