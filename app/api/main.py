@@ -7,7 +7,8 @@ every migration of this code is applied (``migrations.status``), and refuses
 to start otherwise with one line naming the problem and what to do. It never
 creates a database: a SQLite file that does not exist stops it, and its engine
 opens an existing file only (``app.db.get_engine``). It also checks its own
-settings (``RUN_API_MAX_BODY_BYTES``, the engine's) there.
+settings (``RUN_API_MAX_BODY_BYTES``, ``RUN_IDEMPOTENCY_WINDOW_SECONDS``, the
+engine's) there.
 
 Request bodies over ``RUN_API_MAX_BODY_BYTES`` are refused unread
 (``app.api.limits``).
@@ -30,6 +31,7 @@ from app.api.errors import database_cause, install_error_handlers
 from app.api.limits import BODY_ENVELOPE_BYTES, BodyLimit, max_body_bytes
 from app.api.routes import router
 from app.db import create_db_engine
+from app.repositories import idempotency_window
 from app.types import max_json_bytes
 from migrations import status
 
@@ -46,6 +48,10 @@ def create_app() -> FastAPI:
         limit = max_body_bytes()
     except ValueError as exc:  # reported at start-up, in one line
         settings_problem, limit = str(exc), max_json_bytes() + BODY_ENVELOPE_BYTES
+    try:
+        idempotency_window()  # read by keyed requests: a bad value is found now, not then
+    except ValueError as exc:
+        settings_problem = settings_problem or str(exc)
     api.add_middleware(BodyLimit, max_bytes=limit)
     api.add_middleware(StartupCheck, api=api, settings_problem=settings_problem)
     return api

@@ -613,6 +613,16 @@ def test_the_server_refuses_to_start_with_a_bad_body_limit(
     assert "RUN_API_MAX_BODY_BYTES must be a positive whole number of bytes" in line
 
 
+@pytest.mark.slow
+def test_the_server_refuses_to_start_with_a_bad_idempotency_window(
+    engine: Engine, database_url: str, tmp_path: Path
+) -> None:
+    """Read only by requests that carry an Idempotency-Key: without the start-up check,
+    a bad value is a 500 on the first keyed request instead."""
+    line = _refused_start(database_url, tmp_path, RUN_IDEMPOTENCY_WINDOW_SECONDS="abc")
+    assert "RUN_IDEMPOTENCY_WINDOW_SECONDS" in line and "abc" not in line
+
+
 class TcpProxy:
     """127.0.0.1:``port`` forwarded to 127.0.0.1:``target``: the database's port as the
     server sees it. ``stop`` closes the listener and cuts every connection, so the
