@@ -574,6 +574,7 @@ class Measurement:
     cpu: dict[str, float]
     load: tuple[float, float, float]
     connections: list[int] = field(default_factory=list)  # per worker, read once mid-run
+    opened: int | None = None  # PostgreSQL connections opened during the measurement
 
     @property
     def ok(self) -> int:
@@ -604,6 +605,27 @@ class Options:
     duration: float
     warmup: float
     timeout: float
+
+
+class _SessionCounter:
+    """Connections opened to a PostgreSQL database (``pg_stat_database.sessions``)
+    between its creation and ``close()``; its own connection is opened first."""
+
+    def __init__(self, url: str) -> None:
+        self.conn = raw_postgresql(url, autocommit=True)
+        self.start = self._sessions()
+
+    def _sessions(self) -> int:
+        row = self.conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def close(self) -> int:
+        try:
+            return self._sessions() - self.start
+        finally:
+            self.conn.close()
 
 
 def run_wrk(
@@ -652,6 +674,7 @@ def measure(
         reset_pool(url)
     workers = server.worker_pids()
     spread: list[int] = []
+    sessions = _SessionCounter(url) if database is not None else None
     before = cpu_sample()
     result, wrk_cpu = run_wrk(
         processes,
@@ -662,6 +685,7 @@ def measure(
         during=lambda: spread.extend(connections_per_process(workers, server.port)),
     )
     after = cpu_sample()
+    opened = sessions.close() if sessions is not None else None
     server.settle()
     return Measurement(
         backend=context["backend"],
@@ -675,6 +699,7 @@ def measure(
         cpu=cpu_use(before, after, workers, database, wrk_cpu),
         load=os.getloadavg(),
         connections=spread,
+        opened=opened,
     )
 
 
@@ -737,7 +762,7 @@ def _progress(m: Measurement) -> str:
     return (
         f"  {m.backend} round {m.round} {m.server:<8} {m.endpoint:<7} {m.rate:8.0f} req/s  "
         f"p99 {m.latency_us['p99'] / 1000:7.1f} ms  non-2xx {non_2xx} {m.statuses}  "
-        f"cpu {m.cpu}  connections {m.connections}  load {m.load[0]:.2f}"
+        f"cpu {m.cpu}  connections {m.connections}  opened {m.opened}  load {m.load[0]:.2f}"
     )
 
 
@@ -758,6 +783,7 @@ class Cell:
     database_us: float = float("nan")  # PostgreSQL backends' CPU per answer
     load: list[float] = field(default_factory=list)
     spread: list[str] = field(default_factory=list)  # connections per worker, each round
+    opened: list[int | None] = field(default_factory=list)  # PostgreSQL connections, each round
 
 
 def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
@@ -778,6 +804,7 @@ def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
             database_us=statistics.median(m.cpu_per_request("database") for m in group),
             load=[m.load[0] for m in group],
             spread=["/".join(map(str, m.connections)) for m in group],
+            opened=[m.opened for m in group],
         )
     return cells
 
@@ -825,14 +852,23 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
         "",
     ]
     cpu_keys = sorted({k for cell in cells.values() for k in cell.cpu}, key=_cpu_order)
-    lines.append("| endpoint | server | " + " | ".join(cpu_keys) + " | connections per worker |")
-    lines.append("| --- | --- | " + " | ".join("---:" for _ in cpu_keys) + " | --- |")
+    opened = any(m.opened is not None for m in measurements)
+    extra = " PostgreSQL connections opened |" if opened else ""
+    lines.append(
+        "| endpoint | server | " + " | ".join(cpu_keys) + " | connections per worker |" + extra
+    )
+    lines.append(
+        "| --- | --- | " + " | ".join("---:" for _ in cpu_keys) + " | --- |" + " --- |" * opened
+    )
     for endpoint in args.endpoints:
         for server in servers_for(endpoint, args.servers):
             cell = cells.get((endpoint, server))
             if cell is not None:
                 values = " | ".join(f"{cell.cpu.get(k, 0):.0f}" for k in cpu_keys)
-                lines.append(f"| {endpoint} | {server} | {values} | {', '.join(cell.spread)} |")
+                row = f"| {endpoint} | {server} | {values} | {', '.join(cell.spread)} |"
+                if opened:
+                    row += f" {', '.join(str(n) for n in cell.opened)} |"
+                lines.append(row)
     return "\n".join(lines) + "\n"
 
 
