@@ -1,0 +1,5 @@
+import sys
+
+from app.runs.cli import main
+
+sys.exit(main())
