@@ -185,6 +185,10 @@ class SessionRun(RunState, StoredModel, table=True):
     # heartbeat); NULL for runs started without a lease (start, resume).
     worker_id: str | None = None
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # Claims of the current execution (migration 0014): claim_next adds one, a lease
+    # given back returns it, resume starts again at 0; fail_stale(max_attempts=...)
+    # requeues a run whose lease expired while attempt < max_attempts.
+    attempt: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
 
     session: ChatSession = Relationship(back_populates="runs")
 

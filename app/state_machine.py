@@ -4,6 +4,8 @@
     running -> waiting_input | completed | failed | cancelled
     waiting_input -> running            (resume: same run, never a new one)
     queued | waiting_input -> cancelled
+    running -> queued                   (retry_expired: a dead worker's lease, run_retried;
+                                         give_back: a worker shutting down, run_requeued)
     completed, failed, cancelled: terminal
 
 Each *transition* is a named action with the statuses it may start from, the
@@ -31,6 +33,8 @@ class RunEventType(StrEnum):
     RUN_COMPLETED = "run_completed"
     RUN_FAILED = "run_failed"
     RUN_CANCELLED = "run_cancelled"
+    RUN_RETRIED = "run_retried"
+    RUN_REQUEUED = "run_requeued"
 
 
 LIFECYCLE_EVENT_TYPES: frozenset[str] = frozenset(event_type.value for event_type in RunEventType)
@@ -76,30 +80,48 @@ CANCEL = Transition(
     RunEventType.RUN_CANCELLED,
 )
 
+# Back to the queue (docs/worker.md): the run heads its session's queue again (its
+# created_at is older than any run queued behind it), so claim_next takes it next.
+RETRY_EXPIRED = Transition(
+    "retry_expired", frozenset({_S.RUNNING}), _S.QUEUED, RunEventType.RUN_RETRIED
+)
+GIVE_BACK = Transition("give_back", frozenset({_S.RUNNING}), _S.QUEUED, RunEventType.RUN_REQUEUED)
+
 TRANSITIONS: tuple[Transition, ...] = (START, WAIT_FOR_INPUT, RESUME, COMPLETE, FAIL, CANCEL)
+"""The user-facing actions, each a ``RunRepository`` method of its name."""
+
+REQUEUES: tuple[Transition, ...] = (RETRY_EXPIRED, GIVE_BACK)
+"""The queue's own moves back to ``queued`` (``expire_leases``, ``give_back``)."""
+
+ALL_TRANSITIONS: tuple[Transition, ...] = TRANSITIONS + REQUEUES
 
 TERMINAL_STATUSES: frozenset[RunStatus] = frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLED})
 
 ALLOWED: dict[RunStatus, frozenset[RunStatus]] = {
-    status: frozenset(t.target for t in TRANSITIONS if status in t.sources) for status in RunStatus
+    status: frozenset(t.target for t in ALL_TRANSITIONS if status in t.sources)
+    for status in RunStatus
 }
 """status -> the statuses it may move to; derived from ``TRANSITIONS``."""
 
 EVENT_TARGET: dict[RunEventType, RunStatus] = {
     RunEventType.RUN_CREATED: _S.QUEUED,
-    **{t.event_type: t.target for t in TRANSITIONS},
+    **{t.event_type: t.target for t in ALL_TRANSITIONS},
 }
 """lifecycle event -> the status the run is in right after it."""
 
 
 __all__ = [
     "ALLOWED",
+    "ALL_TRANSITIONS",
     "CANCEL",
     "COMPLETE",
     "EVENT_TARGET",
     "FAIL",
+    "GIVE_BACK",
     "LIFECYCLE_EVENT_TYPES",
+    "REQUEUES",
     "RESUME",
+    "RETRY_EXPIRED",
     "RUN_SCOPED_EVENT_TYPES",
     "START",
     "TERMINAL_STATUSES",

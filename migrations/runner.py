@@ -64,6 +64,7 @@ from migrations import (
     m0011_run_failed_events_for_superseded_runs,
     m0012_run_queue_and_idempotency_keys,
     m0013_index_events_by_run,
+    m0014_run_attempts,
 )
 from migrations.steps import Migration, MigrationError
 
@@ -81,6 +82,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0011_run_failed_events_for_superseded_runs.MIGRATION,
     m0012_run_queue_and_idempotency_keys.MIGRATION,
     m0013_index_events_by_run.MIGRATION,
+    m0014_run_attempts.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

@@ -234,6 +234,7 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
         "options": True,
         "worker_id": True,
         "lease_expires_at": True,
+        "attempt": False,
     }
     assert {index["name"] for index in inspector.get_indexes("session_runs")} == {
         "idx_session_runs_session_created",
@@ -453,6 +454,7 @@ def test_hand_made_session_runs_is_completed_keeping_its_rows(empty_engine: Engi
         "options": True,
         "worker_id": True,
         "lease_expires_at": True,
+        "attempt": False,
     }
     checks = {ck["name"] for ck in inspector.get_check_constraints("session_runs")}
     assert {"ck_session_runs_status", "ck_session_runs_trigger_source"} <= checks

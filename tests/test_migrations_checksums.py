@@ -42,6 +42,8 @@ PINNED = {
     (12, "postgresql"): "298c7428883a7e1ffcd551843213126dc5ebd4411212d3adfaa910d4765b3230",
     (13, "sqlite"): "d0c5e6e2bcb2a2d98900135c1d4e1f8df05096c6b39b39cb6d48563d94ea1ba3",
     (13, "postgresql"): "d0c5e6e2bcb2a2d98900135c1d4e1f8df05096c6b39b39cb6d48563d94ea1ba3",
+    (14, "sqlite"): "4d8a50307027f6b9e5c99d981c44631c208792a28bbb7a8c74e2312809a0afca",
+    (14, "postgresql"): "3b743cba57ebe878e3293c034f5b254051c99b367e1dec2cec45e24f02754c5a",
 }
 
 

@@ -247,6 +247,7 @@ def test_models_declare_the_phase_document_indexes(engine: Engine) -> None:
 def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
     columns = {c["name"]: c for c in inspect(engine).get_columns("session_runs")}
     required = {"id", "session_id", "trigger_source", "status", "created_at", "updated_at"}
+    required.add("attempt")  # migration 0014
     optional = {
         "parent_run_id",
         "input_message",

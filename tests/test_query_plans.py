@@ -246,7 +246,8 @@ def test_claim_next_walks_the_queue_index_and_checks_sessions_through_indexes(
     with capture_statements(engine) as capture, DbSession(engine) as db:
         assert RunRepository(db).claim_next("plans") is not None
         db.rollback()
-    (claim,) = _updates_of_runs(capture.statements)
+    # The queued run's claim (a resumed run's claim, tried first, found none).
+    (claim,) = [s for s in _updates_of_runs(capture.statements) if "candidate" in s.sql]
     accesses = _session_runs_accesses(engine, claim)
     assert "idx_session_runs_queue" in accesses, accesses
     assert None not in accesses, accesses

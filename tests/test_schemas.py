@@ -132,6 +132,7 @@ def test_run_response_from_a_session_run() -> None:
         "checkpoint_thread",
         "checkpoint_ns",
         "waiting_reason",
+        "attempt",
     }
     parsed = datetime.fromisoformat(payload["started_at"])
     assert parsed.utcoffset() is not None

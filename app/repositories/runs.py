@@ -101,7 +101,9 @@ from app.state_machine import (
     CANCEL,
     COMPLETE,
     FAIL,
+    GIVE_BACK,
     RESUME,
+    RETRY_EXPIRED,
     START,
     TERMINAL_STATUSES,
     TRANSITIONS,
@@ -124,6 +126,8 @@ DEFAULT_LEASE = timedelta(minutes=5)
 MAX_DURATION = timedelta(days=3650)
 """The longest lease and ``fail_stale`` age (ten years, as an idempotency window)."""
 WORKER_ID_MAX_LENGTH = 255
+MAX_ATTEMPTS = 1000
+"""The largest ``max_attempts`` of ``fail_stale`` / ``expire_leases``."""
 
 
 def _literal(status: RunStatus) -> Any:
@@ -160,8 +164,16 @@ def _transition_update(dialect: str, transition: Transition) -> Update:
     # ends the lease, and waiting for input ends the execution (the worker is gone).
     if transition.target is RunStatus.RUNNING or RunStatus.RUNNING in transition.sources:
         values["lease_expires_at"] = None
-    if transition.target is RunStatus.RUNNING or transition.target is RunStatus.WAITING_INPUT:
+    if transition.target in (RunStatus.RUNNING, RunStatus.WAITING_INPUT, RunStatus.QUEUED):
         values["worker_id"] = None
+    # attempt counts the claims of the current execution (migration 0014): every
+    # start adds one, a lease given back returns its unused one, resume begins anew.
+    if transition is START:
+        values["attempt"] = RUNS.c.attempt + 1
+    elif transition is GIVE_BACK:
+        values["attempt"] = RUNS.c.attempt - 1
+    elif transition is RESUME:
+        values["attempt"] = literal_column("0")
     if transition is RESUME:
         values["resume_payload"] = bindparam("resume_payload", type_=RUNS.c.resume_payload.type)
     if transition is COMPLETE:
@@ -212,6 +224,31 @@ def _next_claimable() -> Any:
             ),
         )
         .order_by(candidate.c.created_at, candidate.c.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+
+
+def _unclaimed_resumed(runs: Any) -> tuple[Any, ...]:
+    """A resumed run nobody executes yet: running, with a resume payload, without a
+    worker or a lease (``resume`` clears both; ``start`` writes no payload)."""
+    return (
+        runs.c.status == _literal(RunStatus.RUNNING),
+        runs.c.worker_id.is_(None),
+        runs.c.lease_expires_at.is_(None),
+        runs.c.resume_payload.is_not(None),
+    )
+
+
+def _next_resumed() -> Any:
+    """The id of the resumed run ``claim_next`` leases first: the one resumed longest
+    ago. It is its session's running run, so FIFO within the session is kept."""
+    candidate = RUNS.alias("resumed")
+    return (
+        select(candidate.c.id)
+        .where(*_unclaimed_resumed(candidate))
+        .order_by(candidate.c.updated_at, candidate.c.id)
         .limit(1)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
@@ -300,6 +337,10 @@ class _Statements:
     transitions_with_event: dict[str, Executable] | None
     claim_with_event: Executable | None
     claim: Executable
+    claim_resumed: Executable
+    give_back: Executable
+    give_back_with_event: Executable | None
+    retry_expired: Executable
     heartbeat: Executable
     heartbeat_leased: Executable
     update_metrics: Executable
@@ -362,6 +403,8 @@ def _statements(dialect: str) -> _Statements:
     if newest is not None:
         created_row = created_row.select_from(newest)
     # Inserts nothing unless the session exists and the parent run is in it.
+    # include_defaults=False: the columns not named take their server defaults
+    # (attempt), not a parameter per Python-side default.
     create = RUNS.insert().from_select(
         list(created_values),
         created_row.where(
@@ -371,6 +414,7 @@ def _statements(dialect: str) -> _Statements:
                 exists().where(RUNS.c.id == parent_run_id, RUNS.c.session_id == SESSION_ID),
             ),
         ),
+        include_defaults=False,
     )
 
     newest_first = (RUNS.c.created_at.desc(), RUNS.c.id.desc())
@@ -408,6 +452,9 @@ def _statements(dialect: str) -> _Statements:
         .where(RUNS.c.id == _next_claimable())
         .values(worker_id=worker_id, lease_expires_at=lease_expires_at)
     )
+    give_back = _transition_update(dialect, GIVE_BACK).where(
+        RUNS.c.id == RUN_ID, RUNS.c.worker_id == worker_id
+    )
     one_statement = dialect == POSTGRESQL
     return _Statements(
         create=_loading(create),
@@ -421,6 +468,24 @@ def _statements(dialect: str) -> _Statements:
         ),
         claim_with_event=_with_lifecycle_event(claim) if one_statement else None,
         claim=_loading(claim),
+        claim_resumed=_loading(
+            update(RUNS)
+            .where(RUNS.c.id == _next_resumed(), *_unclaimed_resumed(RUNS))
+            .values(
+                worker_id=worker_id,
+                lease_expires_at=lease_expires_at,
+                attempt=RUNS.c.attempt + 1,
+                updated_at=NOW,
+            )
+        ),
+        give_back=_loading(give_back),
+        give_back_with_event=_with_lifecycle_event(give_back) if one_statement else None,
+        retry_expired=_loading(
+            _transition_update(dialect, RETRY_EXPIRED).where(
+                RUNS.c.lease_expires_at < NOW,
+                RUNS.c.attempt < bindparam("max_attempts", type_=RUNS.c.attempt.type),
+            )
+        ),
         heartbeat=_loading(
             update(RUNS)
             .where(RUNS.c.id == RUN_ID, RUNS.c.status == RunStatus.RUNNING)
@@ -729,9 +794,16 @@ class RunRepository:
 
     # ------------------------------------------------------------ the queue
 
-    def claim_next(self, worker_id: str, *, lease: timedelta = DEFAULT_LEASE) -> SessionRun | None:
+    def claim_next(
+        self, worker_id: str, *, lease: timedelta = DEFAULT_LEASE, resumed: bool = True
+    ) -> SessionRun | None:
         """Take the next runnable queued run: ``running``, leased to ``worker_id``, with
         its ``run_started`` event; ``None`` when no run is runnable.
+
+        First (unless ``resumed=False``), a resumed run nobody executes yet (running,
+        with a ``resume_payload``, no worker and no lease): it is leased to
+        ``worker_id`` as it stands, without another lifecycle event (its
+        ``run_resumed`` was written by ``resume``). Every claim adds one to ``attempt``.
 
         Runnable: the oldest queued run of its session (``created_at``, then ``id``)
         in a session with no running and no waiting run; across sessions the oldest
@@ -744,6 +816,10 @@ class RunRepository:
         """
         worker_id = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
         params = {"worker": worker_id, "lease_seconds": _seconds(lease, "lease")}
+        if resumed:
+            run = self._run(self._sql.claim_resumed, params)
+            if run is not None:
+                return run
         # Only a ``start`` of another run of the same session at the same moment can
         # trip the one-running index here (``ActiveRunExistsError``, transaction aborted).
         return self._change(
@@ -783,7 +859,53 @@ class RunRepository:
             raise LeaseNotHeldError(run_id, current.worker_id, worker_id)
         return run
 
-    def fail_stale(self, older_than: timedelta) -> list[str]:
+    def give_back(self, run_id: str, *, worker_id: str) -> SessionRun:
+        """Return a claimed run to the queue unfinished (a worker shutting down): back to
+        ``queued`` with a ``run_requeued`` event, worker and lease cleared, the unused
+        attempt returned. It heads its session's queue again, so the next
+        ``claim_next`` of any worker takes it. Only the lease holder may
+        (``LeaseNotHeldError``); a run no longer running raises ``InvalidTransitionError``.
+        """
+        run_id = text_param(run_id, "run_id")
+        worker_id = text_param(worker_id, "worker_id", max_length=WORKER_ID_MAX_LENGTH)
+        run = self._change(
+            self._sql.give_back,
+            self._sql.give_back_with_event,
+            {"run_id": run_id, "worker": worker_id},
+            GIVE_BACK.event_type,
+            {"worker_id": worker_id, "reason": "worker_shutdown"},
+        )
+        if run is None:
+            current = self.get(run_id)
+            if current.status is not RunStatus.RUNNING:
+                raise InvalidTransitionError(
+                    run_id, current.status, GIVE_BACK.target, GIVE_BACK.sources
+                )
+            raise LeaseNotHeldError(run_id, current.worker_id, worker_id)
+        return run
+
+    def expire_leases(self, *, max_attempts: int = 1) -> tuple[list[str], list[str]]:
+        """Deal with the running runs whose lease has expired (their worker is presumed
+        dead); returns ``(retried, failed)`` run ids.
+
+        A run whose ``attempt`` is below ``max_attempts`` goes back to the queue with a
+        ``run_retried`` event (``{"attempt": n, "max_attempts": m}``); it heads its
+        session's queue, so the next claim takes it. The others fail with
+        ``latest_error.code = "stale_run"`` and a ``run_failed`` event.
+        """
+        max_attempts = _max_attempts(max_attempts)
+        retried: list[str] = []
+        if max_attempts > 1:
+            requeued = self._runs(self._sql.retry_expired, {"max_attempts": max_attempts})
+            for run in requeued:
+                payload = {"attempt": run.attempt, "max_attempts": max_attempts}
+                self._events.write_lifecycle_event(
+                    run.session_id, RETRY_EXPIRED.event_type, payload, run.id
+                )
+            retried = [run.id for run in requeued]
+        return retried, self._fail(self._sql.fail_expired_leases, _LEASE_ERROR, {})
+
+    def fail_stale(self, older_than: timedelta, *, max_attempts: int = 1) -> list[str]:
         """Fail the running runs whose worker is presumed dead; returns their ids.
 
         Those are the runs whose ``claim_next`` lease has expired, and the runs
@@ -791,28 +913,26 @@ class RunRepository:
         ``latest_error.code = "stale_run"`` and a ``run_failed`` event. The
         UPDATE picks and fails them at once; a worker that comes back late
         cannot overwrite that: its ``complete`` raises ``InvalidTransitionError``.
+        With ``max_attempts`` above 1, a run whose lease expired before its last
+        attempt is requeued instead (``expire_leases``) and not returned.
         """
         seconds = _seconds(older_than, "older_than")
-        lease_error = {
-            "code": "stale_run",
-            "message": "the worker's lease expired (the database's clock passed lease_expires_at)",
-        }
         stale_error = {
             "code": "stale_run",
             "message": f"no heartbeat for more than {seconds:g} s (older_than)",
         }
-        failed: list[str] = []
-        for statement, error, extra in (
-            (self._sql.fail_expired_leases, lease_error, {}),
-            (self._sql.fail_stale, stale_error, {"cutoff_seconds": -seconds}),
-        ):
-            stale = self._runs(statement, {"error": error, **extra})
-            for run in stale:
-                self._events.write_lifecycle_event(
-                    run.session_id, FAIL.event_type, {"error": error}, run.id
-                )
-            failed.extend(run.id for run in stale)
-        return failed
+        _, failed = self.expire_leases(max_attempts=max_attempts)
+        return failed + self._fail(self._sql.fail_stale, stale_error, {"cutoff_seconds": -seconds})
+
+    def _fail(
+        self, statement: Executable, error: dict[str, Any], extra: dict[str, Any]
+    ) -> list[str]:
+        stale = self._runs(statement, {"error": error, **extra})
+        for run in stale:
+            self._events.write_lifecycle_event(
+                run.session_id, FAIL.event_type, {"error": error}, run.id
+            )
+        return [run.id for run in stale]
 
     def delete(self, run_id: str) -> None:
         """Delete the run and its events; its retries keep living with ``parent_run_id`` NULL."""
@@ -1056,6 +1176,21 @@ def _duration(value: Any, name: str) -> timedelta:
             name,
             f"expected a positive timedelta of at most {MAX_DURATION.days} days, "
             f"got {described(value)}",
+        )
+    return value
+
+
+_LEASE_ERROR = {
+    "code": "stale_run",
+    "message": "the worker's lease expired (the database's clock passed lease_expires_at)",
+}
+
+
+def _max_attempts(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ATTEMPTS:
+        raise BadParameterError(
+            "max_attempts",
+            f"expected an integer from 1 to {MAX_ATTEMPTS}, got {described(value)}",
         )
     return value
 

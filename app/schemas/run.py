@@ -77,6 +77,10 @@ class RunResponse(RunState):
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)  # type: ignore[assignment]
 
     run_id: str = Field(validation_alias="id")
+    attempt: int = Field(
+        default=0,
+        description="claims of the run's current execution by workers (docs/worker.md)",
+    )
 
 
 class RunResumeRequest(SQLModel):

@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 from sqlalchemy.engine import make_url
 
+from app.schemas import RunResponse
+from app.schemas.event import EventResponse
 from benchmarks.environment import raw_postgresql, raw_sqlite
 
 SQL_FOLDER = Path(__file__).resolve().parents[2] / "docs" / "sql"
@@ -89,42 +91,68 @@ def _same(value: Any) -> Any:
     return value
 
 
+Shape = list[tuple[str, int, Callable[[Any], Any]]]
+"""How to build a JSON object from a row: (key, column index, converter) per key."""
+
+
+def _fields(schema: type[BaseModel]) -> list[tuple[str, str, str]]:
+    """(JSON key, column it is read from, kind) for each field of a response schema,
+    in the schema's order: kind ``time``, ``json``, ``object`` (JSON, never null) or ``value``."""
+    fields = []
+    for name, info in schema.model_fields.items():
+        column = info.validation_alias if isinstance(info.validation_alias, str) else name
+        annotation = repr(info.annotation)
+        if "datetime" in annotation:
+            kind = "time"
+        elif "dict" in annotation:
+            kind = "json" if "None" in annotation else "object"
+        else:
+            kind = "value"
+        fields.append((name, column, kind))
+    return fields
+
+
+RUN_FIELDS = _fields(RunResponse)
+EVENT_FIELDS = _fields(EventResponse)
+
+
 class Dialect:
-    """How one backend reads values: timestamps and JSON columns, as the rows hold them."""
+    """How one backend reads values (timestamps, JSON columns) into the schemas' JSON.
+
+    The keys and their order come from ``RunResponse`` / ``EventResponse``, the
+    columns from the cursor's description: a field the project adds to its
+    schemas (and its statements) is answered here too.
+    """
 
     def __init__(self, time: Callable[[Any], str | None], json_value: Callable[[Any], Any]):
         self.time = time
         self.json = json_value
+        self._shapes: dict[tuple[int, tuple[str, ...]], Shape] = {}
 
-    def run(self, row: Sequence[Any]) -> dict[str, Any]:
-        """``RunResponse``'s JSON from a row in the repositories' column order."""
-        time, json_value = self.time, self.json
-        return {
-            "session_id": row[0],
-            "status": row[1],
-            "started_at": time(row[2]),
-            "finished_at": time(row[3]),
-            "latest_error": json_value(row[4]),
-            "metrics": json_value(row[5]),
-            "checkpoint_thread": row[6],
-            "checkpoint_ns": row[7],
-            "waiting_reason": row[8],
-            "run_id": row[9],
-        }
+    def _shape(self, fields: list[tuple[str, str, str]], description: Any) -> Shape:
+        columns = tuple(column[0] for column in description)
+        key = (id(fields), columns)
+        shape = self._shapes.get(key)
+        if shape is None:
+            converters = {"time": self.time, "json": self.json, "object": self._object}
+            shape = self._shapes[key] = [
+                (name, columns.index(column), converters.get(kind, _same))
+                for name, column, kind in fields
+            ]
+        return shape
 
-    def event(self, row: Sequence[Any]) -> dict[str, Any]:
-        """``EventResponse``'s JSON from a ``page_for_run`` row."""
-        payload = self.json(row[4])
-        return {
-            "session_id": row[1],
-            "seq": row[2],
-            "type": row[3],
-            "source": row[5],
-            "run_id": row[7],
-            "event_id": row[8],
-            "payload": {} if payload is None else payload,
-            "timestamp": self.time(row[6]),
-        }
+    def _object(self, value: Any) -> Any:
+        loaded = self.json(value)
+        return {} if loaded is None else loaded
+
+    def run(self, row: Sequence[Any], description: Any) -> dict[str, Any]:
+        """``RunResponse``'s JSON from a row of the repositories' run columns."""
+        return {k: convert(row[i]) for k, i, convert in self._shape(RUN_FIELDS, description)}
+
+    def events(self, rows: Sequence[Sequence[Any]], description: Any) -> list[dict[str, Any]]:
+        """``EventResponse``'s JSON for each ``page_for_run`` row."""
+        shape = self._shape(EVENT_FIELDS, description)
+        return [{k: convert(row[i]) for k, i, convert in shape} for row in rows]
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -161,32 +189,30 @@ class SqliteStore:
             conn = self.local.conn = raw_sqlite(self.url)
         return conn
 
-    @staticmethod
-    def now() -> str:
-        return datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
-
     def get_run(self, run_id: str) -> JSONResponse:
         conn = self.connection()
         conn.execute("BEGIN DEFERRED")
         try:
-            row = conn.execute(self.by_id, (run_id,)).fetchone()
+            cursor = conn.execute(self.by_id, (run_id,))
+            row = cursor.fetchone()
         finally:
             conn.commit()
         if row is None:
             return _run_not_found(run_id)
-        return JSONResponse(self.dialect.run(row))
+        return JSONResponse(self.dialect.run(row, cursor.description))
 
     def list_events(self, run_id: str, since_seq: int, limit: int) -> JSONResponse:
         conn = self.connection()
         conn.execute("BEGIN DEFERRED")
         try:
-            rows = conn.execute(self.page, (run_id, run_id, since_seq, limit, 0)).fetchall()
+            cursor = conn.execute(self.page, (run_id, run_id, since_seq, limit, 0))
+            rows = cursor.fetchall()
             missing = not rows and conn.execute(self.by_id, (run_id,)).fetchone() is None
         finally:
             conn.commit()
         if missing:
             return _run_not_found(run_id)
-        return JSONResponse(_page([self.dialect.event(row) for row in rows], since_seq))
+        return JSONResponse(_page(self.dialect.events(rows, cursor.description), since_seq))
 
     def _event(
         self,
@@ -195,7 +221,6 @@ class SqliteStore:
         run_id: str,
         kind: str,
         payload: dict[str, Any],
-        now: str,
     ) -> None:
         seq = conn.execute(
             self.allocate,
@@ -224,10 +249,10 @@ class SqliteStore:
         ).fetchone()
 
     def create(self, session_id: str, message: str) -> JSONResponse:
-        conn, now, run_id = self.connection(), self.now(), uuid.uuid4().hex
+        conn, run_id = self.connection(), uuid.uuid4().hex
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
+            cursor = conn.execute(
                 self.create_sql,
                 (
                     run_id,
@@ -245,55 +270,59 @@ class SqliteStore:
                     None,
                     session_id,
                 ),
-            ).fetchone()
+            )
+            row = cursor.fetchone()
             if row is None:
                 conn.rollback()
                 return _error(404, "session_not_found", f"session {session_id} not found")
             payload = {"trigger_source": "chat", "parent_run_id": None}
-            self._event(conn, session_id, run_id, "run_created", payload, now)
+            self._event(conn, session_id, run_id, "run_created", payload)
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
-        return JSONResponse(self.dialect.run(row), status_code=201)
+        return JSONResponse(self.dialect.run(row, cursor.description), status_code=201)
 
     def resume(self, run_id: str, resume: dict[str, Any]) -> JSONResponse:
-        conn, now = self.connection(), self.now()
+        conn = self.connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
+            cursor = conn.execute(
                 self.resume_sql,
                 ("running", None, json.dumps(resume), None, None, "waiting_input", run_id),
-            ).fetchone()
+            )
+            row = cursor.fetchone()
             if row is None:
                 current = conn.execute(self.by_id, (run_id,)).fetchone()
                 conn.rollback()
                 return _refused(run_id, current, "running")
-            self._event(conn, row[0], run_id, "run_resumed", {"resume": resume}, now)
+            self._event(conn, row[0], run_id, "run_resumed", {"resume": resume})
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
-        return JSONResponse(self.dialect.run(row), status_code=202)
+        return JSONResponse(self.dialect.run(row, cursor.description), status_code=202)
 
     def cancel(self, run_id: str) -> JSONResponse:
-        conn, now = self.connection(), self.now()
+        conn = self.connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
+            cursor = conn.execute(
                 self.cancel_sql,
                 ("cancelled", None, None, "queued", "running", "waiting_input", run_id),
-            ).fetchone()
+            )
+            row = cursor.fetchone()
             if row is None:
-                current = conn.execute(self.by_id, (run_id,)).fetchone()
+                lookup = conn.execute(self.by_id, (run_id,))
+                current = lookup.fetchone()
                 conn.commit()
-                return _cancel_unchanged(run_id, current, self.dialect)
-            self._event(conn, row[0], run_id, "run_cancelled", {}, now)
+                return _cancel_unchanged(run_id, current, lookup.description, self.dialect)
+            self._event(conn, row[0], run_id, "run_cancelled", {})
             conn.commit()
         except BaseException:
             conn.rollback()
             raise
-        return JSONResponse(self.dialect.run(row), status_code=202)
+        return JSONResponse(self.dialect.run(row, cursor.description), status_code=202)
 
 
 def _page(items: list[dict[str, Any]], since_seq: int) -> dict[str, Any]:
@@ -306,9 +335,11 @@ def _refused(run_id: str, current: Sequence[Any] | None, target: str) -> JSONRes
     return _error(409, "invalid_transition", f"run {run_id} is {current[1]}; cannot go {target}")
 
 
-def _cancel_unchanged(run_id: str, current: Sequence[Any] | None, dialect: Dialect) -> JSONResponse:
+def _cancel_unchanged(
+    run_id: str, current: Sequence[Any] | None, description: Any, dialect: Dialect
+) -> JSONResponse:
     if current is not None and current[1] in TERMINAL:
-        return JSONResponse(dialect.run(current), status_code=200)
+        return JSONResponse(dialect.run(current, description), status_code=200)
     return _refused(run_id, current, "cancelled")
 
 
@@ -358,18 +389,22 @@ class PostgresqlStore:
 
     def get_run(self, run_id: str) -> JSONResponse:
         def work(conn: psycopg.Connection) -> JSONResponse:
-            row = conn.execute(self.by_id, {"run_id": run_id}).fetchone()
-            return _run_not_found(run_id) if row is None else JSONResponse(self.dialect.run(row))
+            cursor = conn.execute(self.by_id, {"run_id": run_id})
+            row = cursor.fetchone()
+            if row is None:
+                return _run_not_found(run_id)
+            return JSONResponse(self.dialect.run(row, cursor.description))
 
         return self._transaction(work)
 
     def list_events(self, run_id: str, since_seq: int, limit: int) -> JSONResponse:
         def work(conn: psycopg.Connection) -> JSONResponse:
             params = {"run_id": run_id, "since_seq": since_seq, "limit": limit}
-            rows = conn.execute(self.page, params).fetchall()
+            cursor = conn.execute(self.page, params)
+            rows = cursor.fetchall()
             if not rows and conn.execute(self.by_id, {"run_id": run_id}).fetchone() is None:
                 return _run_not_found(run_id)
-            return JSONResponse(_page([self.dialect.event(row) for row in rows], since_seq))
+            return JSONResponse(_page(self.dialect.events(rows, cursor.description), since_seq))
 
         return self._transaction(work)
 
@@ -385,24 +420,23 @@ class PostgresqlStore:
             "options": Jsonb(CREATE_OPTIONS),
             "checkpoint_thread": f"{session_id}:{run_id}",
             "checkpoint_ns": None,
-            "now": datetime.now(UTC),
             "param_1": NOTIFY_CHANNEL,
             "param_2": "session",
             **_event_parameters("run_created", {"trigger_source": "chat", "parent_run_id": None}),
         }
 
         def work(conn: psycopg.Connection) -> JSONResponse:
-            row = conn.execute(self.create_sql, params).fetchone()
+            cursor = conn.execute(self.create_sql, params)
+            row = cursor.fetchone()
             if row is None:
                 return _error(404, "session_not_found", f"session {session_id} not found")
-            return JSONResponse(self.dialect.run(row), status_code=201)
+            return JSONResponse(self.dialect.run(row, cursor.description), status_code=201)
 
         return self._transaction(work)
 
     def resume(self, run_id: str, resume: dict[str, Any]) -> JSONResponse:
         params = {
             "param_1": "running",
-            "now": datetime.now(UTC),
             "param_2": None,
             "resume_payload": Jsonb(resume),
             "param_3": None,
@@ -415,19 +449,19 @@ class PostgresqlStore:
         }
 
         def work(conn: psycopg.Connection) -> JSONResponse:
-            row = conn.execute(self.resume_sql, params).fetchone()
+            cursor = conn.execute(self.resume_sql, params)
+            row = cursor.fetchone()
             if row is None:
                 current = conn.execute(self.by_id, {"run_id": run_id}).fetchone()
                 conn.rollback()
                 return _refused(run_id, current, "running")
-            return JSONResponse(self.dialect.run(row), status_code=202)
+            return JSONResponse(self.dialect.run(row, cursor.description), status_code=202)
 
         return self._transaction(work)
 
     def cancel(self, run_id: str) -> JSONResponse:
         params = {
             "param_1": "cancelled",
-            "now": datetime.now(UTC),
             "param_2": None,
             "param_3": None,
             "status_1": "queued",
@@ -440,11 +474,13 @@ class PostgresqlStore:
         }
 
         def work(conn: psycopg.Connection) -> JSONResponse:
-            row = conn.execute(self.cancel_sql, params).fetchone()
+            cursor = conn.execute(self.cancel_sql, params)
+            row = cursor.fetchone()
             if row is None:
-                current = conn.execute(self.by_id, {"run_id": run_id}).fetchone()
-                return _cancel_unchanged(run_id, current, self.dialect)
-            return JSONResponse(self.dialect.run(row), status_code=202)
+                lookup = conn.execute(self.by_id, {"run_id": run_id})
+                current = lookup.fetchone()
+                return _cancel_unchanged(run_id, current, lookup.description, self.dialect)
+            return JSONResponse(self.dialect.run(row, cursor.description), status_code=202)
 
         return self._transaction(work)
 

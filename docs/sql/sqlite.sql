@@ -12,37 +12,37 @@ WHERE (EXISTS (SELECT *
 FROM sessions
 WHERE sessions.id = ?)) AND (? IS NULL OR (EXISTS (SELECT *
 FROM session_runs
-WHERE session_runs.id = ? AND session_runs.session_id = ?))) RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+WHERE session_runs.id = ? AND session_runs.session_id = ?))) RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.by_id
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.id = ?;
 
 -- RunRepository.transitions[cancel]
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE (session_runs.status = ? OR session_runs.status = ? OR session_runs.status = ?) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE (session_runs.status = ? OR session_runs.status = ? OR session_runs.status = ?) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.transitions[complete]
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), metrics=json_merge_shallow(session_runs.metrics, ?), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), metrics=json_merge_shallow(session_runs.metrics, ?), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.transitions[fail]
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.transitions[resume]
-UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), waiting_reason=?, resume_payload=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=? WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
+UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), waiting_reason=?, resume_payload=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=?, attempt=0 WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
 FROM session_runs AS other_run
-WHERE other_run.session_id = session_runs.session_id AND other_run.status = 'running')) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+WHERE other_run.session_id = session_runs.session_id AND other_run.status = 'running')) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.transitions[start]
-UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=? WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
+UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=?, attempt=(session_runs.attempt + ?) WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
 FROM session_runs AS other_run
-WHERE other_run.session_id = session_runs.session_id AND other_run.status = 'running')) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+WHERE other_run.session_id = session_runs.session_id AND other_run.status = 'running')) AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.transitions[wait_for_input]
-UPDATE session_runs SET status=?, waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=? WHERE session_runs.status = ? AND session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.claim
-UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000') WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
+UPDATE session_runs SET status=?, started_at=coalesce(session_runs.started_at, (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000'), attempt=(session_runs.attempt + ?) WHERE session_runs.status = ? AND NOT (EXISTS (SELECT *
 FROM session_runs AS other_run
 WHERE other_run.session_id = session_runs.session_id AND other_run.status = 'running')) AND session_runs.id = (SELECT candidate.id
 FROM session_runs AS candidate
@@ -51,22 +51,34 @@ FROM session_runs AS busy_run
 WHERE busy_run.session_id = candidate.session_id AND busy_run.status IN ('running', 'waiting_input'))) AND NOT (EXISTS (SELECT *
 FROM session_runs AS older_run
 WHERE older_run.session_id = candidate.session_id AND older_run.status = 'queued' AND (older_run.created_at, older_run.id) < (candidate.created_at, candidate.id))) ORDER BY candidate.created_at, candidate.id
- LIMIT ? OFFSET ?) RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+ LIMIT ? OFFSET ?) RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
+
+-- RunRepository.claim_resumed
+UPDATE session_runs SET updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000'), attempt=(session_runs.attempt + ?) WHERE session_runs.id = (SELECT resumed.id
+FROM session_runs AS resumed
+WHERE resumed.status = 'running' AND resumed.worker_id IS NULL AND resumed.lease_expires_at IS NULL AND resumed.resume_payload IS NOT NULL ORDER BY resumed.updated_at, resumed.id
+ LIMIT ? OFFSET ?) AND session_runs.status = 'running' AND session_runs.worker_id IS NULL AND session_runs.lease_expires_at IS NULL AND session_runs.resume_payload IS NOT NULL RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
+
+-- RunRepository.give_back
+UPDATE session_runs SET status=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=?, attempt=(session_runs.attempt - ?) WHERE session_runs.status = ? AND session_runs.id = ? AND session_runs.worker_id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
+
+-- RunRepository.retry_expired
+UPDATE session_runs SET status=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), worker_id=?, lease_expires_at=? WHERE session_runs.status = ? AND session_runs.lease_expires_at < (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') AND session_runs.attempt < ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.heartbeat
-UPDATE session_runs SET updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') WHERE session_runs.id = ? AND session_runs.status = ? AND session_runs.worker_id IS NULL RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') WHERE session_runs.id = ? AND session_runs.status = ? AND session_runs.worker_id IS NULL RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.heartbeat_leased
-UPDATE session_runs SET updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000') WHERE session_runs.id = ? AND session_runs.status = ? AND session_runs.worker_id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=(strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000') WHERE session_runs.id = ? AND session_runs.status = ? AND session_runs.worker_id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.update_metrics
-UPDATE session_runs SET metrics=json_merge_shallow(session_runs.metrics, ?), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') WHERE session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET metrics=json_merge_shallow(session_runs.metrics, ?), updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') WHERE session_runs.id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.fail_stale
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.lease_expires_at IS NULL AND session_runs.updated_at < (strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000') RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.lease_expires_at IS NULL AND session_runs.updated_at < (strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', ?)) || '000') RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.fail_expired_leases
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.lease_expires_at < (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), latest_error=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE session_runs.status = ? AND session_runs.lease_expires_at < (strftime('%Y-%m-%d %H:%M:%f', 'now') || '000') RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.active_run
 SELECT session_runs.session_id, (SELECT other.id
@@ -87,16 +99,16 @@ WHERE session_runs.session_id = ? AND session_runs.status IN ('queued', 'running
  LIMIT ? OFFSET ?;
 
 -- RunRepository.interrupt
-UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE (session_runs.status = ? OR session_runs.status = ? OR session_runs.status = ?) AND session_runs.session_id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at;
+UPDATE session_runs SET status=?, finished_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), waiting_reason=?, updated_at=(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'), lease_expires_at=? WHERE (session_runs.status = ? OR session_runs.status = ? OR session_runs.status = ?) AND session_runs.session_id = ? RETURNING session_id, status, started_at, finished_at, latest_error, metrics, checkpoint_thread, checkpoint_ns, waiting_reason, id, parent_run_id, trigger_source, input_message, resume_payload, options, created_at, updated_at, worker_id, lease_expires_at, attempt;
 
 -- RunRepository.pages[(False, False)]
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.session_id = ? ORDER BY session_runs.created_at DESC, session_runs.id DESC
  LIMIT ? OFFSET ?;
 
 -- RunRepository.pages[(False, True)]
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs JOIN (SELECT session_runs.created_at AS created_at, session_runs.id AS id
 FROM session_runs
 WHERE session_runs.id = ? AND session_runs.session_id = ?) AS cursor ON 1 = 1
@@ -104,13 +116,13 @@ WHERE session_runs.session_id = ? AND session_runs.created_at <= cursor.created_
  LIMIT ? OFFSET ?;
 
 -- RunRepository.pages[(True, False)]
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.session_id = ? AND session_runs.status = ? ORDER BY session_runs.created_at DESC, session_runs.id DESC
  LIMIT ? OFFSET ?;
 
 -- RunRepository.pages[(True, True)]
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs JOIN (SELECT session_runs.created_at AS created_at, session_runs.id AS id
 FROM session_runs
 WHERE session_runs.id = ? AND session_runs.session_id = ?) AS cursor ON 1 = 1
@@ -118,18 +130,18 @@ WHERE session_runs.session_id = ? AND session_runs.status = ? AND session_runs.c
  LIMIT ? OFFSET ?;
 
 -- RunRepository.by_status
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.status = ? ORDER BY session_runs.created_at, session_runs.id
  LIMIT ? OFFSET ?;
 
 -- RunRepository.children
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.parent_run_id = ? ORDER BY session_runs.created_at, session_runs.id;
 
 -- RunRepository.latest_waiting
-SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at
+SELECT session_runs.session_id, session_runs.status, session_runs.started_at, session_runs.finished_at, session_runs.latest_error, session_runs.metrics, session_runs.checkpoint_thread, session_runs.checkpoint_ns, session_runs.waiting_reason, session_runs.id, session_runs.parent_run_id, session_runs.trigger_source, session_runs.input_message, session_runs.resume_payload, session_runs.options, session_runs.created_at, session_runs.updated_at, session_runs.worker_id, session_runs.lease_expires_at, session_runs.attempt
 FROM session_runs
 WHERE session_runs.session_id = ? AND session_runs.status = ? ORDER BY session_runs.created_at DESC, session_runs.id DESC
  LIMIT ? OFFSET ?;
