@@ -376,18 +376,20 @@ class Processes:
 
 @contextmanager
 def bounded_processes() -> Iterator[Processes]:
-    """Processes stopped at the end, also on Ctrl-C and on SIGTERM."""
+    """Processes stopped at the end, also on Ctrl-C and on SIGTERM (both handled here,
+    since a shell that starts this in the background leaves SIGINT ignored)."""
     processes = Processes()
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupted)
+    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield processes
     finally:
         processes.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def free_port() -> int:
@@ -999,7 +1001,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process started here was stopped", file=sys.stderr)
+        sys.exit(130)
 
 
 __all__ = ["Workload", "add_pool", "lua_script", "main", "reset_pool", "seed"]
