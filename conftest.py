@@ -146,8 +146,10 @@ class PostgresDatabases:
                 build_schema(recorder)
         finally:
             recorder.dispose()
+        # An online step (CREATE INDEX CONCURRENTLY) cannot run in the replay's one
+        # transaction; on a new, empty schema the plain CREATE INDEX builds the same index.
         self._migration = [
-            (statement.sql, statement.parameters)
+            (statement.sql.replace("INDEX CONCURRENTLY", "INDEX"), statement.parameters)
             for statement in recording.statements
             if not statement.sql.lstrip().upper().startswith("SELECT")
         ]

@@ -165,6 +165,14 @@ class SessionRun(RunState, StoredModel, table=True):
             "id",
             postgresql_where=text("status IN ('queued', 'running', 'waiting_input')"),
         ),
+        # Retention's oldest-finished-first batches (migration 0015, built online).
+        Index(
+            "idx_session_runs_finished",
+            "finished_at",
+            "id",
+            sqlite_where=text("finished_at IS NOT NULL"),
+            postgresql_where=text("finished_at IS NOT NULL"),
+        ),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m migrations upgrade|status|sql [--url URL]``.
+"""Command line: ``python -m migrations upgrade|status|sql|history|current [--url URL]``.
 
 The database is ``--url``, else ``DATABASE_URL``, else the embedded SQLite
 file ``./runs.db`` (``app.db.resolve_database_url``).
@@ -13,6 +13,7 @@ environment variable). Errors are one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,56 @@ def _status(engine: Engine, _args: argparse.Namespace) -> int:
     return 0 if problems == 0 else 1
 
 
+def _history(engine: Engine, args: argparse.Namespace) -> int:
+    """Every recorded migration in the order it was applied, with its time and notes."""
+    records = sorted(
+        (state.recorded for state in status(engine) if state.recorded is not None),
+        key=lambda record: (record.applied_at, record.version),
+    )
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "version": record.version,
+                        "name": record.name,
+                        "applied_at": record.applied_at.isoformat(),
+                        "duration_ms": record.duration_ms,
+                        "checksum": record.checksum,
+                        "notes": list(record.notes),
+                    }
+                    for record in records
+                ]
+            )
+        )
+        return 0
+    for record in records:
+        print(
+            f"{record.applied_at:%Y-%m-%d %H:%M:%S} UTC  {record.version:04d}_{record.name}"
+            f"  {record.duration_ms} ms  checksum {record.checksum[:12]}"
+        )
+        for note in record.notes:
+            print(f"  note: {note}")
+    print(f"{len(records)} recorded" if records else "no migration recorded (an empty database)")
+    return 0
+
+
+def _current(engine: Engine, args: argparse.Namespace) -> int:
+    """The newest applied version, and what is pending (exit 0 either way)."""
+    states = status(engine)
+    applied = [s for s in states if s.state in ("applied", "unknown")]
+    newest = max(applied, key=lambda s: s.version, default=None)
+    pending = [f"{s.version:04d}_{s.name}" for s in states if s.state in ("pending", "changed")]
+    label = f"{newest.version:04d}_{newest.name}" if newest is not None else None
+    if args.json:
+        print(json.dumps({"current": label, "pending": pending}))
+    else:
+        print(label or "none (no migration applied)")
+        if pending:
+            print(f"pending: {', '.join(pending)}")
+    return 0
+
+
 def _sql(engine: Engine, _args: argparse.Namespace) -> int:
     print(pending_sql(engine))
     return 0
@@ -116,6 +167,8 @@ def _parser() -> argparse.ArgumentParser:
         "upgrade": "apply pending migrations, printing each with its duration",
         "status": "list applied, pending and changed migrations (exit 1 unless up to date)",
         "sql": "print the SQL upgrade would run, without running it",
+        "history": "list the recorded migrations in the order they were applied",
+        "current": "print the newest applied migration and what is pending",
     }
     for name, help_text in helps.items():
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -123,6 +176,8 @@ def _parser() -> argparse.ArgumentParser:
             "--url", help="database URL (default: $DATABASE_URL, else sqlite:///./runs.db)"
         )
         add_connect_timeout(command)
+        if name in ("history", "current"):
+            command.add_argument("--json", action="store_true", help="JSON output")
         if name == "upgrade":
             command.add_argument(
                 "--allow-changed",
@@ -167,9 +222,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OperatorError as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(f"database: {engine.url.render_as_string(hide_password=True)}")
+    if not getattr(args, "json", False):  # --json: stdout holds the one document
+        print(f"database: {engine.url.render_as_string(hide_password=True)}")
     try:
-        return {"upgrade": _upgrade, "status": _status, "sql": _sql}[args.command](engine, args)
+        commands = {
+            "upgrade": _upgrade,
+            "status": _status,
+            "sql": _sql,
+            "history": _history,
+            "current": _current,
+        }
+        return commands[args.command](engine, args)
     except MigrationError as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
         return DATABASE

@@ -65,8 +65,9 @@ from migrations import (
     m0012_run_queue_and_idempotency_keys,
     m0013_index_events_by_run,
     m0014_run_attempts,
+    m0015_index_finished_runs_online,
 )
-from migrations.steps import Migration, MigrationError
+from migrations.steps import Migration, MigrationError, OnlineIndex
 
 MIGRATIONS: tuple[Migration, ...] = (
     m0001_v07_baseline.MIGRATION,
@@ -83,6 +84,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0012_run_queue_and_idempotency_keys.MIGRATION,
     m0013_index_events_by_run.MIGRATION,
     m0014_run_attempts.MIGRATION,
+    m0015_index_finished_runs_online.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")
@@ -406,7 +408,10 @@ def upgrade(
 
         attempts.run("the version table", prepare)
         for migration in migrations:
-            result = attempts.run(migration.label, lambda m=migration: _apply_one(conn, m))
+            if attempts.postgresql and migration.online_indexes(dialect):
+                result = _apply_online(conn, migration, attempts)
+            else:
+                result = attempts.run(migration.label, lambda m=migration: _apply_one(conn, m))
             if result is None:
                 continue
             logger.info("applied migration %s in %d ms", migration.label, result.duration_ms)
@@ -416,28 +421,164 @@ def upgrade(
     return applied
 
 
-def _apply_one(conn: Connection, migration: Migration) -> AppliedMigration | None:
-    """Apply ``migration`` unless it is recorded (and complete); under the caller's lock."""
-    dialect = conn.dialect.name
-    recorded = conn.execute(
-        text("SELECT 1 FROM schema_migrations WHERE version = :version"),
-        {"version": migration.version},
-    ).first()
-    if recorded and migration.is_complete(conn):
+def _apply_one(
+    conn: Connection, migration: Migration, *, record: bool = True
+) -> AppliedMigration | None:
+    """Apply ``migration`` unless it is recorded (and complete); under the caller's lock.
+
+    ``record=False``: leave the version row to the caller (``_apply_online``).
+    """
+    if _is_recorded(conn, migration) and migration.is_complete(conn):
         return None
     started = time.perf_counter()
     notes = migration.apply(conn)
     duration_ms = round((time.perf_counter() - started) * 1000)
+    if record:
+        _record(conn, migration, notes, duration_ms)
+    return AppliedMigration(migration.version, migration.name, duration_ms, tuple(notes))
+
+
+def _is_recorded(conn: Connection, migration: Migration) -> bool:
+    return (
+        conn.execute(
+            text("SELECT 1 FROM schema_migrations WHERE version = :version"),
+            {"version": migration.version},
+        ).first()
+        is not None
+    )
+
+
+def _record(conn: Connection, migration: Migration, notes: Sequence[str], duration_ms: int) -> None:
     row = {
         "version": migration.version,
         "name": migration.name,
-        "checksum": migration.checksum(dialect),
+        "checksum": migration.checksum(conn.dialect.name),
         "applied_at": utc_now(),
         "duration_ms": duration_ms,
         "notes": _NOTE_SEPARATOR.join(notes) or None,
     }
-    conn.execute(_UPDATE_RECORD if recorded else _INSERT_RECORD, row)
+    conn.execute(_UPDATE_RECORD if _is_recorded(conn, migration) else _INSERT_RECORD, row)
+
+
+# --------------------------------------------------------------------------
+# Online index builds (PostgreSQL): outside the transaction, under the migration lock
+
+_INDEX_VALID = text(
+    """SELECT i.indisvalid AND i.indisready FROM pg_index AS i
+JOIN pg_class AS c ON c.oid = i.indexrelid
+WHERE c.relname = :name AND c.relnamespace = to_regnamespace(current_schema())"""
+)
+
+
+def index_validity(conn: Connection, name: str) -> bool | None:
+    """PostgreSQL: whether the index ``name`` of the current schema is valid; ``None``
+    when there is no such index. An interrupted ``CREATE INDEX CONCURRENTLY`` leaves
+    an INVALID one: kept up to date by writes, never used by reads."""
+    return conn.execute(_INDEX_VALID, {"name": name}).scalar()
+
+
+@contextmanager
+def _autocommit(conn: Connection) -> Iterator[None]:
+    """Statements outside any transaction (``CONCURRENTLY`` refuses to run in one)."""
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        yield
+    finally:
+        if not conn.invalidated:
+            conn.execution_options(isolation_level=conn.default_isolation_level)
+
+
+def _apply_online(
+    conn: Connection, migration: Migration, attempts: _Attempts
+) -> AppliedMigration | None:
+    """A migration with ``OnlineIndex`` steps, on PostgreSQL.
+
+    Under the session-level migration lock (same key as the transaction-level
+    one, taken on this connection, so it lives exactly as long as the
+    connection that builds): 1. the transactional items in a transaction of
+    their own, no version row yet; 2. each index with ``CREATE INDEX
+    CONCURRENTLY``, after dropping an INVALID index of that name that an
+    interrupted build left; 3. the version row, only once every index is
+    valid. A build that fails or is interrupted records nothing; the next
+    upgrade reruns 1 (idempotent), drops the INVALID index and builds again.
+    """
+    with attempts.session_lock(migration.label):
+        result = attempts.run(migration.label, lambda: _apply_one(conn, migration, record=False))
+        if result is None:
+            return None
+        notes = list(result.notes)
+        started = time.perf_counter()
+        for index in migration.online_indexes("postgresql"):
+            note = _build_online(conn, migration, index, attempts)
+            if note:
+                notes.append(note)
+        duration_ms = result.duration_ms + round((time.perf_counter() - started) * 1000)
+        attempts.run(migration.label, lambda: _record(conn, migration, notes, duration_ms))
     return AppliedMigration(migration.version, migration.name, duration_ms, tuple(notes))
+
+
+def _build_online(
+    conn: Connection, migration: Migration, index: OnlineIndex, attempts: _Attempts
+) -> str | None:
+    """Build ``index`` concurrently (dropping an INVALID leftover first); a note or None.
+
+    Its waits (for the table's ``SHARE UPDATE EXCLUSIVE`` lock and, inside the
+    build, for older transactions to end) stop no reader or writer, so they are
+    bounded by what is left of the upgrade's total (``--lock-timeout``) rather
+    than by the per-statement lock wait.
+    """
+    waits = attempts.waits
+    remaining = max(attempts.deadline - time.monotonic(), MIN_TIMEOUT)
+    note = None
+    statement = index.statement("postgresql")
+    try:
+        with _autocommit(conn):
+            with conn.begin():
+                conn.execute(
+                    text(
+                        "SELECT set_config('lock_timeout', :lock_timeout, false), "
+                        "set_config('statement_timeout', :statement_timeout, false)"
+                    ),
+                    {
+                        "lock_timeout": str(max(1, round(remaining * 1000))),
+                        "statement_timeout": str(round(waits.statement * 1000)),
+                    },
+                )
+                validity = index_validity(conn, index.name)
+            if validity is True:
+                return None
+            if validity is False:
+                statement = f"DROP INDEX CONCURRENTLY IF EXISTS {index.name}"
+                with conn.begin():
+                    conn.execute(text(statement))
+                note = (
+                    f"dropped the INVALID index {index.name} an interrupted build had left, "
+                    "and built it again"
+                )
+                logger.warning("migration %s: %s", migration.label, note)
+            statement = index.statement("postgresql")
+            with conn.begin():
+                conn.execute(text(statement))
+                validity = index_validity(conn, index.name)
+            if validity is not True:
+                raise MigrationError(
+                    f"{migration.label}: {index.name} is not valid after its build; "
+                    "nothing of it is recorded. Rerun upgrade: it drops and rebuilds it."
+                )
+            with conn.begin():
+                conn.execute(text("RESET lock_timeout"))
+                conn.execute(text("RESET statement_timeout"))
+    except DBAPIError as exc:
+        if _connection_lost(exc):
+            raise MigrationConnectionLostError(migration.label, exc) from exc
+        detail = str(_database_error(exc) or exc).strip().splitlines()[0]
+        raise MigrationError(
+            f"{migration.label}: the online step failed at statement:\n  {statement}\n"
+            f"  error: {detail}\n  Nothing of {migration.label} is recorded. An INVALID index "
+            f"{index.name} it may have left is dropped and built again by the next upgrade: "
+            "rerun upgrade."
+        ) from exc
+    return note
 
 
 def _accept_or_refuse_changes(
@@ -588,6 +729,13 @@ def _advisory_key(conn: Connection) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+class _LockBusy(Exception):
+    """Another upgrade held the migration lock for this attempt's whole lock wait."""
+
+
+_TRY_XACT_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+_TRY_SESSION_LOCK = text("SELECT pg_try_advisory_lock(:key)")
+_LOCK_POLL = 0.05
 _LOCK_NOT_AVAILABLE = "55P03"
 _QUERY_CANCELED = "57014"  # statement_timeout (or a cancel request)
 _FIRST_RETRY_DELAY = 0.25
@@ -673,6 +821,8 @@ class _Attempts:
                     if self.postgresql:
                         self._lock()
                     return work()
+            except _LockBusy:
+                waited_for = "the migration lock (another upgrade is running)"
             except (DBAPIError, MigrationError) as exc:
                 if _connection_lost(exc):
                     raise MigrationConnectionLostError(what, exc) from exc
@@ -715,7 +865,47 @@ class _Attempts:
         )
         if self.key is None:
             self.key = _advisory_key(self.conn)
-        self.conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.key})
+        # Polled, not waited for in one statement: a waiting statement holds a snapshot,
+        # and an online index build (CONCURRENTLY) under the lock would wait for that
+        # snapshot while the waiter waits for the lock: a deadlock. Between polls this
+        # transaction holds no snapshot, which a concurrent build does not wait for.
+        give_up = time.monotonic() + lock_ms / 1000
+        while not self.conn.execute(_TRY_XACT_LOCK, {"key": self.key}).scalar():
+            if time.monotonic() >= give_up:
+                raise _LockBusy()
+            time.sleep(_LOCK_POLL)
+
+    @contextmanager
+    def session_lock(self, what: str) -> Iterator[None]:
+        """The migration lock at session level on this connection, outside transactions
+        (for online steps); released at the end, or with the connection if it dies."""
+        attempts = 0
+        with _autocommit(self.conn):
+            while True:
+                attempts += 1
+                with self.conn.begin():
+                    if self.key is None:
+                        self.key = _advisory_key(self.conn)
+                    if self.conn.execute(_TRY_SESSION_LOCK, {"key": self.key}).scalar():
+                        break
+                if time.monotonic() >= self.deadline:
+                    raise MigrationLockTimeoutError(
+                        self._gave_up(
+                            what, "the migration lock (another upgrade is running)", attempts
+                        )
+                    )
+                time.sleep(_LOCK_POLL)
+        try:
+            yield
+        finally:
+            if not self.conn.invalidated:
+                try:
+                    with _autocommit(self.conn), self.conn.begin():
+                        self.conn.execute(
+                            text("SELECT pg_advisory_unlock(:key)"), {"key": self.key}
+                        )
+                except DBAPIError:  # the connection died: the lock went with it
+                    pass
 
     def _gave_up(self, what: str, waited_for: str, attempts: int) -> str:
         key = self.key or 0

@@ -102,6 +102,32 @@ class Probe:
 Item = Step | Probe
 
 
+@dataclass(frozen=True)
+class OnlineIndex:
+    """An index built outside the migration's transaction (``migrations.runner``).
+
+    PostgreSQL: ``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS``, which
+    cannot run in a transaction and takes no lock that stops reads or writes;
+    the runner drops an INVALID index an interrupted build left, and records
+    the migration only once the index is valid. SQLite: a plain ``CREATE
+    INDEX IF NOT EXISTS`` inside the migration's transaction.
+    """
+
+    name: str
+    table: str
+    definition: str
+    """The part after ``ON table``: ``(col, ...)`` and any ``WHERE ...``."""
+    unique: bool = False
+
+    def statement(self, dialect: str) -> str:
+        unique = "UNIQUE " if self.unique else ""
+        online = " CONCURRENTLY" if dialect == "postgresql" else ""
+        return (
+            f"CREATE {unique}INDEX{online} IF NOT EXISTS {self.name} "
+            f"ON {self.table} {self.definition}"
+        )
+
+
 def step(*statements: str, only_if: Check | None = None, params: Params | None = None) -> Step:
     return Step(tuple(statements), only_if, params)
 
@@ -120,6 +146,11 @@ class Migration:
     summary: str
     declare: Callable[[str], Sequence[Item]]
     complete_when: Check | None = None
+    online: Callable[[str], Sequence[OnlineIndex]] | None = None
+    """Indexes built after the transactional items, outside the transaction (``OnlineIndex``)."""
+
+    def online_indexes(self, dialect: str) -> Sequence[OnlineIndex]:
+        return self.online(dialect) if self.online is not None else ()
 
     def is_complete(self, conn: Connection) -> bool:
         """Whether an applied migration did all it declares (e.g. an index it had to skip).
@@ -139,6 +170,16 @@ class Migration:
 
     def render_sql(self, dialect: str) -> str:
         rendered = [item.render() for item in self.items(dialect)]
+        rendered += [
+            (
+                "-- outside the transaction, under the migration lock:\n"
+                if dialect == "postgresql"
+                else ""
+            )
+            + index.statement(dialect)
+            + ";"
+            for index in self.online_indexes(dialect)
+        ]
         return "\n\n".join(rendered) if rendered else f"-- nothing to do on {dialect}"
 
     def sql(self, dialect: str) -> tuple[str, ...]:
@@ -147,7 +188,7 @@ class Migration:
             statement
             for item in self.items(dialect)
             for statement in (item.statements if isinstance(item, Step) else (item.query,))
-        )
+        ) + tuple(index.statement(dialect) for index in self.online_indexes(dialect))
 
     def checksum(self, dialect: str) -> str:
         """SHA-256 of the SQL the migration runs on ``dialect`` (``sql``), and nothing else."""
@@ -168,6 +209,9 @@ class Migration:
                 continue
             for statement in item.statements:
                 self._execute(conn, statement, params)
+        if conn.dialect.name != "postgresql":  # PostgreSQL: the runner builds them online
+            for index in self.online_indexes(conn.dialect.name):
+                self._execute(conn, index.statement(conn.dialect.name), {})
         return notes
 
     def _execute(self, conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:

@@ -243,6 +243,7 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
         "uq_session_runs_one_running",
         "idx_session_runs_queue",
         "idx_session_runs_session_status",
+        "idx_session_runs_finished",
     }
     event_columns = {
         col["name"]: col["nullable"] for col in inspector.get_columns("session_events")

@@ -44,6 +44,8 @@ PINNED = {
     (13, "postgresql"): "d0c5e6e2bcb2a2d98900135c1d4e1f8df05096c6b39b39cb6d48563d94ea1ba3",
     (14, "sqlite"): "4d8a50307027f6b9e5c99d981c44631c208792a28bbb7a8c74e2312809a0afca",
     (14, "postgresql"): "3b743cba57ebe878e3293c034f5b254051c99b367e1dec2cec45e24f02754c5a",
+    (15, "sqlite"): "b12d9438828f9eea2d7fc0f932a5d508f6933e94eb0b231ca55e9d22f4071f4f",
+    (15, "postgresql"): "a9b39a180eb1424f53482833d4196e4298f6cef379df91e91639f0d7c3b1ed13",
 }
 
 
