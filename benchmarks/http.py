@@ -42,7 +42,13 @@ measured, then stopped. Figures are medians over the rounds: requests per second
 counting **2xx answers only**, p50 / p99 latency (wrk's, all answers), and
 the non-2xx answers and socket errors summed. During each measurement the CPU
 of the uvicorn workers, the database server's backends (PostgreSQL) and wrk is
-read from ``/proc/<pid>/stat``, with the whole machine's from ``/proc/stat``.
+read from ``/proc/<pid>/stat``, with the whole machine's from ``/proc/stat``;
+also the worker CPU per answer (steadier than req/s on a shared machine), the
+connections each worker holds (uvicorn's workers race to accept, so a run may
+put all of them on one worker) and, on PostgreSQL, the connections opened
+during the measurement (``pg_stat_database.sessions``): a backend that serves
+one short-lived connection exits before its CPU is read, so the database CPU
+counts only the connections that stay open.
 
 Every process started here is stopped at the end, also on Ctrl-C or an error;
 all traffic goes to 127.0.0.1.
@@ -811,6 +817,10 @@ def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
     return cells
 
 
+def _pool_users(measurements: list[Measurement]) -> list[Measurement]:
+    return [m for m in measurements if ENDPOINTS[m.endpoint].writes_pool]
+
+
 def _us(value: float) -> str:
     return "-" if value != value else f"{value:,.0f}"  # NaN: nothing measured
 
@@ -847,6 +857,14 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
                 f"{cell.p50_ms:.1f} | {cell.p99_ms:.1f} | {non_2xx} | {cell.errors} | {ratio} | "
                 f"{_us(cell.worker_us)} | {_us(cell.database_us)} |"
             )
+    if any(
+        m.ok < sum(m.statuses.values()) or m.statuses.get(200) for m in _pool_users(measurements)
+    ):
+        lines += [
+            "",
+            f"The pool of {args.pool:,} waiting runs was used up in some measurements: past it "
+            "a resume answers 409 (non-2xx) and a cancel 200 (a repeat); raise --pool.",
+        ]
     lines += [
         "",
         "CPU during the measurement, % of one core (medians; "
