@@ -124,3 +124,85 @@ def test_subprocess_errors_without_traceback(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_events_follow_tails_a_live_run_until_it_ends(engine: Engine, database_url: str) -> None:
+    with unit_of_work(engine) as db:
+        chat = ChatSession(title="follow")
+        db.add(chat)
+        db.flush()
+        runs = RunRepository(db)
+        run = runs.create({"session_id": chat.id, "message": "live"})
+        runs.start(run.id)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "app.runs",
+            "events",
+            run.id,
+            "--follow",
+            "--json",
+            "--timeout",
+            "60",
+            "--url",
+            database_url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        first = json.loads(follower.stdout.readline())  # the backlog: run_created
+        assert first["type"] == "run_created"
+        assert json.loads(follower.stdout.readline())["type"] == "run_started"
+        for k in range(3):
+            with unit_of_work(engine) as db:
+                EventRepository(db).append(chat.id, "step", {"k": k}, run_id=run.id)
+        with unit_of_work(engine) as db:
+            RunRepository(db).complete(run.id)
+        out, err = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate(timeout=10)
+    assert follower.returncode == 0, err
+    types = [json.loads(line)["type"] for line in out.splitlines()]
+    assert types == ["step", "step", "step", "run_completed"]
+
+
+@pytest.mark.slow
+def test_progress_bar_only_on_a_terminal(engine: Engine, database_url: str) -> None:
+    import os
+    import pty
+
+    ids = [_seed(engine)[2] for _ in range(25)]  # 25 runs: a bulk cancel (idempotent)
+    command = [sys.executable, "-m", "app.runs", "cancel", *ids, "--url", database_url]
+    piped = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0, piped.stderr
+    assert "[" not in piped.stderr  # nothing drawn into a pipe
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "app.runs", "cancel", *ids, "--url", database_url],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            timeout=60,
+        )
+        os.close(follower)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(leader)
+    assert done.returncode == 0
+    assert b"cancel [" in drawn and b"25/25" in drawn
