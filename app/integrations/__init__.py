@@ -1,0 +1,1 @@
+"""Adapters between the worker runtime (``app.worker``) and agent frameworks."""
