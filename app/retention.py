@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, text
 from sqlalchemy.sql.elements import TextClause
 
-from app.db import unit_of_work
+from app.db import read_only, unit_of_work
 from app.repositories import RunRepository
 
 RETENTION_ENVIRONMENT_VARIABLE = "RUN_RETENTION_DAYS"
@@ -174,7 +174,7 @@ def purge(
     sql = statements(dialect)
     seconds = older_than.total_seconds()
     result = PurgeResult(dry_run=dry_run, events_only=events_only)
-    with engine.connect() as conn:
+    with read_only(engine).connect() as conn:  # SQLite: no write lock for counting
         with conn.begin():
             runs, events = conn.execute(
                 text(sql.count_eligible), {"older_than_seconds": seconds}

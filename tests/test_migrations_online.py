@@ -123,6 +123,38 @@ def test_an_interrupted_concurrent_build_is_recovered_by_the_next_upgrade(
     assert upgrade(empty_engine) == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["postgresql"])
+def test_an_upgrade_waiting_for_the_lock_does_not_deadlock_with_the_build(
+    empty_engine: Engine, database_url: str
+) -> None:
+    """The build's last phase waits for every older transaction, the waiting upgrade's
+    too; a waiter blocked in one statement would close a cycle (PostgreSQL then ends one
+    of them as a deadlock). The waiter polls instead."""
+    _prepare(empty_engine)
+    with empty_engine.connect() as watcher, empty_engine.connect() as writer:
+        watcher.execution_options(isolation_level="AUTOCOMMIT")
+        writer.execute(text("UPDATE sessions SET title = 'w'"))  # the build waits for it first
+        writer.execute(text("LOCK TABLE session_runs IN ROW EXCLUSIVE MODE"))
+        first = _spawn(database_url)
+        second = None
+        try:
+            _wait_until(lambda: _building_pid(watcher) is not None, 60, "the build to wait")
+            second = _spawn(database_url)
+            time.sleep(1.0)  # the second one waits for the migration lock meanwhile
+            writer.commit()  # the build goes on to its phase that waits for older ones
+            results = [p.communicate(timeout=60) for p in (first, second)]
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.communicate(timeout=10)
+        for process, (out, err) in zip((first, second), results, strict=True):
+            assert process.returncode == 0, out + err
+        assert index_validity(watcher, INDEX) is True
+        assert sorted(_recorded(watcher)) == [m.version for m in MIGRATIONS]
+
+
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_dropped_online_index_makes_the_migration_pending_again(empty_engine: Engine) -> None:
     upgrade(empty_engine)
