@@ -70,7 +70,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -792,6 +792,14 @@ class Cell:
     load: list[float] = field(default_factory=list)
     spread: list[str] = field(default_factory=list)  # connections per worker, each round
     opened: list[int | None] = field(default_factory=list)  # PostgreSQL connections, each round
+    stalled: int = 0  # rounds without a single answer
+
+
+def _median_of_measured(values: Iterable[float]) -> float:
+    """The median of the values that are not NaN (a round without answers has no CPU per
+    answer), NaN if none is."""
+    measured = [v for v in values if v == v]
+    return statistics.median(measured) if measured else float("nan")
 
 
 def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
@@ -808,11 +816,12 @@ def summarize(measurements: list[Measurement]) -> dict[tuple[str, str], Cell]:
             repeats=sum(m.statuses.get(200, 0) for m in group) if key[0] == "cancel" else 0,
             errors=sum(sum(m.errors.values()) for m in group),
             cpu={k: statistics.median(m.cpu.get(k, 0.0) for m in group) for k in cpu_keys},
-            worker_us=statistics.median(m.cpu_per_request("worker") for m in group),
-            database_us=statistics.median(m.cpu_per_request("database") for m in group),
+            worker_us=_median_of_measured(m.cpu_per_request("worker") for m in group),
+            database_us=_median_of_measured(m.cpu_per_request("database") for m in group),
             load=[m.load[0] for m in group],
             spread=["/".join(map(str, m.connections)) for m in group],
             opened=[m.opened for m in group],
+            stalled=sum(1 for m in group if not m.statuses),
         )
     return cells
 
@@ -852,6 +861,8 @@ def backend_section(backend: str, measurements: list[Measurement], args: argpars
                 continue
             ratio = "" if server == "project" else _ratio(cells.get((endpoint, "project")), cell)
             non_2xx = f"{cell.non_2xx}" + (f" (+{cell.repeats} repeats)" if cell.repeats else "")
+            if cell.stalled:
+                non_2xx += f" ({cell.stalled} round(s) without any answer)"
             lines.append(
                 f"| `{ENDPOINTS[endpoint].label}` | {server} | {cell.rate:,.0f} | "
                 f"{cell.p50_ms:.1f} | {cell.p99_ms:.1f} | {non_2xx} | {cell.errors} | {ratio} | "
