@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import BigInteger, CheckConstraint, Enum, Index, Integer, Text, text
+from sqlalchemy import BigInteger, CheckConstraint, Column, Enum, Index, Integer, Text, text
 from sqlmodel import Field, Relationship, SQLModel
 
 from app._model_rules import StoredModel, install
@@ -196,7 +196,11 @@ class SessionRun(RunState, StoredModel, table=True):
     # Claims of the current execution (migration 0014): claim_next adds one, a lease
     # given back returns it, resume starts again at 0; fail_stale(max_attempts=...)
     # requeues a run whose lease expired while attempt < max_attempts.
-    attempt: int = Field(default=0, sa_column_kwargs={"server_default": text("0")})
+    # No Python-side column default: a Core INSERT that names no attempt gets the
+    # server's 0 (the driver path sends no computed defaults).
+    attempt: int = Field(
+        default=0, sa_column=Column("attempt", Integer, nullable=False, server_default=text("0"))
+    )
 
     session: ChatSession = Relationship(back_populates="runs")
 
