@@ -214,8 +214,11 @@ class RunWorker:
             time.sleep(0.05)
         self._give_back_all()
         self._stopping.set()
+        # Idle slots end at once; a slot whose target ignores its token is a daemon
+        # thread left behind (its outcome is dropped): one second for all, not each.
+        joined_by = time.monotonic() + 1.0
         for thread in slots:
-            thread.join(timeout=1.0)
+            thread.join(timeout=max(joined_by - time.monotonic(), 0.0))
 
     # ------------------------------------------------------------ slots
 
