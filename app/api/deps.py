@@ -11,7 +11,7 @@ If every thread waited for a pooled connection while the requests that hold
 the connections waited for a thread to finish their response, the app would
 stall until ``pool_timeout`` and answer 500. So a request first waits, in the
 event loop and holding nothing, for one of the engine's *slots* (as many as
-the pool has connections; on SQLite one for writers, see ``_limiter``); only
+the pool keeps connections; on SQLite one for writers, see ``_limiter``); only
 then does it take a thread and a connection. Commit and rollback run in a
 thread of their own, outside the shared threadpool, so a request that holds a
 connection never waits for a thread. Every dependency here that does no I/O is
@@ -69,7 +69,10 @@ EngineDep = Annotated[Engine, Depends(get_db_engine)]
 def request_slots(engine: Engine) -> int:
     """How many requests may hold a session of ``engine`` at once.
 
-    ``DB_REQUEST_SLOTS``, else the pool's capacity (``pool_size + max_overflow``).
+    ``DB_REQUEST_SLOTS``, else the pool's size (``pool_size``). Not its overflow: an
+    overflow connection is closed when it comes back, so requests that used it would
+    open a new connection each (under load, hundreds a second on PostgreSQL); the
+    overflow stays for the host's other work.
     """
     configured = os.environ.get("DB_REQUEST_SLOTS", "").strip()
     if configured:
@@ -82,7 +85,7 @@ def request_slots(engine: Engine) -> int:
         return slots
     pool = engine.pool
     if isinstance(pool, QueuePool):
-        return pool.size() + max(pool._max_overflow, 0)  # no public accessor
+        return pool.size()
     return 1
 
 
