@@ -35,6 +35,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
+from app._dialects import SQLITE_BUSY_TIMEOUT_MS
 from app._dialects import install as install_transaction_rules
 from app._json import dumps, loads
 from app.types import merge_json_objects
@@ -107,13 +108,15 @@ def _configure_sqlite(engine: Engine) -> None:
     in_memory = engine.url.database in (None, "", ":memory:")
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Hand transaction control to SQLAlchemy (see module docstring).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if record is not None:  # BEGIN IMMEDIATE waits for the lock by itself
+                record.info[SQLITE_BUSY_TIMEOUT_MS] = int(busy_timeout_ms)
             if not in_memory:
                 _ensure_wal(cursor, busy_timeout_ms / 1000)
                 # WAL + NORMAL: durable against application crashes; a power
