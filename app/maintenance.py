@@ -3,7 +3,9 @@
 * ``fail-stale --older-than SECONDS``: ``RunRepository.fail_stale``: fail the
   running runs whose ``claim_next`` lease has expired, and those without a
   lease silent for that long (0.001 to 315360000 seconds, ten years); prints
-  their ids.
+  their ids. With ``--max-attempts N`` (as the workers' ``--max-attempts``) a run
+  whose lease expired before its N-th attempt is requeued for another worker
+  instead (``expire_leases``), and its id printed as retried.
 * ``purge-keys``: ``RunRepository.purge_idempotency_keys``: delete the
   idempotency keys whose window has passed; prints how many. A bad
   ``RUN_IDEMPOTENCY_WINDOW_SECONDS`` is refused first.
@@ -28,7 +30,7 @@ from app.db import unit_of_work
 from app.errors import DataLayerError
 from app.repositories import RunRepository
 from app.repositories._idempotency import window_from_environment
-from app.repositories.runs import MAX_DURATION
+from app.repositories.runs import MAX_ATTEMPTS, MAX_DURATION
 from migrations._operator import (
     DATABASE,
     USAGE,
@@ -43,6 +45,14 @@ from migrations._operator import (
 MIN_OLDER_THAN = 0.001
 
 
+def _attempts(raw: str) -> int:
+    """An argparse type: a whole number of attempts from 1 to ``MAX_ATTEMPTS``."""
+    value = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 6 else 0
+    if not 1 <= value <= MAX_ATTEMPTS:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_ATTEMPTS}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m app.maintenance", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help="seconds without a heartbeat after which a run without a lease is failed "
         f"({MIN_OLDER_THAN:g} to {MAX_DURATION.total_seconds():.0f}, ten years)",
+    )
+    stale.add_argument(
+        "--max-attempts",
+        type=_attempts,
+        default=1,
+        help=f"attempts a run gets before an expired lease fails it (1 to {MAX_ATTEMPTS}; "
+        "default 1: never requeued). Set it as the workers' --max-attempts",
     )
     commands.add_parser("purge-keys", help="delete expired idempotency keys")
     for command in commands.choices.values():
@@ -78,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with unit_of_work(engine) as db:
             runs = RunRepository(db)
             if args.command == "fail-stale":
-                failed = runs.fail_stale(timedelta(seconds=args.older_than))
+                retried, failed = runs.expire_leases(max_attempts=args.max_attempts)
+                failed += runs.fail_stale(timedelta(seconds=args.older_than))
+                if args.max_attempts > 1:
+                    print(f"retried {len(retried)} runs" + "".join(f"\n{i}" for i in retried))
                 print(f"failed {len(failed)} stale runs" + "".join(f"\n{i}" for i in failed))
             else:
                 print(f"purged {runs.purge_idempotency_keys()} expired idempotency keys")

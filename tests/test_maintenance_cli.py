@@ -56,3 +56,36 @@ def test_usage_mistakes_exit_2_in_one_line() -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "--older-than" in bad.stderr
     assert maintenance("no-such-command").returncode == 2
+
+
+def test_fail_stale_with_max_attempts_requeues_a_run_before_its_last_attempt(
+    engine: Engine, database_url: str
+) -> None:
+    """As the workers' ``--max-attempts``: a lease that expired on the first of two
+    attempts is retried, on the second it is failed."""
+    run_id = seed(engine, lambda db: SessionRunFactory(status=RunStatus.QUEUED).id)
+
+    def claim_and_expire(db: DbSession) -> None:
+        RunRepository(db).claim_next("gone-worker")
+        db.execute(update(SessionRun).values(lease_expires_at=PAST))
+
+    in_own_transaction(engine, claim_and_expire)
+    first = maintenance(
+        "fail-stale", "--older-than", "3600", "--max-attempts", "2", "--url", database_url
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == ["retried 1 runs", run_id, "failed 0 stale runs"]
+    with DbSession(engine) as db:
+        assert db.get(SessionRun, run_id).status is RunStatus.QUEUED
+
+    in_own_transaction(engine, claim_and_expire)
+    second = maintenance(
+        "fail-stale", "--older-than", "3600", "--max-attempts", "2", "--url", database_url
+    )
+    assert second.stdout.splitlines() == ["retried 0 runs", "failed 1 stale runs", run_id]
+    with DbSession(engine) as db:
+        assert db.get(SessionRun, run_id).status is RunStatus.FAILED
+    for bad in ("0", "1001", "two"):
+        refused = maintenance("fail-stale", "--older-than", "1", "--max-attempts", bad)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+        assert "--max-attempts" in refused.stderr and "1 to 1000" in refused.stderr
