@@ -145,7 +145,8 @@ def _slot_for(
         return lambda ids, _previous: pattern.format(run=ids.run, session=ids.session)
     if name and name in previous_columns:
         column = previous_columns.index(name)
-        return lambda _ids, previous: None if previous is None else previous[column]
+        # No row before it (a lookup that found nothing): the value recorded.
+        return lambda _ids, previous: value if previous is None else previous[column]
     if value is not None and _is_type(type_, DateTime):
         if isinstance(value, str):
             return lambda _ids, _previous: datetime.now(UTC).strftime(SQLITE_TIMESTAMP_FORMAT)
