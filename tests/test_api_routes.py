@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import RunReaderDep, RunRepositoryDep, get_db_engine
 from app.api.main import create_app
+from app.api.routes import router
 from app.models import RunStatus
 from app.repositories import RunRepository
 from app.state_machine import TERMINAL_STATUSES
@@ -59,9 +60,29 @@ def test_create_then_get(client: TestClient, engine: Engine) -> None:
     body = created.json()
     assert (body["session_id"], body["status"]) == (session_id, "queued")
     assert body["checkpoint_thread"] == f"{session_id}:{body['run_id']}"
+    assert (body["input_message"], body["trigger_source"], body["parent_run_id"]) == (
+        "slides",
+        "chat",
+        None,
+    )
+    assert body["options"]["target_pages"] == ["a"]
+    assert body["created_at"].endswith("Z") and body["updated_at"] >= body["created_at"]
+    assert created.headers["location"] == f"/api/runs/{body['run_id']}"
 
-    fetched = client.get(f"/api/runs/{body['run_id']}")
+    fetched = client.get(created.headers["location"])
     assert fetched.status_code == 200 and fetched.json() == body
+
+
+def test_the_location_of_a_created_run_follows_the_mount_prefix(engine: Engine) -> None:
+    api = FastAPI()
+    api.include_router(router, prefix="/v2")
+    api.dependency_overrides[get_db_engine] = lambda: engine
+    session_id = seed(engine, lambda db: SessionFactory().id)
+    with TestClient(api) as client:
+        created = client.post("/v2/api/runs", json={"session_id": session_id, "message": "m"})
+        assert created.status_code == 201, created.text
+        assert created.headers["location"] == f"/v2/api/runs/{created.json()['run_id']}"
+        assert client.get(created.headers["location"]).json() == created.json()
 
 
 class CheckStoredBeforeAnswer:

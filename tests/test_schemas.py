@@ -121,6 +121,8 @@ def test_run_response_from_a_session_run() -> None:
     assert "id" not in payload
     assert payload["status"] == "waiting_input"
     assert payload["metrics"] == {"tokens": 5}
+    assert payload["trigger_source"] == "chat"
+    assert payload["created_at"] == run.created_at.isoformat().replace("+00:00", "Z")
     assert set(payload) == {
         "run_id",
         "session_id",
@@ -133,6 +135,12 @@ def test_run_response_from_a_session_run() -> None:
         "checkpoint_ns",
         "waiting_reason",
         "attempt",
+        "parent_run_id",
+        "trigger_source",
+        "input_message",
+        "options",
+        "created_at",
+        "updated_at",
     }
     parsed = datetime.fromisoformat(payload["started_at"])
     assert parsed.utcoffset() is not None
@@ -147,9 +155,23 @@ def test_run_response_round_trips_through_json() -> None:
             "status": "failed",
             "finished_at": datetime(2026, 1, 2, tzinfo=UTC),
             "latest_error": {"code": "boom"},
+            "created_at": datetime(2026, 1, 1, tzinfo=UTC),
+            "updated_at": datetime(2026, 1, 2, tzinfo=UTC),
+            "options": {"target_pages": ["a"]},
+            "trigger_source": "retry",
         }
     )
     assert RunResponse.model_validate_json(response.model_dump_json()) == response
+
+
+def test_a_run_response_without_its_timestamps_is_refused() -> None:
+    """Every stored run has both: a client may rely on them (required in the OpenAPI)."""
+    with pytest.raises(ValidationError, match="created_at"):
+        RunResponse.model_validate(
+            {"run_id": "r", "session_id": "s", "updated_at": "2026-01-01T00:00:00Z"}
+        )
+    required = RunResponse.model_json_schema(mode="serialization")["required"]
+    assert {"run_id", "session_id", "created_at", "updated_at"} <= set(required)
 
 
 def test_run_response_rejects_an_unknown_status() -> None:

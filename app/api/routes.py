@@ -73,13 +73,17 @@ IdempotencyKeyHeader = Annotated[
 REPLAYED_HEADER = "Idempotent-Replayed"
 
 
-def _json(model: BaseModel, status_code: int = 200, replayed: bool = False) -> Response:
+def _json(
+    model: BaseModel, status_code: int = 200, replayed: bool = False, location: str | None = None
+) -> Response:
     """The answer for ``model``, serialized once by its own pydantic serializer.
 
     A handler that returned the model would have FastAPI validate it again against
     the response model and serialize it in the threadpool; the routes declare
     ``response_model`` for the OpenAPI schema and return this instead."""
-    headers = {REPLAYED_HEADER: "true"} if replayed else None
+    headers = {REPLAYED_HEADER: "true"} if replayed else {}
+    if location is not None:
+        headers["Location"] = location
     return Response(
         model.__pydantic_serializer__.to_json(model),
         status_code=status_code,
@@ -95,9 +99,18 @@ def _create(engine: Engine, body: RunCreate, key: str | None) -> tuple[RunRespon
         return RunResponse.model_validate(run), runs.was_replayed(run)
 
 
-@router.post("", status_code=201, response_model=RunResponse, responses=_errors(400, 404, 409, 422))
+@router.post(
+    "",
+    status_code=201,
+    response_model=RunResponse,
+    responses=_errors(400, 404, 409, 422),
+    response_description="Created; Location: the run's URL",
+)
 async def create_run(
-    body: RunCreate, engine: EngineDep, idempotency_key: IdempotencyKeyHeader = None
+    body: RunCreate,
+    engine: EngineDep,
+    request: Request,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Create a queued run in an existing chat session.
 
@@ -106,7 +119,8 @@ async def create_run(
     ``interrupt`` cancels the active runs first.
     """
     run, replayed = await run_in_slot(engine, False, _create, engine, body, idempotency_key)
-    return _json(run, 201, replayed)
+    location = request.url_for("get_run", run_id=run.run_id).path  # under any mount prefix
+    return _json(run, 201, replayed, location)
 
 
 @router.get("/{run_id}", response_model=RunResponse, responses=_errors(404))

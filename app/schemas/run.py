@@ -7,6 +7,7 @@ through these classes: they validate, table models do not.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any, Self
 
 from pydantic import (
@@ -81,6 +82,17 @@ class RunResponse(RunState):
         default=0,
         description="claims of the run's current execution by workers (docs/worker.md)",
     )
+    parent_run_id: str | None = Field(
+        default=None, description="the run this one continues or retries, if any"
+    )
+    trigger_source: TriggerSource = TriggerSource.CHAT
+    input_message: str | None = Field(default=None, description="the message that made the run")
+    options: dict[str, Any] | None = Field(
+        default=None,
+        description="the create options as stored (generate_now, style_reference, target_pages)",
+    )
+    created_at: datetime
+    updated_at: datetime
 
 
 class RunResumeRequest(SQLModel):

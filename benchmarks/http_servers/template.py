@@ -38,6 +38,12 @@ class RunPublic(SQLModel):
     checkpoint_thread: str | None
     checkpoint_ns: str | None
     waiting_reason: str | None
+    parent_run_id: str | None
+    trigger_source: str
+    input_message: str | None
+    options: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
     run_id: str = Field(validation_alias="id")
 
 
