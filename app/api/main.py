@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import get_db_engine
 from app.api.errors import database_cause, install_error_handlers
+from app.api.health import health_router
 from app.api.limits import BODY_ENVELOPE_BYTES, BodyLimit, max_body_bytes
 from app.api.routes import router
 from app.db import create_db_engine
@@ -43,6 +44,7 @@ def create_app() -> FastAPI:
     api = FastAPI(title="Run API", version="0.8")
     install_error_handlers(api)
     api.include_router(router)
+    api.include_router(health_router)
     settings_problem = None
     try:
         limit = max_body_bytes()
