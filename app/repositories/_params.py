@@ -13,7 +13,8 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from app.errors import BadParameterError
+from app.errors import BadParameterError, RunNotFoundError
+from app.models import RunStatus
 from app.types import ensure_json_object, text_problem, text_size_problem
 
 E = TypeVar("E", bound=StrEnum)
@@ -126,3 +127,30 @@ def enum_param(enum_class: type[E], value: Any, name: str) -> E:
         pass  # raised below, so that the ValueError quoting the value is not its context
     choices = ", ".join(member.value for member in enum_class)
     raise BadParameterError(name, f"expected one of {choices}, got {described(value)}")
+
+
+def run_page_params(
+    session_id: Any, status: Any, limit: Any, before: Any
+) -> tuple[dict[str, Any], tuple[bool, bool]]:
+    """The checked parameters of a page of a session's runs, and the key of its
+    statement (``pages[status given, before given]``): one rule for the repository
+    and the read path."""
+    params: dict[str, Any] = {
+        "session_id": text_param(session_id, "session_id"),
+        "limit": page_size(limit),
+        "before": optional_text_param(before, "before"),
+    }
+    if status is not None:
+        params["status"] = enum_param(RunStatus, status, "status")
+    return params, (status is not None, before is not None)
+
+
+def check_page_cursor(before: str, session_id: str, cursor_session_id: str | None) -> None:
+    """An empty page after ``before``: refuse a cursor that names no run
+    (``RunNotFoundError``) or a run of another session (``BadParameterError``)."""
+    if cursor_session_id is None:
+        raise RunNotFoundError(before)
+    if cursor_session_id != session_id:
+        raise BadParameterError(
+            "before", f"run {before} belongs to another session, not to {session_id}"
+        )

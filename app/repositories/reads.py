@@ -61,16 +61,17 @@ from sqlmodel import SQLModel
 from sqlmodel.main import FieldInfoMetadata
 
 from app.db import read_only
-from app.errors import BadParameterError, RunNotFoundError
+from app.errors import RunNotFoundError
 from app.models import RunStatus
 from app.repositories import events as _events
 from app.repositories import runs as _runs
 from app.repositories._driver import _OBSERVERS, _OWN_OPTIONS, Plan, _execute, _plans
 from app.repositories._driver_errors import domain_error
 from app.repositories._params import (
+    check_page_cursor,
     enum_param,
-    optional_text_param,
     page_size,
+    run_page_params,
     since_seq_param,
     text_param,
 )
@@ -462,22 +463,11 @@ class RunReads:
         page. An unknown ``before`` run raises ``RunNotFoundError``, a run of another
         session ``BadParameterError``; ``status`` keeps the runs in that status.
         """
-        params: dict[str, Any] = {
-            "session_id": text_param(session_id, "session_id"),
-            "limit": page_size(limit),
-            "before": optional_text_param(before, "before"),
-        }
-        if status is not None:
-            params["status"] = enum_param(RunStatus, status, "status")
-        runs = self._pages[status is not None, before is not None](params)
+        params, key = run_page_params(session_id, status, limit, before)
+        runs = self._pages[key](params)
         if not runs and before is not None:
             cursor = self.get_or_none(before)
-            if cursor is None:
-                raise RunNotFoundError(before)
-            if cursor.session_id != session_id:
-                raise BadParameterError(
-                    "before", f"run {before} belongs to another session, not to {session_id}"
-                )
+            check_page_cursor(before, session_id, None if cursor is None else cursor.session_id)
         return runs
 
     def list_by_status(self, status: RunStatus | str, *, limit: int) -> list[RunResponse]:

@@ -73,12 +73,14 @@ from app.repositories._idempotency import (
     window_param,
 )
 from app.repositories._params import (
+    check_page_cursor,
     described,
     enum_param,
     event_payload_param,
     json_object_param,
     optional_text_param,
     page_size,
+    run_page_params,
     text_param,
 )
 from app.repositories._rows import in_session, in_session_many, inserted
@@ -680,23 +682,12 @@ class RunRepository:
         order. An unknown ``before`` run raises ``RunNotFoundError``, a run of
         another session ``BadParameterError``.
         """
-        params: dict[str, Any] = {
-            "session_id": text_param(session_id, "session_id"),
-            "limit": page_size(limit),
-            "before": optional_text_param(before, "before"),
-        }
-        if status is not None:
-            params["status"] = enum_param(RunStatus, status, "status")
-        page = self._sql.pages[status is not None, before is not None]
+        params, key = run_page_params(session_id, status, limit, before)
+        page = self._sql.pages[key]
         runs = self._runs(page, params)
         if not runs and before is not None:
             cursor = self.get_or_none(before)
-            if cursor is None:
-                raise RunNotFoundError(before)
-            if cursor.session_id != session_id:
-                raise BadParameterError(
-                    "before", f"run {before} belongs to another session, not to {session_id}"
-                )
+            check_page_cursor(before, session_id, None if cursor is None else cursor.session_id)
         return runs
 
     def list_by_status(self, status: RunStatus | str, *, limit: int) -> list[SessionRun]:
