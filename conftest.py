@@ -114,7 +114,7 @@ class PostgresDatabases:
     dropped by ``close``. The migrations run once, into a template schema,
     recorded with ``app._capture``; a migrated schema is that recording replayed
     in one transaction: every statement except the SELECTs (catalog reads, the
-    migration lock), with the same parameters. ``tests/test_schema_drift.py``
+    migration lock), with the same parameters. ``tests/migrations/test_schema_drift.py``
     checks that a replayed schema equals a migrated one. Schemas, unlike
     databases (``DROP DATABASE`` forces a checkpoint), come and go cheaply.
 

@@ -4,7 +4,7 @@
 / ``after_cursor_execute`` events while its block runs and keeps, per
 statement, the text as the driver gets it, the parameters after SQLAlchemy's
 bind processing, their names and types, and the result's column names.
-``tests/test_query_plans.py`` EXPLAINs the repositories' queries with it;
+``tests/internals/test_query_plans.py`` EXPLAINs the repositories' queries with it;
 ``benchmarks/capture.py`` turns recordings into replayable scripts.
 """
 

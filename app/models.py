@@ -3,7 +3,7 @@
 One set of SQLModel declarations serves the tables and the API schemas
 (``app.schemas``): ``RunOptions`` and ``RunState`` are plain field sets that
 both a table model and a schema inherit. Every constraint and index the
-migrations build is declared here too; ``tests/test_schema_drift.py`` proves
+migrations build is declared here too; ``tests/migrations/test_schema_drift.py`` proves
 the two agree.
 
 Conventions (see ``app.types``): timestamps are aware UTC; ``RunStatus`` and

@@ -71,7 +71,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     # both directions are one function each instead of SQLAlchemy's two steps
     # (process_*_value around the impl's conversion). On SQLite each is checked
     # against SQLAlchemy's own conversion when it is made, and that one is used if
-    # they ever differ (tests/test_types.py compares them on many values).
+    # they ever differ (tests/internals/test_types.py compares them on many values).
 
     def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
         """SQLite: the naive-UTC text SQLAlchemy's ``DATETIME`` writes
@@ -160,7 +160,7 @@ class _Parents:
     values: the first parent is kept inline (one weak reference), others in a
     list, at a fraction of a ``WeakKeyDictionary`` per value.
     ``sqlalchemy.ext.mutable`` uses only ``[state] = key``, ``pop(state, default)``
-    and ``items()`` (``tests/test_types.py`` checks it).
+    and ``items()`` (``tests/internals/test_types.py`` checks it).
     """
 
     __slots__ = ("_first", "_key", "_more")

@@ -3,7 +3,7 @@
 The suite builds every schema through the migrations: the harness
 (``conftest.py``) migrates one template per run and backend along the same
 path as an adopted v0.7 database (baseline, then each migration) and gives
-tests copies of it; ``tests/test_schema_drift.py`` proves that path ends at
+tests copies of it; ``tests/migrations/test_schema_drift.py`` proves that path ends at
 what ``app.models`` declares, and that a copy equals a migrated database.
 """
 

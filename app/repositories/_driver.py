@@ -18,7 +18,7 @@ compiled and sent at the first execution:
 Later executions call the driver connection of the session's connection
 (``Connection.connection.driver_connection``) with them and fetch plain
 tuples. A driver error goes through ``Connection._handle_dbapi_exception``
-(private; ``tests/test_sqlalchemy_contract.py``), so it is wrapped, and a lost
+(private; ``tests/internals/test_sqlalchemy_contract.py``), so it is wrapped, and a lost
 connection invalidated, exactly as SQLAlchemy's own path does.
 
 Whatever would notice that SQLAlchemy's execution is skipped takes it instead:
@@ -26,7 +26,7 @@ a connection with execute or cursor-execute listeners (instrumentation, the
 tests' statement capture), SQL echo, execution options other than the
 layer's own ``sqlite_begin``, dialect-level listeners, and statements whose
 parameters SQLAlchemy expands or renders at execution time.
-``tests/test_driver_path.py`` checks that both paths send the same SQL and
+``tests/internals/test_driver_path.py`` checks that both paths send the same SQL and
 parameters and read the same values.
 
 ``execute_overlapped`` runs a statement and some Python work at once: on

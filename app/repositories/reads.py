@@ -16,7 +16,7 @@ pool, runs one of the repositories' compiled statements on the driver (the plan
 response schema from the row. The values are the repositories' own: aware UTC
 datetimes, enum members, JSON as stored; a response equals
 ``RunResponse.model_validate(RunRepository(db).get(run_id))`` (and likewise for
-events and pages), which ``tests/test_read_path.py`` checks row by row.
+events and pages), which ``tests/repositories/test_read_path.py`` checks row by row.
 
 * **Transactions.** A read is one statement in autocommit: on PostgreSQL one round
   trip (the driver's autocommit is switched on for the statement and off again

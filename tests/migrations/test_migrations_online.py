@@ -25,7 +25,7 @@ from migrations import MIGRATIONS, status, upgrade
 from migrations.__main__ import main
 from migrations.runner import index_validity
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INDEX = "idx_session_runs_finished"
 
 

@@ -3,8 +3,8 @@
 ``claim_next`` (which run is runnable, the lease, the event), leased heartbeats,
 ``fail_stale`` on expired leases, ``create`` with each ``multitask_strategy``,
 and idempotency keys one request at a time. Races between transactions and
-processes: ``tests/test_run_queue_processes.py`` and
-``tests/test_multitask_and_idempotency_races.py``.
+processes: ``tests/repositories/test_run_queue_processes.py`` and
+``tests/repositories/test_multitask_and_idempotency_races.py``.
 """
 
 from __future__ import annotations

@@ -28,13 +28,13 @@ from migrations import (
 )
 from migrations.runner import _advisory_key
 from migrations.steps import step
-from tests.test_migrations import make_v07_database
+from tests.migrations.test_migrations import make_v07_database
 
 pytestmark = [
     pytest.mark.parametrize("backend", ["postgresql"]),
     pytest.mark.slow,  # lock waits of seconds on a live server
 ]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 STATEMENT_LOCK = 0.5
 TOTAL = 3.0

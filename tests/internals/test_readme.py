@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 pytestmark = pytest.mark.slow  # the examples run in Python processes
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def python_blocks() -> list[str]:

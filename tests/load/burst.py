@@ -1,8 +1,8 @@
 """Load test of the Run API under real uvicorn, over real HTTP, on 127.0.0.1 only.
 
-    python -m benchmarks.load                       # full: 1,000 + 1,000 requests, both backends
-    python -m benchmarks.load --reduced             # CI size: 200 + 200
-    python -m benchmarks.load --url sqlite:///x.db  # one given (empty or migrated) database
+    python -m tests.load.burst                       # full: 1,000 + 1,000 requests, both backends
+    python -m tests.load.burst --reduced             # CI size: 200 + 200
+    python -m tests.load.burst --url sqlite:///x.db  # one given (empty or migrated) database
 
 For each backend it migrates a scratch database (or ``--url``), seeds chat
 sessions and runs, starts ``uvicorn --workers 2 --factory app.api.main:create_app``
@@ -262,7 +262,7 @@ def _failed(results: dict[str, Any]) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.load.burst", description=__doc__)
     parser.add_argument("--reduced", action="store_true", help="200 requests per burst (CI)")
     parser.add_argument("--requests", type=int, help="requests per burst (default 1000)")
     parser.add_argument("--url", help="one database to use instead of scratch ones")

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from app.api.deps import get_db_engine
 from app.api.routes import router
 from app.models import RunStatus
-from tests.test_api_routes import run_in
+from tests.api.test_api_routes import run_in
 
 
 class TeapotError(Exception):

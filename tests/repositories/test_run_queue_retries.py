@@ -18,7 +18,7 @@ from app.errors import BadParameterError, InvalidTransitionError, LeaseNotHeldEr
 from app.models import RunStatus
 from app.repositories import RunRepository
 from tests.factories import SessionFactory
-from tests.test_run_queue import _expire_lease, lifecycle, queued
+from tests.repositories.test_run_queue import _expire_lease, lifecycle, queued
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sqlmodel import Session as DbSession
 
 from app.repositories import EventRepository
 from migrations import MIGRATIONS, status, upgrade
-from tests.test_migrations import V07_EVENTS, _storable, make_v07_database
+from tests.migrations.test_migrations import V07_EVENTS, _storable, make_v07_database
 
 # --------------------------------------------------------------------------
 # JSON that jsonb refuses (PostgreSQL)

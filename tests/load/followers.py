@@ -1,8 +1,8 @@
 """SSE followers under load: one uvicorn worker on 127.0.0.1, many followers, a few writers.
 
-    python -m benchmarks.stream                        # 200 followers, 4 writers, both backends
-    python -m benchmarks.stream --reduced              # CI size: 50 followers, 4 writers
-    python -m benchmarks.stream --url sqlite:///x.db   # one given (empty or migrated) database
+    python -m tests.load.followers                        # 200 followers, 4 writers, both backends
+    python -m tests.load.followers --reduced              # CI size: 50 followers, 4 writers
+    python -m tests.load.followers --url sqlite:///x.db   # one given (empty or migrated) database
 
 For each backend: seeds one running run per writer, starts ``uvicorn --workers 1
 --factory app.api.main:create_app``, opens every follower's
@@ -45,7 +45,7 @@ from app.db import create_db_engine, unit_of_work
 from app.models import Session
 from app.repositories import EventRepository, RunRepository
 from benchmarks.environment import on_each_backend
-from benchmarks.load import Server
+from tests.load.burst import Server
 from migrations import upgrade
 
 APPLICATION_NAME = "stream-bench-server"
@@ -243,7 +243,7 @@ async def _start_writers(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "benchmarks.stream",
+        "tests.load.followers",
         "--writer",
         url,
         json.dumps(seeded),
@@ -421,7 +421,7 @@ def run_feed_only(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.stream", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tests.load.followers", description=__doc__)
     parser.add_argument("--reduced", action="store_true", help="50 followers, 10 events (CI)")
     parser.add_argument("--followers", type=int)
     parser.add_argument("--writers", type=int, default=4)

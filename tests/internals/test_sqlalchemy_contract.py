@@ -23,7 +23,7 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   when session listeners are present; the instance state's ``load`` / ``refresh``
   dispatch; ``ClassManager.new_instance``).
 * ``app.types.TrackedJSONDict``: ``MutableBase._parents`` replaced by a lighter
-  registry (``tests/test_types.py`` checks how ``sqlalchemy.ext.mutable`` uses it).
+  registry (``tests/internals/test_types.py`` checks how ``sqlalchemy.ext.mutable`` uses it).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_the_orm_internals_of_rows_are_there() -> None:
 
 def test_what_the_driver_path_reads_of_sqlalchemy_is_there(engine: Engine) -> None:
     """``app.repositories._driver``: the attributes it reads to decide, and the error
-    handler it calls (tests/test_driver_path.py checks what it sends and reads)."""
+    handler it calls (tests/internals/test_driver_path.py checks what it sends and reads)."""
     from app.repositories._sql import RUN_EXISTS
 
     parameters = list(inspect.signature(Connection._handle_dbapi_exception).parameters)

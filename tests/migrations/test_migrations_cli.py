@@ -14,11 +14,11 @@ from sqlalchemy import Engine, inspect, text
 
 from migrations import MIGRATIONS, status, upgrade
 from tests.concurrency import run_scripts_together
-from tests.test_migrations import make_v07_database
+from tests.migrations.test_migrations import make_v07_database
 
 pytestmark = pytest.mark.slow  # every test starts Python processes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

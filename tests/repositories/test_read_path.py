@@ -42,7 +42,7 @@ from app.schemas import EventPage, EventResponse, RunResponse
 from tests.concurrency import seed
 from tests.factories import SessionEventFactory, SessionFactory, SessionRunFactory
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "docs" / "sql"
+SQL_DIR = Path(__file__).resolve().parents[2] / "docs" / "sql"
 NOW = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
 
 

@@ -10,7 +10,7 @@
   extend a lease.
 
 One transaction per operation, as workers do (``app.db.unit_of_work``). The
-same rules inside one transaction: ``tests/test_run_queue.py``.
+same rules inside one transaction: ``tests/repositories/test_run_queue.py``.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tests.concurrency import run_scripts_together
 
 pytestmark = pytest.mark.slow  # every test starts Python processes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (worker processes, sessions, runs per session): the full size would be 8 processes
 # and 2,000 runs over 200 sessions; these keep each backend at roughly 10 s on 2 cores.

@@ -1,7 +1,7 @@
 """The reduced load run: the Run API under ``uvicorn --workers 2`` on 127.0.0.1,
 200 create-then-GET pairs and 200 mixed requests, each burst sent at once.
 
-The full run (1,000 per burst) is ``python -m benchmarks.load``; its figures
+The full run (1,000 per burst) is ``python -m tests.load.burst``; its figures
 are in docs/load.md.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 @pytest.mark.slow
 def test_no_5xx_and_every_created_run_is_visible_at_once(database_url: str) -> None:
-    command = [sys.executable, "-m", "benchmarks.load", "--reduced", "--json"]
+    command = [sys.executable, "-m", "tests.load.burst", "--reduced", "--json"]
     command += ["--url", database_url, "--deadline", "120"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     assert finished.stdout.strip(), finished.stderr[-3000:]

@@ -1,7 +1,7 @@
 """The reduced stream run: 50 SSE followers on one uvicorn worker on 127.0.0.1 while 4 writers
 append, a tenth of the followers reconnecting mid-stream with Last-Event-ID.
 
-The full run (200 followers) is ``python -m benchmarks.stream``; figures in docs/events.md.
+The full run (200 followers) is ``python -m tests.load.followers``; figures in docs/events.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 def test_every_follower_gets_every_event_once_in_order_on_a_few_connections(
     database_url: str,
 ) -> None:
-    command = [sys.executable, "-m", "benchmarks.stream", "--reduced", "--json"]
+    command = [sys.executable, "-m", "tests.load.followers", "--reduced", "--json"]
     command += ["--url", database_url, "--deadline", "60"]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=180, check=False)
     assert finished.stdout.strip(), finished.stderr[-3000:]

@@ -21,7 +21,7 @@ from migrations import MIGRATIONS, upgrade
 
 pytestmark = pytest.mark.slow  # every test starts Python processes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(

@@ -1,6 +1,6 @@
 """The Run API router (``app.api.routes``) on the repositories, both backends.
 
-TestClient drives the real app here; ``tests/test_api_load.py`` drives it
+TestClient drives the real app here; ``tests/load/test_api_load.py`` drives it
 under uvicorn over real HTTP.
 """
 
