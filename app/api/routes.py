@@ -8,10 +8,8 @@ installs; the statuses each endpoint can answer are listed in its OpenAPI.
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from typing import Annotated, Any
 
@@ -19,22 +17,21 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import Engine
-from sqlalchemy.orm.attributes import instance_state
 
 from app.api.deps import EngineDep, ResumeRequestDep, run_in_slot
-from app.api.errors import ErrorShapeRoute, error_response_for
+from app.api.errors import ErrorShapeRoute
+from app.api.sessions import CursorQuery, MetadataQuery, RunLimit, StatusQuery, metadata_query
+from app.api.sse import LastEventIdHeader, event_stream, stream_position, stream_responses
 from app.db import unit_of_work
-from app.errors import BadParameterError
 from app.feed import get_feed
-from app.models import SessionEvent
 from app.repositories import RunRepository
-from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ, described
+from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ
 from app.repositories.reads import EventReads, RunReads
 from app.schemas import (
     ErrorResponse,
     EventPage,
-    EventResponse,
     RunCreate,
+    RunPage,
     RunResponse,
     RunResumeRequest,
 )
@@ -123,6 +120,34 @@ async def create_run(
     return _json(run, 201, replayed, location)
 
 
+@router.get("", response_model=RunPage, responses=_errors(400))
+async def list_runs(
+    engine: EngineDep,
+    status: StatusQuery = None,
+    created_after: Annotated[
+        datetime | None, Query(description="only runs created after this time (exclusive)")
+    ] = None,
+    created_before: Annotated[
+        datetime | None, Query(description="only runs created before this time (exclusive)")
+    ] = None,
+    metadata: MetadataQuery = None,
+    cursor: CursorQuery = None,
+    limit: RunLimit = 50,
+) -> Response:
+    """Runs of every session, newest first, one keyset page at a time (operators'
+    dashboards): follow ``next_cursor`` until it is null. A time without a zone is UTC."""
+    read = partial(
+        RunReads.of(engine).page,
+        status=status,
+        metadata=metadata_query(metadata),
+        created_after=created_after,
+        created_before=created_before,
+        cursor=cursor,
+        limit=limit,
+    )
+    return _json(await run_in_slot(engine, True, read))
+
+
 @router.get("/{run_id}", response_model=RunResponse, responses=_errors(404))
 async def get_run(run_id: str, engine: EngineDep) -> Response:
     """The run (read outside the ORM Session: ``app.repositories.reads``)."""
@@ -189,9 +214,6 @@ async def list_run_events(
     return _json(await run_in_slot(engine, True, read))
 
 
-_SSE_JSON = "sse_json"
-
-
 @dataclass(frozen=True, slots=True)
 class StreamStart:
     """Where a run's event stream starts: its session, and the last seq the client saw."""
@@ -205,76 +227,26 @@ def _session_of_run(engine: Engine, run_id: str) -> str:
     return RunReads.of(engine).get(run_id).session_id
 
 
-def _last_event_id(value: str) -> int:
-    """The seq in a ``Last-Event-ID`` header; a bad one is described, never quoted."""
-    digits = value.strip()
-    seq = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 10 else -1
-    if not 0 <= seq <= MAX_SEQ:
-        raise BadParameterError(
-            "Last-Event-ID",
-            f"expected an event seq from 0 to {MAX_SEQ}, got {described(value)}",
-        )
-    return seq
-
-
 async def get_stream_start(
     run_id: str,
     engine: EngineDep,
     since_seq: SinceSeq = 0,
-    last_event_id: Annotated[
-        str | None, Header(description="the id (seq) of the last event seen")
-    ] = None,
+    last_event_id: LastEventIdHeader = None,
 ) -> StreamStart:
     """Checked before the stream opens, so an unknown run is a plain 404. ``Last-Event-ID``
     (sent by an ``EventSource`` that reconnects) wins over ``since_seq``."""
-    if last_event_id is not None:
-        since_seq = _last_event_id(last_event_id)
+    since_seq = stream_position(since_seq, last_event_id)
     session_id = await get_feed(engine).read(_session_of_run, engine, run_id)
     return StreamStart(session_id, run_id, since_seq)
-
-
-def _event_json(event: SessionEvent) -> str:
-    """The event's ``EventResponse`` JSON, made once for all the followers it goes to
-    (``app.feed`` hands the same event objects to the followers of a session)."""
-    info = instance_state(event).info
-    serialized = info.get(_SSE_JSON)
-    if serialized is None:
-        serialized = info[_SSE_JSON] = EventResponse.model_validate(event).model_dump_json()
-    return serialized
-
-
-log = logging.getLogger("app.api")
-SSE_PING_SECONDS = 15.0
-"""A ``: ping`` comment after this long without events keeps proxies from closing the stream."""
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _sse_message(event: SessionEvent) -> bytes:
-    return b"id: %d\ndata: %s\n\n" % (event.seq, _event_json(event).encode())
-
-
-def _sse_end(run_id: str, last_seq: int) -> bytes:
-    return (
-        b"event: end\ndata: %s\n\n" % json.dumps({"run_id": run_id, "last_seq": last_seq}).encode()
-    )
-
-
-def _sse_error(request: Request, exc: Exception) -> bytes:
-    """``event: error`` whose data is the body a request failing with ``exc`` gets: the
-    one error shape (``app.api.errors.error_response_for``, which logs what it logs)."""
-    return b"event: error\ndata: %s\n\n" % bytes(error_response_for(request, exc).body)
 
 
 @router.get(
     "/{run_id}/events/stream",
     response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-            "description": "id: <seq>, data: EventResponse JSON; : ping; then event: end, "
-            "or event: error (data: the error shape) when the run is gone",
-        }
-    }
+    responses=stream_responses(
+        "id: <seq>, event: <type>, data: EventResponse JSON; : ping; then event: end, "
+        "or event: error (data: the error shape) when the run is gone"
+    )
     | _errors(400, 404),
 )
 async def stream_run_events(
@@ -284,40 +256,19 @@ async def stream_run_events(
 ) -> StreamingResponse:
     """The run's events as Server-Sent Events, as they commit (docs/events.md).
 
-    Each event is ``id: <seq>`` and ``data: <EventResponse JSON>``; a ``: ping``
-    comment goes out after ``SSE_PING_SECONDS`` without events. The stream ends
-    with ``event: end`` once the run is over: after its terminal event, or at
-    once when it is terminal and the client's cursor is past that event. When
-    the run is gone meanwhile (deleted, or its chat session was), or the
-    stream fails, it ends with ``event: error`` whose data is the one error
-    shape (``{"error": {"code": "run_not_found", ...}}``), then closes. It holds
-    no database session while it waits (``app.feed``). The framing is written
-    here, one write per batch of events: FastAPI's ``EventSourceResponse``
-    passes every message through two memory streams and a keepalive task,
-    which costs more than the SSE itself with many followers (docs/events.md).
+    Each event is ``id: <seq>``, ``event: <type>`` and ``data: <EventResponse
+    JSON>`` (``app.api.sse``); a ``: ping`` comment goes out after
+    ``SSE_PING_SECONDS`` without events. The stream ends with ``event: end``
+    once the run is over: after its terminal event, or at once when it is
+    terminal and the client's cursor is past that event. When the run is gone
+    meanwhile (deleted, or its chat session was), or the stream fails, it ends
+    with ``event: error`` whose data is the one error shape
+    (``{"error": {"code": "run_not_found", ...}}``), then closes. It holds no
+    database session while it waits (``app.feed``).
     """
-
-    async def messages() -> AsyncIterator[bytes]:
-        last_seq = start.since_seq
-        follow = get_feed(engine).follow(
-            start.session_id,
-            since_seq=start.since_seq,
-            run_id=start.run_id,
-            heartbeat=SSE_PING_SECONDS,
-        )
-        try:
-            async for batch in follow:
-                if not batch:
-                    yield b": ping\n\n"
-                    continue
-                yield b"".join(_sse_message(event) for event in batch)
-                last_seq = batch[-1].seq
-        except Exception as exc:  # the stream has begun: the error goes out as an event
-            yield _sse_error(request, exc)
-            return
-        yield _sse_end(start.run_id, last_seq)
-
-    return StreamingResponse(messages(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return event_stream(
+        request, engine, start.session_id, since_seq=start.since_seq, run_id=start.run_id
+    )
 
 
 __all__ = ["router"]

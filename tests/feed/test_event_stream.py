@@ -13,7 +13,7 @@ import pytest
 import uvicorn
 from sqlalchemy import Engine
 
-import app.api.routes
+import app.api.sse
 from app.api.deps import get_db_engine
 from app.api.main import create_app
 from app.db import unit_of_work
@@ -102,6 +102,7 @@ def test_streams_events_as_they_commit_and_ends_with_the_run(engine: Engine, bas
         "tool_call",
         "run_completed",
     ]
+    assert [m["event"] for m in events] == [m["data"]["type"] for m in events]
     assert events[2]["data"]["payload"] == {"n": 1} and events[2]["data"]["seq"] == 3
     assert messages[-1] == {"event": "end", "data": {"run_id": run_id, "last_seq": 4}}
 
@@ -122,7 +123,7 @@ def test_last_event_id_resumes_after_that_seq(engine: Engine, base_url: str) -> 
 def test_sends_heartbeats_while_idle(
     engine: Engine, base_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app.api.routes, "SSE_PING_SECONDS", 0.2)
+    monkeypatch.setattr(app.api.sse, "SSE_PING_SECONDS", 0.2)
     _session_id, run_id = running_run(engine)
     url = f"{base_url}/api/runs/{run_id}/events/stream"
     with httpx.stream("GET", url, params={"since_seq": 2}, timeout=30) as response:

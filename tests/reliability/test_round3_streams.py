@@ -29,7 +29,7 @@ import uvicorn
 from sqlalchemy import Engine, delete, text
 from sqlalchemy.engine import make_url
 
-import app.api.routes
+import app.api.sse
 from app.api.deps import get_db_engine
 from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
@@ -76,7 +76,7 @@ def serve(engine: Engine) -> Iterator[str]:
 
 @pytest.fixture
 def base_url(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setattr(app.api.routes, "SSE_PING_SECONDS", PING)
+    monkeypatch.setattr(app.api.sse, "SSE_PING_SECONDS", PING)
     with serve(engine) as url:
         yield url
 
@@ -294,7 +294,7 @@ def test_a_dead_listener_delays_no_committed_event_and_live_ones_poll(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(app.api.routes, "SSE_PING_SECONDS", PING)
+    monkeypatch.setattr(app.api.sse, "SSE_PING_SECONDS", PING)
     caplog.set_level(logging.INFO, logger="app.feed")
     with own_role(engine, database_url) as (role_engine, role), serve(role_engine) as url:
         feed = get_feed(role_engine)
