@@ -21,7 +21,7 @@ from app.errors import DataLayerError
 from app.models import Session, SessionRun
 from app.repositories import EventRepository, RunRepository
 from migrations import status
-from migrations._operator import (
+from migrations.command_line import (
     DATABASE,
     OneLineParser,
     OperatorError,

@@ -28,10 +28,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.db import unit_of_work
 from app.errors import DataLayerError
-from app.repositories import RunRepository
-from app.repositories._idempotency import window_from_environment
+from app.repositories import RunRepository, idempotency_window
 from app.repositories.runs import MAX_ATTEMPTS, MAX_DURATION
-from migrations._operator import (
+from migrations.command_line import (
     DATABASE,
     USAGE,
     OneLineParser,
@@ -82,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "purge-keys":
         try:
-            window_from_environment()  # a bad setting is the operator's to fix, before any work
+            idempotency_window()  # a bad setting is the operator's to fix, before any work
         except ValueError as exc:
             print(f"{args.command} failed: configuration error: {exc}", file=sys.stderr)
             return USAGE

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from migrations._operator import (
+from migrations.command_line import (
     DATABASE,
     OneLineParser,
     OperatorError,

@@ -41,7 +41,7 @@ from app.repositories import RunRepository
 from app.repositories.reads import EventReads, RunReads
 from app.schemas.event import EventResponse
 from app.state_machine import TERMINAL_STATUSES
-from migrations._operator import (
+from migrations.command_line import (
     DATABASE,
     USAGE,
     OneLineParser,
