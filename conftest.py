@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
-from app._capture import capture_statements
+from app.capture import capture_statements
 from app.db import create_db_engine
 from tests.factories import bind_factories
 from tests.schema import build_schema
@@ -112,7 +112,7 @@ class PostgresDatabases:
 
     The database ``runlayer_test_<pid>_<random>`` is created for the run and
     dropped by ``close``. The migrations run once, into a template schema,
-    recorded with ``app._capture``; a migrated schema is that recording replayed
+    recorded with ``app.capture``; a migrated schema is that recording replayed
     in one transaction: every statement except the SELECTs (catalog reads, the
     migration lock), with the same parameters. ``tests/migrations/test_schema_drift.py``
     checks that a replayed schema equals a migrated one. Schemas, unlike

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
-from app._capture import capture_statements
+from app.capture import capture_statements
 from app.db import create_db_engine
 from app.repositories import EventRepository, RunRepository
 from app.repositories.events import NewEvent

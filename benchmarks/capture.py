@@ -14,13 +14,13 @@ written driver code would produce it:
 * timestamps: a fresh ``now`` in the driver's representation (text on SQLite,
   an aware datetime on PostgreSQL);
 * JSON values: serialized again per call, with the engines' serializer
-  (``app._json.dumps``; on PostgreSQL through ``psycopg``'s ``Jsonb``, which the
+  (``app.json_codec.dumps``; on PostgreSQL through ``psycopg``'s ``Jsonb``, which the
   raw connection's adapters give the same one) or, for ``append_many``'s batch
   arrays, the layer's transport encoder;
 * a value the previous statement returned under the same name (SQLite's
   ``seq``, allocated by one statement and inserted by the next).
 
-The recording itself is ``app._capture`` (the query-plan tests use it too).
+The recording itself is ``app.capture`` (the query-plan tests use it too).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import JSON, DateTime
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from app._capture import CapturedStatement
-from app._json import dumps, dumps_transport
+from app.capture import CapturedStatement
+from app.json_codec import dumps, dumps_transport
 from app.repositories._batch import JSONText
 
 SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"

@@ -6,7 +6,7 @@ Sides, measured in one process on one database per backend:
   Session on the engine of ``app.db.create_db_engine`` (pool, idle ping and
   pragmas included), one repository call, ``commit``.
 * ``raw``: the statements that repository call sent, captured once
-  (``app._capture``, ``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
+  (``app.capture``, ``benchmarks.capture``) and replayed with ``sqlite3`` / ``psycopg`` on one
   open connection (made by ``create_db_engine``'s connect hooks, so with the
   same pragmas, SQL functions and settings, then used without SQLAlchemy):
   the same SQL and parameters in an equivalent transaction (SQLite:
@@ -55,9 +55,9 @@ from sqlalchemy import Enum as SqlEnum
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
-from app._capture import capture_statements
-from app._json import loads
+from app.capture import capture_statements
 from app.db import create_db_engine
+from app.json_codec import loads
 from app.models import Session as ChatSession
 from app.models import (
     SessionEvent,
@@ -435,7 +435,7 @@ def _converter(column: Any, sqlite: bool) -> Callable[[Any], Any] | None:
     if isinstance(type_, SqlEnum) and type_.enum_class is not None:
         return type_.enum_class
     if sqlite and column.key in _JSON_COLUMNS:
-        # The engines' decoder (app._json): the comparison is about building objects.
+        # The engines' decoder (app.json_codec): the comparison is about building objects.
         return lambda v: None if v is None else loads(v)
     return None  # psycopg decodes jsonb (with the same decoder); text and integers as they come
 

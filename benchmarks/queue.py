@@ -24,7 +24,7 @@ Two measurements of ``RunRepository.claim_next``:
 * **The cost of ``claim_next`` over the raw driver** (``measure_claim_cost``),
   on SQLite and PostgreSQL, in the style of ``benchmarks.overhead``: the
   repository side is one unit of work with ``claim_next``; the raw side
-  replays the statements one such call sent (captured with ``app._capture``:
+  replays the statements one such call sent (captured with ``app.capture``:
   SQLite's ``BEGIN IMMEDIATE``, the claim UPDATE, the ``run_started`` append,
   then the driver's commit) on a ``sqlite3`` / ``psycopg`` connection. Like
   hand-written driver code, the raw side takes the claimed run's id and
@@ -62,7 +62,7 @@ import psycopg
 from sqlalchemy import Engine, delete, func, insert, select
 from sqlalchemy.pool import NullPool
 
-from app._capture import CapturedStatement, capture_statements
+from app.capture import CapturedStatement, capture_statements
 from app.db import create_db_engine, unit_of_work
 from app.errors import ConflictError
 from app.models import (

@@ -135,7 +135,7 @@ def append_many_statements(dialect: str) -> tuple[Executable, ...]:
     """PostgreSQL: (allocate + insert + notify,); SQLite: (allocate, insert).
 
     Parameters: ``session_id``, ``count``, ``run_ids`` and ``items``
-    (JSON arrays as text, ``app._json.dumps_transport``; on SQLite the payloads
+    (JSON arrays as text, ``app.json_codec.dumps_transport``; on SQLite the payloads
     inside as JSON text, as ``append`` stores them), and
     ``first_seq`` for SQLite's insert. The channel of the notice is a constant.
     The inserted rows' columns are typed: ``created_at`` comes back as the column's

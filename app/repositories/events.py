@@ -39,13 +39,13 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
-from app._json import dumps, dumps_transport
 from app.errors import (
     BadParameterError,
     ConflictError,
     RunNotFoundError,
     SessionNotFoundError,
 )
+from app.json_codec import dumps, dumps_transport
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
 from app.repositories._driver import Rows, execute_core, execute_overlapped

@@ -17,7 +17,7 @@ from sqlalchemy import Connection, Engine, event, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session as DbSession
 
-from app._capture import capture_statements
+from app.capture import capture_statements
 from app.errors import DataLayerError
 from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories import EventRepository, RunRepository, _driver

@@ -1,7 +1,7 @@
 """The replay and listing queries use their indexes, on both backends (asserted with EXPLAIN).
 
 The SQL is not copied here: each test calls the repository and captures the
-statement it sends to the driver (``app._capture``), then asks the
+statement it sends to the driver (``app.capture``), then asks the
 database for that statement's plan with the same parameters. A change to a
 query's shape that stops it from using its index fails here.
 
@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import Engine, insert, text
 from sqlmodel import Session as DbSession
 
-from app._capture import CapturedStatement, capture_statements
+from app.capture import CapturedStatement, capture_statements
 from app.models import Session, SessionEvent, SessionRun, new_id
 from app.repositories import EventRepository, RunRepository
 

@@ -2,7 +2,7 @@
 lighter JSON change tracking behaves as ``sqlalchemy.ext.mutable`` expects.
 
 ``UTCDateTime`` and ``StrEnumType`` convert in one function per value
-(``app.types``), and rows are decoded by ``app._json.loads``: each is compared
+(``app.types``), and rows are decoded by ``app.json_codec.loads``: each is compared
 here with the two-step conversion SQLAlchemy would do, and with ``json.loads``.
 """
 
@@ -26,7 +26,7 @@ from sqlalchemy.ext import mutable
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Session as DbSession
 
-from app._json import dumps, loads
+from app.json_codec import dumps, loads
 from app.models import RunStatus, SessionRun
 from app.repositories import RunRepository
 from app.types import StrEnumType, TrackedJSONDict, UTCDateTime, _Parents
