@@ -37,7 +37,7 @@ from sqlmodel import create_engine
 
 from app._dialects import SQLITE_BUSY_TIMEOUT_MS
 from app._dialects import install as install_transaction_rules
-from app._json import dumps, loads
+from app.json_codec import dumps, loads
 from app.types import merge_json_objects
 
 DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
@@ -182,7 +182,7 @@ def create_db_engine(
             options["max_overflow"] = _env_int("DB_MAX_OVERFLOW", 5)
             options["pool_timeout"] = _env_int("DB_POOL_TIMEOUT", 30)
     options["json_deserializer"] = loads  # orjson, with json where it reads differently
-    options["json_serializer"] = dumps  # orjson for plain flat objects (app._json)
+    options["json_serializer"] = dumps  # orjson for plain flat objects (app.json_codec)
     options.update(engine_kwargs)
     engine = create_engine(resolved, **options)
     # BEGIN IMMEDIATE on SQLite, the COMMIT guard, mode=rw for an existing file only

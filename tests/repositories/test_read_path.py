@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlmodel import Session as DbSession
 from sqlmodel import SQLModel
 
-from app._capture import capture_statements
+from app.capture import capture_statements
 from app.db import create_db_engine, unit_of_work
 from app.errors import BadParameterError, DataLayerError, RunNotFoundError
 from app.models import EventSource, RunStatus, SessionEvent, TriggerSource
