@@ -58,19 +58,18 @@ from typing import Any, TypeVar
 import anyio
 from sqlalchemy import Engine
 
-from app.db import unit_of_work
-from app.errors import BadParameterError, RunNotFoundError
-from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
-from app.models import SessionEvent
-from app.repositories import EventRepository
-from app.repositories._params import (
+from app._params import (
     described,
     optional_text_param,
     page_size,
     since_seq_param,
     text_param,
 )
-from app.repositories._sql import POSTGRESQL
+from app.db import unit_of_work
+from app.errors import BadParameterError, RunNotFoundError
+from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
+from app.models import SessionEvent
+from app.repositories import EventRepository
 from app.repositories.reads import RunReads
 from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
 
@@ -200,7 +199,7 @@ class EventFeed:
 
     def _new_listener(self) -> Listener:
         url = self._engine.url
-        if self._engine.dialect.name == POSTGRESQL:
+        if self._engine.dialect.name == "postgresql":
             conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
             return PostgresListener(self._signals, conninfo, self._engine)
         if url.database in (None, "", ":memory:"):

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, text
 
-from app.repositories._sql import EVENTS_CHANNEL
+from app.repositories import EVENTS_CHANNEL
 
 log = logging.getLogger("app.feed")
 

@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from sqlalchemy import Engine
 
+from app._params import MAX_PAGE_SIZE, MAX_SEQ
 from app.api.deps import EngineDep, ResumeRequestDep, run_in_slot
 from app.api.errors import ErrorShapeRoute
 from app.api.sessions import CursorQuery, MetadataQuery, RunLimit, StatusQuery, metadata_query
@@ -25,7 +26,6 @@ from app.api.sse import LastEventIdHeader, event_stream, stream_position, stream
 from app.db import unit_of_work
 from app.feed import get_feed
 from app.repositories import RunRepository
-from app.repositories._params import MAX_PAGE_SIZE, MAX_SEQ
 from app.repositories.reads import EventReads, RunReads
 from app.schemas import (
     ErrorResponse,

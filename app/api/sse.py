@@ -31,11 +31,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm.attributes import instance_state
 
+from app._params import MAX_SEQ, described
 from app.api.errors import error_response_for
 from app.errors import BadParameterError
 from app.feed import get_feed
 from app.models import SessionEvent
-from app.repositories._params import MAX_SEQ, described
 from app.schemas import EventResponse
 
 SSE_PING_SECONDS = 15.0

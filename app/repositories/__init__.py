@@ -5,11 +5,21 @@ caller owns the unit of work (docs/unit-of-work.md). ``RunReads`` / ``EventReads
 read runs and event pages outside the ORM Session, into the API's response
 schemas (docs/read-path.md). ``idempotency_window()`` is the window of
 ``Idempotency-Key`` replays (``RUN_IDEMPOTENCY_WINDOW_SECONDS``, else 24 hours).
+``EVENTS_CHANNEL`` is the PostgreSQL ``NOTIFY`` channel each committed event is
+announced on (``app.feed_listener`` listens to it).
 """
 
 from app.repositories._idempotency import window_from_environment as idempotency_window
+from app.repositories._sql import EVENTS_CHANNEL
 from app.repositories.events import EventRepository
 from app.repositories.reads import EventReads, RunReads
 from app.repositories.runs import RunRepository
 
-__all__ = ["EventReads", "EventRepository", "RunReads", "RunRepository", "idempotency_window"]
+__all__ = [
+    "EVENTS_CHANNEL",
+    "EventReads",
+    "EventRepository",
+    "RunReads",
+    "RunRepository",
+    "idempotency_window",
+]

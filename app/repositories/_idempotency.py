@@ -37,10 +37,10 @@ from typing import Any
 from sqlalchemy import Executable, String, bindparam, delete, exists, literal, or_, select, update
 from sqlmodel import Session as DbSession
 
+from app._params import described, text_param
 from app.errors import BadParameterError, IdempotencyKeyReusedError
 from app.models import IdempotencyKey, IdempotencyScope, Session, SessionRun
 from app.repositories._driver import execute_core
-from app.repositories._params import described, text_param
 from app.repositories._sql import NOW, insert_for, now_plus
 
 KEYS = IdempotencyKey.__table__

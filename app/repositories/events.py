@@ -39,6 +39,15 @@ from sqlalchemy import (
 )
 from sqlmodel import Session as DbSession
 
+from app._params import (
+    described,
+    enum_param,
+    json_object_param,
+    optional_text_param,
+    page_size,
+    since_seq_param,
+    text_param,
+)
 from app.errors import (
     BadParameterError,
     ConflictError,
@@ -49,15 +58,6 @@ from app.json_codec import dumps, dumps_transport
 from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
 from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
 from app.repositories._driver import Rows, execute_core, execute_overlapped
-from app.repositories._params import (
-    described,
-    enum_param,
-    json_object_param,
-    optional_text_param,
-    page_size,
-    since_seq_param,
-    text_param,
-)
 from app.repositories._rows import inserted, register_inserted, snapshots, track_json
 from app.repositories._sql import (
     EVENTS_CHANNEL,

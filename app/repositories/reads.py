@@ -60,14 +60,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 from sqlmodel.main import FieldInfoMetadata
 
-from app.db import read_only
-from app.errors import RunNotFoundError
-from app.models import RunStatus
-from app.repositories import events as _events
-from app.repositories import runs as _runs
-from app.repositories._driver import _OBSERVERS, _OWN_OPTIONS, Plan, _execute, _plans
-from app.repositories._driver_errors import domain_error
-from app.repositories._params import (
+from app._params import (
     check_page_cursor,
     enum_param,
     page_size,
@@ -75,6 +68,13 @@ from app.repositories._params import (
     since_seq_param,
     text_param,
 )
+from app.db import read_only
+from app.errors import RunNotFoundError
+from app.models import RunStatus
+from app.repositories import events as _events
+from app.repositories import runs as _runs
+from app.repositories._driver import _OBSERVERS, _OWN_OPTIONS, Plan, _execute, _plans
+from app.repositories._driver_errors import domain_error
 from app.repositories._sql import POSTGRESQL, RUN_EXISTS
 from app.schemas import EventPage, EventResponse, RunResponse
 

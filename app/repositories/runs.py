@@ -41,6 +41,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlmodel import Session as DbSession
 
+from app._params import (
+    check_page_cursor,
+    described,
+    enum_param,
+    event_payload_param,
+    json_object_param,
+    optional_text_param,
+    page_size,
+    run_page_params,
+    text_param,
+)
 from app.errors import (
     ActiveRunExistsError,
     BadParameterError,
@@ -71,17 +82,6 @@ from app.repositories._idempotency import (
     key_param,
     window_from_environment,
     window_param,
-)
-from app.repositories._params import (
-    check_page_cursor,
-    described,
-    enum_param,
-    event_payload_param,
-    json_object_param,
-    optional_text_param,
-    page_size,
-    run_page_params,
-    text_param,
 )
 from app.repositories._rows import in_session, in_session_many, inserted
 from app.repositories._sql import (
