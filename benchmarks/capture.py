@@ -36,8 +36,7 @@ from sqlalchemy import JSON, DateTime
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from app.capture import CapturedStatement
-from app.json_codec import dumps, dumps_transport
-from app.repositories._batch import JSONText
+from app.json_codec import JSONText, dumps, dumps_transport
 
 SQLITE_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 """How SQLAlchemy's SQLite ``DATETIME`` binds a datetime."""

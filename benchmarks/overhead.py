@@ -66,7 +66,7 @@ from app.models import (
 )
 from app.repositories import EventReads, EventRepository, RunReads, RunRepository
 from app.repositories.events import EVENT_COLUMNS
-from app.repositories.reads import _builder
+from app.repositories.reads import schema_builder
 from app.repositories.runs import RUN_COLUMNS
 from app.schemas import EventResponse, RunResponse
 from app.state_machine import RunEventType
@@ -599,7 +599,7 @@ def _schema_builds(
         for values in named:
             if values.get("payload", {}) is None:
                 values["payload"] = {}
-        build = _builder(schema, columns, None)
+        build = schema_builder(schema, columns, None)
         validate, construct = schema.model_validate, schema.model_construct
         builds[case] = {
             "model_validate(instance)": lambda v=validate, i=instances: [v(x) for x in i],

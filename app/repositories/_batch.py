@@ -22,39 +22,21 @@ fails, so the caller's transaction stays usable, and the seqs stay gap-free.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 from sqlalchemy import (
     BigInteger,
     Executable,
     Integer,
     String,
-    TypeDecorator,
     bindparam,
     column,
     text,
 )
 
-from app.models import EventSource
+from app.json_codec import JSONText
 from app.repositories._sql import EVENTS_CHANNEL, POSTGRESQL, SQLITE, now_text
 from app.types import UTCDateTime
-
-MAX_BATCH = 1000
-"""Most events one ``append_many`` call takes (one JSON parameter, one statement)."""
-
-
-@dataclass(frozen=True, slots=True)
-class NewEvent:
-    """One event of an ``append_many`` batch: the arguments of ``append``."""
-
-    type: str
-    payload: dict[str, Any] | None = None
-    source: EventSource | str = EventSource.SESSION
-    run_id: str | None = None
-    event_id: str | None = None
-
 
 _NEXT_FREE = "(SELECT coalesce(max(seq), 0) + 1 FROM session_events WHERE session_id = :session_id)"
 
@@ -120,14 +102,6 @@ WHERE true
 ON CONFLICT DO NOTHING
 RETURNING id, seq, created_at"""
 INSERT_MANY_SQLITE = _INSERT_MANY_SQLITE.format(now=now_text(SQLITE))
-
-
-class JSONText(TypeDecorator[str]):
-    """Text of a JSON document the layer encoded itself (the batch arrays): bound as
-    text; the benchmarks' raw side encodes it again per call, as driver code would."""
-
-    impl = String
-    cache_ok = True
 
 
 @cache

@@ -55,8 +55,8 @@ from app.errors import (
     SessionNotFoundError,
 )
 from app.json_codec import dumps, dumps_transport
-from app.models import EventSource, Session, SessionEvent, SessionEventSequence, SessionRun
-from app.repositories._batch import MAX_BATCH, NewEvent, append_many_statements
+from app.models import ChatSession, EventSource, SessionEvent, SessionEventSequence, SessionRun
+from app.repositories._batch import append_many_statements
 from app.repositories._driver import Rows, execute_core, execute_overlapped
 from app.repositories._rows import inserted, register_inserted, snapshots, track_json
 from app.repositories._sql import (
@@ -76,7 +76,7 @@ from app.types import max_json_bytes
 
 EVENTS = SessionEvent.__table__
 SEQUENCES = SessionEventSequence.__table__
-SESSIONS = Session.__table__
+SESSIONS = ChatSession.__table__
 RUNS = SessionRun.__table__
 
 EVENT_COLUMNS = tuple(column.key for column in EVENTS.c)
@@ -89,6 +89,20 @@ database inserts the batch (``execute_overlapped``); below it the round trip tha
 overlapping costs is more than the work it hides."""
 ALLOCATION_ATTEMPTS = 5
 """Retries when v0.7 writers keep taking the number just allocated."""
+
+MAX_BATCH = 1000
+"""Most events one ``append_many`` call takes (one JSON parameter, one statement)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """One event of an ``append_many`` batch: the arguments of ``append``."""
+
+    type: str
+    payload: dict[str, Any] | None = None
+    source: EventSource | str = EventSource.SESSION
+    run_id: str | None = None
+    event_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,4 +639,4 @@ def _check_type_rules(type: str, run_id: str | None, type_name: str, run_id_name
         )
 
 
-__all__ = ["EventRepository", "NewEvent"]
+__all__ = ["MAX_BATCH", "EventRepository", "NewEvent"]

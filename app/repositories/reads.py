@@ -88,7 +88,7 @@ _NONE = type(None)
 # Rows into schemas
 
 
-def _builder(
+def schema_builder(
     schema: type[BaseModel], columns: Sequence[str], converters: Sequence[Any] | None
 ) -> Callable[[Sequence[Sequence[Any]]], list[Any]]:
     """``build(rows)``: one ``schema`` instance per row of a statement with ``columns``.
@@ -183,7 +183,7 @@ def _fast_fields(schema: type[BaseModel]) -> dict[str, tuple[frozenset[type], An
     unknown field validator, a constraint, a value-changing setting)."""
     decorators = schema.__pydantic_decorators__
     if (
-        schema.__new__ is not SQLModel.__new__  # what _builder does instead
+        schema.__new__ is not SQLModel.__new__  # what schema_builder does instead
         or schema.model_config.get("table")
         or schema.__pydantic_root_model__
         or decorators.model_validators
@@ -258,7 +258,7 @@ class _Query:
     def __init__(self, reader: _Reader, schema: type[BaseModel], statement: Any) -> None:
         self._reader, self._schema, self._statement = reader, schema, statement
         self._columns = tuple(column.key for column in statement.selected_columns)
-        self._converted = _builder(schema, self._columns, None)
+        self._converted = schema_builder(schema, self._columns, None)
         self._build: Callable[[Sequence[Sequence[Any]]], list[Any]] | None = None
         self._plan: Plan | None = None
 
@@ -280,7 +280,7 @@ class _Query:
             )
         by_index = dict(plan.converters)
         converters = [by_index.get(index) for index in range(len(self._columns))]
-        self._build = _builder(self._schema, self._columns, converters)
+        self._build = schema_builder(self._schema, self._columns, converters)
         self._plan = plan  # after the builder: a thread that sees the plan finds it
         return plan
 
@@ -542,7 +542,7 @@ class EventReads:
 def page(events: list[EventResponse], since_seq: int) -> EventPage:
     """The ``EventPage`` of ``events`` read after ``since_seq`` (equal to ``EventPage.of``
     of the same events as ``SessionEvent``; made without validating them again)."""
-    body = object.__new__(EventPage)  # as _builder makes instances
+    body = object.__new__(EventPage)  # as schema_builder makes instances
     values = {"items": events, "next_since_seq": events[-1].seq if events else since_seq}
     object.__setattr__(body, "__dict__", values)
     object.__setattr__(body, "__pydantic_fields_set__", {"items", "next_since_seq"})

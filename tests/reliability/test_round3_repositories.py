@@ -17,7 +17,7 @@ from sqlmodel import Session as DbSession
 from app.errors import BadParameterError, DataLayerError
 from app.models import RunStatus, Session, SessionEvent, SessionRun, TriggerSource, new_id
 from app.repositories import EventRepository, RunRepository
-from app.repositories._batch import MAX_BATCH, NewEvent
+from app.repositories.events import MAX_BATCH, NewEvent
 from app.state_machine import RunEventType
 from app.types import utc_now
 from tests.concurrency import in_own_transaction

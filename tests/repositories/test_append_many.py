@@ -13,8 +13,7 @@ from sqlmodel import Session as DbSession
 from app.errors import BadParameterError, RunNotFoundError, SessionNotFoundError
 from app.models import EventSource, SessionEvent, SessionEventSequence
 from app.repositories import EventRepository
-from app.repositories._batch import MAX_BATCH
-from app.repositories.events import OVERLAP_MIN_EVENTS, NewEvent
+from app.repositories.events import MAX_BATCH, OVERLAP_MIN_EVENTS, NewEvent
 from app.types import TrackedJSONDict
 from tests.concurrency import in_own_transaction, race, seed
 from tests.factories import SessionFactory, SessionRunFactory
