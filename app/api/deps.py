@@ -44,7 +44,7 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session as DbSession
 
-from app.api.errors import describe_problem, unreadable_body
+from app.api.errors import problem_in_words, unreadable_body
 from app.db import get_engine, unit_of_work
 from app.errors import BadParameterError, DatabaseBusyError
 from app.repositories import EventRepository, RunRepository
@@ -234,15 +234,16 @@ async def get_resume_request(request: Request) -> RunResumeRequest:
 
 
 def _resume_problems(errors: list[Any]) -> str:
-    """The problems of a resume body in words; the expected shape when it is wrong."""
+    """The problems of a resume body in words, each place named once (the error names
+    ``resume`` already); the expected shape when the shape is wrong."""
     problems, shape_wrong = [], False
     for error in errors:
         where = ".".join(str(part) for part in error["loc"])
-        problem = describe_problem(where, error["msg"])
-        shape_wrong = shape_wrong or not where or problem.startswith(f"{where}: ")
-        problems.append(problem)
+        inside = where.startswith("resume.")  # a problem within the resume object
+        shape_wrong = shape_wrong or not inside
+        problems.append(problem_in_words(error, "" if where == "resume" else where))
     described = "; ".join(problems)
-    return f'expected {{"resume": {{...}}}}; {described}' if shape_wrong else described
+    return f'{described}; expected {{"resume": {{...}}}}' if shape_wrong else described
 
 
 RunRepositoryDep = Annotated[RunRepository, Depends(get_run_repository)]

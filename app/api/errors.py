@@ -20,6 +20,7 @@ whose body says nothing about the cause; the exception is logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import traceback
@@ -81,25 +82,101 @@ BODY_PARSE_FAILED = "There was an error parsing the body"
 TOO_DEEP = f"nested deeper than {MAX_JSON_DEPTH} levels"
 
 
-def describe_problem(where: str, message: str) -> str:
-    """One validation problem in words: ``where: message``, or ``message`` alone when
-    it already names the place (the JSON rule's messages name their path)."""
+_JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true or false"}
+
+
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words, without quoting it."""
+    if value is None:
+        return "null"
+    for kind, words in _JSON_KINDS.items():
+        if isinstance(value, kind):
+            return words
+    return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def in_words(error: Any) -> str:
+    """pydantic's problem as a short predicate ("must be at least 1"); its own words
+    for the kinds not listed, "Input should be" made "must be"."""
+    kind, ctx = error.get("type", ""), error.get("ctx") or {}
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a field of this body"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx['ge']}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx['le']}"
+    if kind == "greater_than":
+        return f"must be more than {ctx['gt']}"
+    if kind == "less_than":
+        return f"must be less than {ctx['lt']}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be a whole number"
+    if kind in ("string_type", "string_sub_type"):
+        return "must be a string"
+    if kind in ("dict_type", "model_attributes_type", "model_type"):
+        return "must be a JSON object"
+    if kind == "list_type":
+        return "must be an array"
+    message = str(error.get("msg", ""))
     if message.startswith(_VALUE_ERROR):
-        message = message[len(_VALUE_ERROR) :]
-    if where and message.startswith(where) and message[len(where) : len(where) + 1] in " .[":
-        return message
-    return f"{where}: {message}" if where else message
+        return message[len(_VALUE_ERROR) :]
+    if message.startswith("Input should be "):
+        return "must be " + message[len("Input should be ") :]
+    return message[:1].lower() + message[1:]
 
 
-def _describe(errors: Sequence[Any]) -> str:
-    parts = []
-    for error in errors:
-        if error.get("type") == "json_invalid":  # loc: ("body", position)
-            parts.append(f"the body is not valid JSON (at character {error['loc'][-1]})")
-            continue
-        where = ".".join(str(part) for part in error["loc"][1:]) or str(error["loc"][0])
-        parts.append(describe_problem(where, error["msg"]))
-    return "; ".join(parts)
+def json_syntax_problem(doc: str, position: int, reason: str) -> str:
+    """Where and why a body is not JSON: "Expecting value at line 1 column 1"."""
+    located = json.JSONDecodeError(reason, doc, position)
+    return f"{reason} at line {located.lineno} column {located.colno}"
+
+
+def _where(error: Any) -> str:
+    return ".".join(str(part) for part in error["loc"][1:])
+
+
+def problem_in_words(error: Any, where: str) -> str:
+    """One problem with its place named once: ``session_id: is required``."""
+    words = in_words(error)
+    if where and words.startswith(where) and words[len(where) : len(where) + 1] in " .[":
+        return words  # the JSON rule's messages name their own path
+    return f"{where}: {words}" if where else words
+
+
+def _problem(error: Any) -> str:
+    return problem_in_words(error, _where(error))
+
+
+def _describe_body(errors: Sequence[Any], body: Any) -> str:
+    """A body's problems in words, each place named once."""
+    first = errors[0]
+    if first.get("type") == "json_invalid":  # loc: ("body", position), ctx: the reason
+        reason = str((first.get("ctx") or {}).get("error", "invalid JSON"))
+        if isinstance(body, str):
+            return (
+                f"the body is not valid JSON: {json_syntax_problem(body, first['loc'][-1], reason)}"
+            )
+        return f"the body is not valid JSON: {reason}"
+    whole = [error for error in errors if len(error["loc"]) == 1]
+    if whole:  # the body itself: absent, or not an object
+        if whole[0].get("type") == "missing":
+            return "the body is empty; expected a JSON object"
+        return f"the body must be a JSON object, got {_json_kind(whole[0].get('input'))}"
+    return "invalid body: " + "; ".join(_problem(error) for error in errors)
+
+
+def validation_error(errors: Sequence[Any], body: Any = None) -> DataLayerError:
+    """The domain error for FastAPI's validation ``errors`` (see the status rule above);
+    ``body``: the request body FastAPI read (the text of one that is not JSON)."""
+    if all(error["loc"][0] in PARAMETER_LOCATIONS for error in errors):
+        first = errors[0]
+        name = _where(first) or str(first["loc"][0])
+        problems = [in_words(first)] + [_problem(error) for error in errors[1:]]
+        return BadParameterError(name, "; ".join(problems))
+    body_errors = [error for error in errors if error["loc"][0] not in PARAMETER_LOCATIONS]
+    return ValidationFailedError(_describe_body(body_errors, body))
 
 
 def unreadable_body(cause: BaseException | None) -> str:
@@ -108,21 +185,16 @@ def unreadable_body(cause: BaseException | None) -> str:
         return f"the JSON is {TOO_DEEP}"
     if isinstance(cause, UnicodeError):
         return "the body is not UTF-8 text"
+    if isinstance(cause, json.JSONDecodeError):
+        return (
+            f"the body is not valid JSON: {cause.msg} at line {cause.lineno} column {cause.colno}"
+        )
     return "the body is not valid JSON"
-
-
-def validation_error(errors: Sequence[Any]) -> DataLayerError:
-    """The domain error for FastAPI's validation ``errors`` (see the status rule above)."""
-    if all(error["loc"][0] in PARAMETER_LOCATIONS for error in errors):
-        first = errors[0]
-        name = ".".join(str(part) for part in first["loc"][1:]) or first["loc"][0]
-        return BadParameterError(name, _describe(errors))
-    return ValidationFailedError(f"invalid body: {_describe(errors)}")
 
 
 def _request_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _data_layer_error(request, validation_error(exc.errors()))
+    return _data_layer_error(request, validation_error(exc.errors(), exc.body))
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -130,7 +202,9 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 400 and exc.detail == BODY_PARSE_FAILED:
         # A body FastAPI could not parse (nested past the parser, not UTF-8): the
         # status rule's 422, saying what was wrong instead of FastAPI's words.
-        failed = ValidationFailedError(f"invalid body: {unreadable_body(exc.__cause__)}")
+        problem = unreadable_body(exc.__cause__)
+        said = problem if problem.startswith("the body") else f"invalid body: {problem}"
+        failed = ValidationFailedError(said)
         return _data_layer_error(request, failed)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail), **(exc.headers or {}))
