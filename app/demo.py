@@ -18,7 +18,7 @@ from sqlmodel import Session as DbSession
 
 from app.db import unit_of_work
 from app.errors import DataLayerError
-from app.models import Session, SessionRun
+from app.models import ChatSession, SessionRun
 from app.repositories import EventRepository, RunRepository
 from migrations import status
 from migrations.command_line import (
@@ -40,7 +40,7 @@ def _step(engine: Engine, work: Callable[[DbSession], T]) -> T:
 
 def walk_one_run(engine: Engine) -> str:
     """create -> start -> wait_for_input -> resume -> complete; returns the run id."""
-    chat = _step(engine, lambda db: _added(db, Session(title="demo chat")))
+    chat = _step(engine, lambda db: _added(db, ChatSession(title="demo chat")))
     body = {"session_id": chat.id, "message": "Make a 3-page deck about tides"}
     run_id = _step(engine, lambda db: RunRepository(db).create(body).id)
     _step(engine, lambda db: RunRepository(db).start(run_id))
@@ -56,7 +56,7 @@ def walk_one_run(engine: Engine) -> str:
     return run_id
 
 
-def _added(db: DbSession, chat: Session) -> Session:
+def _added(db: DbSession, chat: ChatSession) -> ChatSession:
     db.add(chat)
     db.flush()
     return chat

@@ -73,7 +73,7 @@ class ChatSession(StoredModel, table=True):
     """A chat session (v0.7 table; this layer uses only these columns).
 
     Databases adopted from v0.7 carry more nullable metadata columns; they are
-    left as they are. ``app.models.Session`` is the same class under its old name.
+    left as they are. "Session" in this project means the database session only.
     """
 
     __tablename__ = "sessions"
@@ -309,9 +309,6 @@ class IdempotencyKey(StoredModel, table=True):
     expires_at: datetime = Field(sa_type=UTCDateTime)
 
 
-Session = ChatSession
-"""The chat session model under the name earlier code imports it by."""
-
 # --------------------------------------------------------------------------
 # Writes through attributes (app._model_rules)
 
@@ -351,7 +348,6 @@ __all__ = [
     "RunOptions",
     "RunState",
     "RunStatus",
-    "Session",
     "SessionEvent",
     "SessionEventSequence",
     "SessionRun",

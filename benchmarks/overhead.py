@@ -58,8 +58,8 @@ from sqlmodel import Session as DbSession
 from app.capture import capture_statements
 from app.db import create_db_engine
 from app.json_codec import loads
-from app.models import Session as ChatSession
 from app.models import (
+    ChatSession,
     SessionEvent,
     SessionRun,
     new_id,

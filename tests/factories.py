@@ -14,9 +14,9 @@ from factory.alchemy import SQLAlchemyModelFactory
 from sqlmodel import Session as DbSession
 
 from app.models import (
+    ChatSession,
     EventSource,
     RunStatus,
-    Session,
     SessionEvent,
     SessionRun,
     TriggerSource,
@@ -44,7 +44,7 @@ class _BoundFactory(SQLAlchemyModelFactory):
 
 class SessionFactory(_BoundFactory):
     class Meta:
-        model = Session
+        model = ChatSession
 
     id = factory.LazyFunction(new_id)
     title = factory.Sequence(lambda n: f"session {n}")

@@ -39,7 +39,7 @@ from sqlmodel import Session as DbSession
 
 from app._params import described, text_param
 from app.errors import BadParameterError, IdempotencyKeyReusedError
-from app.models import IdempotencyKey, IdempotencyScope, Session, SessionRun
+from app.models import ChatSession, IdempotencyKey, IdempotencyScope, SessionRun
 from app.repositories._driver import execute_core
 from app.repositories._sql import NOW, insert_for, now_plus
 
@@ -66,7 +66,7 @@ class _Statements:
 @cache
 def _statements(dialect: str) -> _Statements:
     owner_exists = {
-        IdempotencyScope.CREATE: exists().where(Session.__table__.c.id == _SCOPE_ID),
+        IdempotencyScope.CREATE: exists().where(ChatSession.__table__.c.id == _SCOPE_ID),
         IdempotencyScope.RESUME: exists().where(SessionRun.__table__.c.id == _SCOPE_ID),
     }
     columns = ["scope", "scope_id", "key", "request_hash", "created_at", "expires_at"]

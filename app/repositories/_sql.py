@@ -49,7 +49,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
-from app.models import Session, SessionRun
+from app.models import ChatSession, SessionRun
 from app.types import JSONDocument, UTCDateTime
 
 POSTGRESQL = "postgresql"
@@ -143,7 +143,9 @@ def _sqlite_run_created_at(element: run_created_at, compiler: SQLCompiler, **kw:
 EMPTY_TEXT = literal_column("''")
 LIMIT = bindparam("limit", type_=Integer())
 
-SESSION_EXISTS: Select[tuple[bool]] = select(exists().where(Session.__table__.c.id == SESSION_ID))
+SESSION_EXISTS: Select[tuple[bool]] = select(
+    exists().where(ChatSession.__table__.c.id == SESSION_ID)
+)
 """Whether the chat session is stored now; asks the database, not the identity map,
 which may hold a copy of a session another transaction has deleted."""
 RUN_EXISTS: Select[tuple[bool]] = select(exists().where(SessionRun.__table__.c.id == RUN_ID))

@@ -64,12 +64,12 @@ from app.errors import (
     ValidationFailedError,
 )
 from app.models import (
+    ChatSession,
     EventSource,
     IdempotencyScope,
     MultitaskStrategy,
     RunOptions,
     RunStatus,
-    Session,
     SessionEvent,
     SessionEventSequence,
     SessionRun,
@@ -410,7 +410,7 @@ def _statements(dialect: str) -> _Statements:
     create = RUNS.insert().from_select(
         list(created_values),
         created_row.where(
-            exists().where(Session.__table__.c.id == SESSION_ID),
+            exists().where(ChatSession.__table__.c.id == SESSION_ID),
             or_(
                 parent_run_id.is_(None),
                 exists().where(RUNS.c.id == parent_run_id, RUNS.c.session_id == SESSION_ID),
@@ -523,8 +523,8 @@ def _statements(dialect: str) -> _Statements:
         ).where(RUNS.c.id == RUN_ID),
         # FOR NO KEY UPDATE: serializes the creates that check the session's runs
         # (reject, interrupt) without blocking inserts that reference the session.
-        lock_session=select(Session.__table__.c.id)
-        .where(Session.__table__.c.id == SESSION_ID)
+        lock_session=select(ChatSession.__table__.c.id)
+        .where(ChatSession.__table__.c.id == SESSION_ID)
         .with_for_update(key_share=True),
         first_active=select(RUNS.c.id, RUNS.c.status)
         .where(RUNS.c.session_id == SESSION_ID, _literal_in(RUNS.c.status, ACTIVE_STATUSES))

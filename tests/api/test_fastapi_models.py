@@ -10,7 +10,7 @@ from sqlmodel import Session as DbSession
 from sqlmodel import func, select
 
 from app.api.deps import SessionDep, get_db_engine
-from app.models import RunStatus, Session, SessionRun, TriggerSource
+from app.models import ChatSession, RunStatus, SessionRun, TriggerSource
 from app.schemas import RunCreate, RunResponse
 
 
@@ -42,7 +42,7 @@ def client(engine: Engine) -> TestClient:
 
     api.dependency_overrides[get_db_engine] = lambda: engine
     with DbSession(engine) as db:
-        db.add(Session(id="s1", title="chat"))
+        db.add(ChatSession(id="s1", title="chat"))
         db.commit()
     return TestClient(api)
 

@@ -21,9 +21,8 @@ from app.capture import capture_statements
 from app.errors import DataLayerError
 from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories import EventRepository, RunRepository, _driver
-from app.repositories._batch import NewEvent
 from app.repositories._driver import execute_core
-from app.repositories.events import OVERLAP_MIN_EVENTS
+from app.repositories.events import OVERLAP_MIN_EVENTS, NewEvent
 from app.types import utc_now
 from tests.factories import SessionFactory
 

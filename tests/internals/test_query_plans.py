@@ -26,7 +26,7 @@ from sqlalchemy import Engine, insert, text
 from sqlmodel import Session as DbSession
 
 from app.capture import CapturedStatement, capture_statements
-from app.models import Session, SessionEvent, SessionRun, new_id
+from app.models import ChatSession, SessionEvent, SessionRun, new_id
 from app.repositories import EventRepository, RunRepository
 
 SESSIONS = 20
@@ -65,7 +65,7 @@ def population(engine: Engine) -> Population:
         for seq in range(1, RUNS_PER_SESSION * EVENTS_PER_RUN + 1)
     ]
     with engine.begin() as conn:
-        conn.execute(insert(Session.__table__), [{"id": s, "title": "plans"} for s in sessions])
+        conn.execute(insert(ChatSession.__table__), [{"id": s, "title": "plans"} for s in sessions])
         conn.execute(
             insert(SessionRun.__table__),
             [
@@ -369,7 +369,7 @@ def test_deleting_a_run_on_sqlite_costs_the_same_when_the_event_log_doubles(
     others = [new_id() for _ in range(15 * SESSIONS)]
     per_session = RUNS_PER_SESSION * EVENTS_PER_RUN // 15
     with engine.begin() as conn:
-        conn.execute(insert(Session.__table__), [{"id": o, "title": "more"} for o in others])
+        conn.execute(insert(ChatSession.__table__), [{"id": o, "title": "more"} for o in others])
         conn.execute(
             insert(SessionEvent.__table__),
             [_event(other, seq, None) for other in others for seq in range(1, per_session + 1)],

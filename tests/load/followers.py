@@ -42,11 +42,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.db import create_db_engine, unit_of_work
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from benchmarks.environment import on_each_backend
-from tests.load.burst import Server
 from migrations import upgrade
+from tests.load.burst import Server
 
 APPLICATION_NAME = "stream-bench-server"
 FIRST_SEQ = 2  # run_created, run_started were written by the seed
@@ -220,7 +220,7 @@ def seed(url: str, writers: int) -> list[tuple[str, str]]:
         with unit_of_work(engine) as db:
             runs = RunRepository(db)
             for n in range(writers):
-                chat = Session(title=f"stream {n}")
+                chat = ChatSession(title=f"stream {n}")
                 db.add(chat)
                 db.flush()
                 run = runs.create({"session_id": chat.id, "message": "stream"})

@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 
 from app.errors import BadParameterError
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import in_own_transaction
 from tests.reliability import invariants
@@ -57,7 +57,7 @@ CASES: dict[str, tuple[str, Callable[[DbSession, str, str], object]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_input_that_reached_the_driver_is_refused(engine: Engine, case: str) -> None:
     def running_run(db: DbSession) -> tuple[str, str]:
-        session_id = db.merge(Session(title="regressions")).id
+        session_id = db.merge(ChatSession(title="regressions")).id
         runs = RunRepository(db)
         run = runs.create({"session_id": session_id, "message": "m"})
         runs.start(run.id)

@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 
 from app.errors import DataLayerError
-from app.models import RunStatus, Session, TriggerSource
+from app.models import ChatSession, RunStatus, TriggerSource
 from app.repositories import EventRepository, RunRepository
 from app.state_machine import TRANSITIONS
 from tests.concurrency import in_own_transaction
@@ -152,8 +152,8 @@ class Seeded:
 
 
 def _seed(db: DbSession) -> Seeded:
-    session_id = db.merge(Session(title="target")).id
-    other_session_id = db.merge(Session(title="other")).id
+    session_id = db.merge(ChatSession(title="target")).id
+    other_session_id = db.merge(ChatSession(title="other")).id
     runs, events = RunRepository(db), EventRepository(db)
 
     def run_in(status: RunStatus) -> str:
@@ -533,7 +533,9 @@ def test_hostile_text_round_trips_verbatim(engine: Engine, text: str, number: fl
     metric_key = text.replace('"', "'")
 
     def write(db: DbSession) -> tuple[str, str]:
-        session = db.merge(Session(id=f"{text}-{invariants.count(engine, 'sessions')}", title=text))
+        session = db.merge(
+            ChatSession(id=f"{text}-{invariants.count(engine, 'sessions')}", title=text)
+        )
         runs, events = RunRepository(db), EventRepository(db)
         body = {
             "session_id": session.id,
@@ -560,7 +562,7 @@ def test_hostile_text_round_trips_verbatim(engine: Engine, text: str, number: fl
         assert run.options["target_pages"] == [text]
         assert run.checkpoint_ns == text and run.resume_payload == {text: text}
         assert run.metrics == {metric_key: number} and run.waiting_reason is None
-        assert db.get(Session, session_id).title == text
+        assert db.get(ChatSession, session_id).title == text
         stored = EventRepository(db).list_for_run(run_id)[-1]
         assert (stored.type, stored.event_id, stored.payload) == (
             text,
@@ -604,7 +606,7 @@ def test_numbers_below_the_limit_round_trip_with_their_type(engine: Engine, back
     kept = {"below": 9.999999999999998e15, "tiny": 5e-324, "third": 1 / 3, "int": 2**63 - 1}
 
     def write(db: DbSession) -> str:
-        session_id = db.merge(Session(title="numbers")).id
+        session_id = db.merge(ChatSession(title="numbers")).id
         EventRepository(db).append(session_id, "numbers", kept)
         return session_id
 
@@ -627,7 +629,7 @@ def test_metric_keys_with_double_quotes_merge_verbatim(engine: Engine, backend: 
     patch = {'say "hi"': 2, '" OR 1=1 --': 0.5, "nil": None, "deep": {"x": [1, {"y": None}]}}
 
     def complete(db: DbSession) -> str:
-        session_id = db.merge(Session(title="metrics")).id
+        session_id = db.merge(ChatSession(title="metrics")).id
         runs = RunRepository(db)
         run = runs.create({"session_id": session_id, "message": "m"})
         runs.update_metrics(run.id, stored)

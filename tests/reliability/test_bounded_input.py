@@ -27,7 +27,7 @@ from app.errors import (
     SessionNotFoundError,
     ValidationFailedError,
 )
-from app.models import RunStatus, Session
+from app.models import ChatSession, RunStatus
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunCreate, RunResumeRequest
 from app.state_machine import RUN_SCOPED_EVENT_TYPES
@@ -116,7 +116,7 @@ def _seed(db: DbSession) -> Seeded:
     ids: Seeded = {}
     runs, events = RunRepository(db), EventRepository(db)
     for session_key, run_key in (("session", "running"), ("other_session", "waiting")):
-        ids[session_key] = db.merge(Session(title=session_key)).id
+        ids[session_key] = db.merge(ChatSession(title=session_key)).id
         ids[run_key] = runs.create({"session_id": ids[session_key], "message": "m"}).id
         runs.start(ids[run_key])
         events.append(ids[session_key], "note", {"n": 1})
@@ -195,7 +195,7 @@ def test_values_at_the_limits_round_trip(engine: Engine, backend: str) -> None:
     }
 
     def write(db: DbSession) -> str:
-        session_id = db.merge(Session(title="limits")).id
+        session_id = db.merge(ChatSession(title="limits")).id
         EventRepository(db).append(session_id, "limits", at_limits)
         return session_id
 

@@ -33,7 +33,7 @@ from sqlalchemy import Engine, delete, text
 from sqlmodel import Session as DbSession
 
 from app.errors import ConflictError, DataLayerError
-from app.models import RunStatus, Session, SessionRun
+from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import in_own_transaction
 from tests.reliability import invariants
@@ -140,7 +140,7 @@ METHODS: dict[str, tuple[RunStatus, Call]] = {
 
 def _seed(engine: Engine, status: RunStatus) -> Target:
     def write(db: DbSession) -> Target:
-        session_id = db.merge(Session(title="race")).id
+        session_id = db.merge(ChatSession(title="race")).id
         runs = RunRepository(db)
         run_id = runs.create({"session_id": session_id, "message": "m"}).id
         if status is RunStatus.FAILED:
@@ -201,7 +201,7 @@ def race_with_delete(
     is committed when it succeeds and rolled back when it raises."""
     deleter = DbSession(engine)
     if deleted == "session":
-        deleter.execute(delete(Session).where(Session.id == target.session_id))  # type: ignore[arg-type]
+        deleter.execute(delete(ChatSession).where(ChatSession.id == target.session_id))  # type: ignore[arg-type]
     else:
         deleter.execute(delete(SessionRun).where(SessionRun.id == target.run_id))  # type: ignore[arg-type]
     deleter.flush()
@@ -333,7 +333,9 @@ def race_with_delete_mid_call(
 
     def delete_target(db: DbSession) -> None:
         model, key = (
-            (Session, target.session_id) if deleted == "session" else (SessionRun, target.run_id)
+            (ChatSession, target.session_id)
+            if deleted == "session"
+            else (SessionRun, target.run_id)
         )
         db.execute(delete(model).where(model.id == key))  # type: ignore[arg-type]
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 
 from app.errors import DataLayerError
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunCreate, RunResumeRequest
 from tests.concurrency import in_own_transaction
@@ -83,7 +83,7 @@ def test_refusals_carry_no_content(
     engine: Engine, backend: str, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     def seed(db: DbSession) -> Ids:
-        session_id = db.merge(Session(title="hygiene")).id
+        session_id = db.merge(ChatSession(title="hygiene")).id
         runs = RunRepository(db)
         run_id = runs.create({"session_id": session_id, "message": "m"}).id
         runs.start(run_id)

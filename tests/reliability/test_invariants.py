@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine, text
 
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import seed
 from tests.reliability import invariants
@@ -20,7 +20,7 @@ def _lawful_history(engine: Engine) -> tuple[str, str]:
     """A session with a completed run, a waiting run and a free event; (session id, run id)."""
 
     def write(db: object) -> tuple[str, str]:
-        session_id = db.merge(Session(title="judge")).id  # type: ignore[attr-defined]
+        session_id = db.merge(ChatSession(title="judge")).id  # type: ignore[attr-defined]
         runs, events = RunRepository(db), EventRepository(db)  # type: ignore[arg-type]
         done = runs.create({"session_id": session_id, "message": "one"})
         runs.start(done.id)

@@ -34,7 +34,7 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session as DbSession
 
 from app.db import create_db_engine
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from app.state_machine import EVENT_TARGET, RunEventType
 from migrations import MIGRATIONS, status, upgrade
@@ -309,7 +309,7 @@ def test_worker_killed_mid_transaction_loses_nothing_committed(
     restart: Callable[[Engine, list[str]], None],
 ) -> None:
     session_ids = seed(
-        engine, lambda db: [db.merge(Session(title=f"victim {n}")).id for n in range(2)]
+        engine, lambda db: [db.merge(ChatSession(title=f"victim {n}")).id for n in range(2)]
     )
     journal = tmp_path / f"{mode}.journal"
     for _ in range(KILLS_PER_WORKER):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from app.models import Session
+from app.models import ChatSession
 from tests.concurrency import seed
 from tests.reliability import invariants
 from tests.reliability.figures import record
@@ -76,7 +76,7 @@ def test_concurrent_lifecycles_leave_no_violation(
     engine: Engine, database_url: str, backend: str
 ) -> None:
     session_ids = seed(
-        engine, lambda db: [db.merge(Session(title=f"load {n}")).id for n in range(SESSIONS)]
+        engine, lambda db: [db.merge(ChatSession(title=f"load {n}")).id for n in range(SESSIONS)]
     )
     processes = _start_processes(database_url, session_ids) if backend == "sqlite" else []
     threads = THREADS[backend]

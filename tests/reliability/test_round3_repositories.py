@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, insert, select
 from sqlmodel import Session as DbSession
 
 from app.errors import BadParameterError, DataLayerError
-from app.models import RunStatus, Session, SessionEvent, SessionRun, TriggerSource, new_id
+from app.models import ChatSession, RunStatus, SessionEvent, SessionRun, TriggerSource, new_id
 from app.repositories import EventRepository, RunRepository
 from app.repositories.events import MAX_BATCH, NewEvent
 from app.state_machine import RunEventType
@@ -124,7 +124,7 @@ def test_append_and_append_many_refuse_lifecycle_types_even_with_a_run(
     engine: Engine, backend: str, event_type: str
 ) -> None:
     def seed(db: DbSession) -> tuple[str, str]:
-        chat = db.merge(Session(title="lifecycle"))
+        chat = db.merge(ChatSession(title="lifecycle"))
         runs = RunRepository(db)
         run = runs.start(runs.create({"session_id": chat.id, "message": "m"}).id)
         return chat.id, run.id
@@ -201,7 +201,7 @@ BAD_CALLS: dict[str, Callable[[DbSession, str], object]] = {
 def test_repository_refusals_describe_arguments_without_quoting_them(
     engine: Engine, backend: str, case: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    session_id = in_own_transaction(engine, lambda db: db.merge(Session(title="h")).id)
+    session_id = in_own_transaction(engine, lambda db: db.merge(ChatSession(title="h")).id)
     caplog.set_level(logging.WARNING)
     caplog.set_level(logging.DEBUG, logger="app")
     with DbSession(engine) as db, pytest.raises(DataLayerError) as refused:

@@ -35,7 +35,7 @@ from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
 from app.errors import BadParameterError, RunNotFoundError
 from app.feed import EventFeed, close_feed, get_feed
-from app.models import Session
+from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory
@@ -191,7 +191,7 @@ def test_stream_of_a_run_whose_chat_session_is_deleted_ends_with_an_error_event(
         first = sse.read(within=10, until=is_ping)
         assert [m["id"] for m in first if has_id(m)] == ["2"]
         with unit_of_work(engine) as db:
-            db.execute(delete(Session).where(Session.id == session_id))  # type: ignore[arg-type]
+            db.execute(delete(ChatSession).where(ChatSession.id == session_id))  # type: ignore[arg-type]
         rest = sse.read(within=ENDS_WITHIN)
     assert_ends_with_run_not_found(rest, run_id)
 

@@ -11,9 +11,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session as DbSession
 
 from app.models import (
+    ChatSession,
     EventSource,
     RunStatus,
-    Session,
     SessionEvent,
     SessionRun,
     TriggerSource,
@@ -110,7 +110,7 @@ def test_orm_delete_of_session_relies_on_database_cascade(db: DbSession) -> None
     SessionRunFactory(session=chat)
     db.commit()
     db.expire_all()
-    db.delete(db.get(Session, chat.id))
+    db.delete(db.get(ChatSession, chat.id))
     db.commit()
     assert db.scalar(select(func.count()).select_from(SessionRun)) == 0
 
@@ -202,7 +202,7 @@ def test_naive_legacy_timestamps_read_as_utc(db: DbSession) -> None:
         {"at": datetime(2025, 6, 1, 8, 0)},
     )
     db.commit()
-    assert db.get(Session, "legacy").created_at == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
+    assert db.get(ChatSession, "legacy").created_at == datetime(2025, 6, 1, 8, 0, tzinfo=UTC)
 
 
 def test_json_columns_round_trip_and_track_top_level_changes(db: DbSession) -> None:

@@ -18,7 +18,7 @@ from app.errors import (
     SessionNotFoundError,
     TransactionAbortedError,
 )
-from app.models import RunStatus, Session, SessionEvent, SessionRun
+from app.models import ChatSession, RunStatus, SessionEvent, SessionRun
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import in_own_transaction, seed
 from tests.factories import SessionFactory, SessionRunFactory
@@ -36,7 +36,7 @@ def test_commit_after_the_database_aborted_the_transaction_raises(
     one back by itself after some errors; a plain COMMIT then "succeeds" on nothing.
     The caller must hear that its earlier writes are gone."""
     with DbSession(engine) as db:
-        db.add(Session(id="written-first", title="t"))
+        db.add(ChatSession(id="written-first", title="t"))
         db.flush()
         if backend == "postgresql":
             with pytest.raises(Exception, match="division by zero"):
@@ -46,7 +46,7 @@ def test_commit_after_the_database_aborted_the_transaction_raises(
         with pytest.raises(TransactionAbortedError, match="roll back and retry"):
             db.commit()
         db.rollback()
-        db.add(Session(id="after-rollback", title="t"))
+        db.add(ChatSession(id="after-rollback", title="t"))
         db.commit()
     assert stored_session_ids(engine) == {"after-rollback"}
 
@@ -56,7 +56,7 @@ def test_after_a_statement_error_sqlite_keeps_the_transaction(engine: Engine) ->
     """The other side of the rule: where the database kept the transaction usable
     (SQLite after a refused statement), commit stores what was written."""
     with DbSession(engine) as db:
-        db.add(Session(id="kept", title="t"))
+        db.add(ChatSession(id="kept", title="t"))
         db.flush()
         with pytest.raises(Exception, match="constraint failed"):
             db.execute(
@@ -86,7 +86,7 @@ def test_a_lost_start_race_then_commit_raises_instead_of_dropping_other_writes(
     def second() -> None:
         go.wait(5)
         with DbSession(engine) as db:
-            db.add(Session(id="other-chat", title="t"))
+            db.add(ChatSession(id="other-chat", title="t"))
             db.flush()
             try:
                 RunRepository(db).start(second_id)
@@ -198,7 +198,7 @@ def test_objects_from_a_rolled_back_transaction_keep_their_values(engine: Engine
 def test_a_chat_deleted_by_another_request_is_session_not_found(engine: Engine) -> None:
     chat_id = seed(engine, lambda db: SessionFactory().id)
     with DbSession(engine, expire_on_commit=False) as db:
-        held = db.get(Session, chat_id)  # the caller still holds its copy
+        held = db.get(ChatSession, chat_id)  # the caller still holds its copy
         assert held is not None
         db.commit()
         in_own_transaction(

@@ -18,8 +18,7 @@ from sqlmodel import select
 
 from app.db import unit_of_work
 from app.feed import close_feed
-from app.models import RunStatus, SessionEvent, SessionRun
-from app.models import Session as ChatSession
+from app.models import ChatSession, RunStatus, SessionEvent, SessionRun
 from app.repositories import RunRepository
 from app.worker import RunWorker
 

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Engine
 
 from app.db import unit_of_work
-from app.models import Session as ChatSession
+from app.models import ChatSession
 
 pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
 pytestmark = pytest.mark.slow  # uvicorn and a worker process per backend

@@ -24,8 +24,7 @@ from sqlmodel import Session as DbSession
 from sqlmodel import select
 
 from app.db import unit_of_work
-from app.models import RunStatus, SessionEvent, SessionRun
-from app.models import Session as ChatSession
+from app.models import ChatSession, RunStatus, SessionEvent, SessionRun
 from app.repositories import RunRepository
 
 pytestmark = pytest.mark.slow  # every test starts worker processes; twins: test_run_worker.py
