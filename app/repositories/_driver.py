@@ -33,10 +33,17 @@ parameters and read the same values.
 psycopg the statement goes out in pipeline mode, the work runs while the
 server executes it, then the rows are fetched (``append_many`` builds its
 events meanwhile).
+
+The fast paths can be switched off (``RUN_LAYER_FAST_PATHS=0``, read here once at
+import; ``set_fast_paths`` for a test or a triage session): then no plan is made or
+used, every statement goes through ``Connection.execute``, and the read path
+(``app.repositories.reads``) reads through SQLAlchemy and validates each row, so
+a SQLAlchemy upgrade can be told apart from the layer's shortcuts around it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,6 +59,33 @@ from app.repositories._driver_errors import domain_error
 
 Processor = Callable[[Any], Any]
 T = TypeVar("T")
+
+FAST_PATHS = "RUN_LAYER_FAST_PATHS"
+"""The environment variable of the switch: ``0`` off, ``1`` (or unset) on."""
+
+
+def _switch_from_environment() -> bool:
+    value = os.environ.get(FAST_PATHS, "1").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"{FAST_PATHS} must be 0 (off) or 1 (on), got {value!r}")
+    return value != "0"
+
+
+_fast_paths = _switch_from_environment()
+
+
+def fast_paths() -> bool:
+    """Whether the driver path and the read path's direct rows are on (module docstring)."""
+    return _fast_paths
+
+
+def set_fast_paths(enabled: bool) -> bool:
+    """Switch the fast paths on or off for the whole process; returns the old setting.
+    Plans already made are kept, and used again once switched back on."""
+    global _fast_paths
+    previous, _fast_paths = _fast_paths, bool(enabled)
+    return previous
+
 
 _OWN_OPTIONS = frozenset({SQLITE_BEGIN})
 """Execution options that do not concern statement execution (app._dialects)."""
@@ -183,7 +217,11 @@ def _execute(
     params: dict[str, Any],
     work: Callable[[], T] | None,
 ) -> tuple[Rows, T | None]:
-    plan = _plans(connection.dialect).get(id(statement)) if _direct(connection) else None
+    plan = (
+        _plans(connection.dialect).get(id(statement))
+        if _fast_paths and _direct(connection)
+        else None
+    )
     if plan is None or plan.statement is not statement:
         rows = _through_sqlalchemy(connection, statement, params)
         return rows, None if work is None else work()
@@ -224,9 +262,10 @@ def _through_sqlalchemy(
     """SQLAlchemy's own execution; the first one of a statement also makes its plan."""
     result = connection.execute(statement, params)
     rows = Rows([tuple(row) for row in result] if result.returns_rows else [], result.rowcount)
-    plans = _plans(connection.dialect)
-    if id(statement) not in plans:
-        plans[id(statement)] = _plan(statement, result)
+    if _fast_paths:
+        plans = _plans(connection.dialect)
+        if id(statement) not in plans:
+            plans[id(statement)] = _plan(statement, result)
     return rows
 
 
@@ -306,4 +345,12 @@ def _result_types(statement: Executable, count: int) -> list[Any] | None:
     return None
 
 
-__all__ = ["Plan", "Rows", "execute_core", "execute_overlapped"]
+__all__ = [
+    "FAST_PATHS",
+    "Plan",
+    "Rows",
+    "execute_core",
+    "execute_overlapped",
+    "fast_paths",
+    "set_fast_paths",
+]

@@ -2,12 +2,17 @@
 
 It must send what SQLAlchemy would send, read back the same values, be taken
 only where nothing observes SQLAlchemy's execution, and fail as SQLAlchemy
-fails (wrapped errors, domain errors, lost connections invalidated).
+fails (wrapped errors, domain errors, lost connections invalidated). The failure
+tests run with the fast paths on and off (``tests.fast_paths``); off, no statement
+takes the driver path.
 """
 
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,11 +25,12 @@ from sqlmodel import Session as DbSession
 from app.capture import capture_statements
 from app.errors import DataLayerError
 from app.models import ChatSession, RunStatus, SessionRun
-from app.repositories import EventRepository, RunRepository, _driver
+from app.repositories import EventRepository, RunRepository, _driver, set_fast_paths
 from app.repositories._driver import execute_core
 from app.repositories.events import OVERLAP_MIN_EVENTS, NewEvent
 from app.types import utc_now
 from tests.factories import SessionFactory
+from tests.fast_paths import both_ways, fast_paths  # noqa: F401 (the fixture)
 
 RUNS = SessionRun.__table__
 
@@ -204,6 +210,7 @@ def test_listeners_and_echo_see_every_statement(engine: Engine) -> None:
             engine.echo = False
 
 
+@both_ways
 def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: DbSession) -> None:
     chat = SessionFactory()
     statement = insert(RUNS)
@@ -221,9 +228,10 @@ def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: DbSession) -> None
     connection = db.connection()
     savepoint = connection.begin_nested()
     _execute_on(connection, statement, values)  # through SQLAlchemy: makes the plan
-    assert _driver._plans(connection.dialect)[id(statement)] is not None
+    plan = _driver._plans(connection.dialect).get(id(statement))
+    assert (plan is not None) is _driver.fast_paths()
     with pytest.raises(IntegrityError) as caught:
-        _execute_on(connection, statement, values)  # the driver path
+        _execute_on(connection, statement, values)  # the driver path, when on
     assert caught.value.orig is not None
     savepoint.rollback()
 
@@ -234,6 +242,7 @@ def test_a_driver_error_is_raised_as_sqlalchemy_raises_it(db: DbSession) -> None
     savepoint.rollback()
 
 
+@both_ways
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_lost_connection_is_invalidated_on_the_driver_path(engine: Engine) -> None:
     with DbSession(engine) as db:
@@ -259,6 +268,7 @@ def test_plans_are_made_only_for_what_can_be_replayed(db: DbSession) -> None:
     assert _execute_on(connection, expanding, {}).rows == []
 
 
+@both_ways
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_lost_connection_during_an_overlapped_batch_is_invalidated(engine: Engine) -> None:
     """``execute_overlapped`` (pipeline mode) fails as the plain driver path does."""
@@ -281,3 +291,55 @@ def test_a_lost_connection_during_an_overlapped_batch_is_invalidated(engine: Eng
     with DbSession(engine) as db:
         assert len(EventRepository(db).append_many(chat_id, batch)) == OVERLAP_MIN_EVENTS
         db.commit()
+
+
+def test_with_the_fast_paths_off_every_statement_goes_through_sqlalchemy(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    executed: list[int] = []
+    through: list[int] = []
+    execute, through_sqlalchemy = _driver._execute, _driver._through_sqlalchemy
+
+    def counted(connection: Connection, statement: Any, *args: Any) -> Any:
+        executed.append(id(statement))
+        return execute(connection, statement, *args)
+
+    def counted_through(connection: Connection, statement: Any, params: Any) -> Any:
+        through.append(id(statement))
+        return through_sqlalchemy(connection, statement, params)
+
+    monkeypatch.setattr(_driver, "_execute", counted)
+    monkeypatch.setattr(_driver, "_through_sqlalchemy", counted_through)
+    previous = set_fast_paths(False)
+    try:
+        for _ in range(2):  # the second time is when plans would be taken
+            with DbSession(engine) as db:
+                _workout(db)
+                db.commit()
+    finally:
+        set_fast_paths(previous)
+    assert len(executed) >= 2 * 18
+    assert through == executed
+    assert _driver._plans(engine.dialect) == {}  # none made, none to go stale
+
+    with DbSession(engine) as db:  # switched back on: plans are made again
+        _workout(db)
+        db.commit()
+    assert sum(plan is not None for plan in _driver._plans(engine.dialect).values()) >= 18
+
+
+def test_the_switch_is_read_from_the_environment_once() -> None:
+    def switch(value: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != _driver.FAST_PATHS}
+        if value is not None:
+            env[_driver.FAST_PATHS] = value
+        code = "from app.repositories import fast_paths; print(fast_paths())"
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
+
+    assert [switch(None), switch("1"), switch("0")] == ["True", "True", "False"]
+    assert switch("off") == (
+        "ValueError: RUN_LAYER_FAST_PATHS must be 0 (off) or 1 (on), got 'off'"
+    )

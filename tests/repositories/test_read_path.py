@@ -41,6 +41,7 @@ from app.repositories.runs import RUN_COLUMNS
 from app.schemas import EventPage, EventResponse, RunResponse
 from tests.concurrency import seed
 from tests.factories import SessionEventFactory, SessionFactory, SessionRunFactory
+from tests.fast_paths import both_ways, fast_paths  # noqa: F401 (the fixture)
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "docs" / "sql"
 NOW = datetime(2026, 3, 4, 5, 6, 7, 891011, tzinfo=UTC)
@@ -146,6 +147,7 @@ def _same_list(mine: list[Any], reference: list[Any]) -> None:
 # Equality with the repositories
 
 
+@both_ways
 def test_get_equals_the_repository_response_for_many_odd_and_legacy_runs(
     engine: Engine, session: DbSession
 ) -> None:
@@ -158,6 +160,7 @@ def test_get_equals_the_repository_response_for_many_odd_and_legacy_runs(
     assert reads.get_or_none("no-such-run") is None
 
 
+@both_ways
 def test_run_lists_equal_the_repository_lists(engine: Engine, session: DbSession) -> None:
     session_id, ids = _seed_runs(session, 40, random.Random(21))
     _legacy_runs(engine, session_id)
@@ -207,6 +210,7 @@ def _seed_events(session: DbSession, rng: random.Random) -> tuple[str, str, str]
     return chat.id, first.id, second.id
 
 
+@both_ways
 def test_event_pages_equal_the_repository_pages(engine: Engine, session: DbSession) -> None:
     session_id, first, second = _seed_events(session, random.Random(7))
     reads = EventReads.of(engine)
@@ -234,6 +238,7 @@ def test_event_pages_equal_the_repository_pages(engine: Engine, session: DbSessi
     assert reads.list_for_session("no-such-session") == []
 
 
+@both_ways
 def test_an_event_with_no_timestamp_fails_as_validating_the_repository_event_does(
     engine: Engine, session: DbSession
 ) -> None:
@@ -311,6 +316,7 @@ def _error_of(call: Callable[[], object]) -> tuple[type[BaseException], str] | N
     return None
 
 
+@both_ways
 def test_bad_arguments_and_unknown_rows_raise_what_the_repositories_raise(
     engine: Engine, session: DbSession
 ) -> None:
@@ -391,6 +397,7 @@ def _kill_pooled_connections(engine: Engine, count: int) -> None:
         killer.dispose()
 
 
+@both_ways
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_a_lost_connection_fails_as_in_the_repositories_then_the_pool_heals(
     engine: Engine, session: DbSession, backend: str
@@ -415,6 +422,7 @@ def test_a_lost_connection_fails_as_in_the_repositories_then_the_pool_heals(
         assert reads.get(ids[0]) == expected
 
 
+@both_ways
 @pytest.mark.parametrize("backend", ["postgresql"])
 def test_connections_killed_while_idle_are_replaced_by_the_checkout_ping(
     engine: Engine,
@@ -445,6 +453,7 @@ def test_connections_killed_while_idle_are_replaced_by_the_checkout_ping(
 # Transactions and connections
 
 
+@both_ways
 @pytest.mark.parametrize("backend", ["sqlite"])
 def test_sqlite_reads_complete_while_another_connection_holds_the_write_lock(
     engine: Engine, session: DbSession, backend: str, monkeypatch: pytest.MonkeyPatch
@@ -590,6 +599,7 @@ def _documented_sql(dialect: str) -> set[str]:
 # Many readers beside writers
 
 
+@both_ways
 def test_many_readers_beside_writers_see_whole_rows_and_contiguous_pages(
     engine: Engine, backend: str
 ) -> None:
@@ -702,6 +712,7 @@ def test_the_response_schemas_are_built_without_validation_and_other_schemas_are
         assert _fast_fields(schema) is None, schema.__name__
 
 
+@both_ways
 def test_page_equals_event_page_of_the_repository_events(
     engine: Engine, session: DbSession
 ) -> None:
