@@ -69,10 +69,10 @@ from app._params import (
     text_param,
 )
 from app.db import read_only
-from app.errors import RunNotFoundError
+from app.errors import RunNotFoundError, SessionNotFoundError
 from app.models import RunStatus
+from app.replicas import routed
 from app.repositories import events as _events
-from app.repositories import runs as _runs
 from app.repositories._driver import (
     _OBSERVERS,
     _OWN_OPTIONS,
@@ -82,8 +82,16 @@ from app.repositories._driver import (
     fast_paths,
 )
 from app.repositories._driver_errors import domain_error
-from app.repositories._sql import POSTGRESQL, RUN_EXISTS
-from app.schemas import EventPage, EventResponse, RunResponse
+from app.repositories._listings import (
+    encode_cursor,
+    listing_params,
+    listing_statements,
+    metadata_filter,
+    metadata_matches,
+)
+from app.repositories._run_statements import run_statements
+from app.repositories._sql import POSTGRESQL, RUN_EXISTS, SESSION_EXISTS
+from app.schemas import EventPage, EventResponse, RunPage, RunResponse, SessionResponse
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -448,20 +456,28 @@ class RunReads:
     reads of the same names.
     """
 
-    __slots__ = ("_by_id", "_by_status", "_pages")
+    __slots__ = ("_across", "_by_id", "_by_status", "_for_session", "_pages", "_reader")
 
     def __init__(self, engine: Engine) -> None:
-        reader, sql = _reader(engine), _runs._statements(engine.dialect.name)
+        reader, sql = _reader(engine), run_statements(engine.dialect.name)
         self._by_id = reader.query(RunResponse, sql.by_id)
         self._by_status = reader.query(RunResponse, sql.by_status)
         self._pages = {key: reader.query(RunResponse, page) for key, page in sql.pages.items()}
+        listings = listing_statements(engine.dialect.name)
+        self._for_session = {
+            key: reader.query(RunResponse, page) for key, page in listings.for_session.items()
+        }
+        self._across = {
+            key: reader.query(RunResponse, page) for key, page in listings.across_sessions.items()
+        }
+        self._reader = reader
 
     @classmethod
     def of(cls, engine: Engine) -> RunReads:
         """The engine's ``RunReads`` (made on first use, then shared)."""
         reads = engine.__dict__.get(_RUN_READS)
-        if reads is None:
-            reads = engine.__dict__[_RUN_READS] = cls(engine)
+        if reads is None:  # with a read replica: routed (app.replicas)
+            reads = engine.__dict__[_RUN_READS] = routed(engine, cls)
         return reads
 
     def get(self, run_id: str) -> RunResponse:
@@ -501,6 +517,86 @@ class RunReads:
         params = {"status": enum_param(RunStatus, status, "status"), "limit": page_size(limit)}
         return self._by_status(params)
 
+    def page_for_session(
+        self,
+        session_id: str,
+        *,
+        status: RunStatus | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> RunPage:
+        """A keyset page of the session's runs, newest first (``app.repositories._listings``):
+        ``GET /api/sessions/{session_id}/runs``. An unknown session raises
+        ``SessionNotFoundError``; a bad argument ``BadParameterError``."""
+        params, key = listing_params(
+            session_id=session_id, status=status, metadata=metadata, cursor=cursor, limit=limit
+        )
+        runs = self._for_session[key](params)
+        if not runs and not self._reader.scalar(SESSION_EXISTS, {"session_id": session_id}):
+            raise SessionNotFoundError(session_id)
+        return _run_page(runs, params["limit"] - 1)
+
+    def page(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        metadata: dict[str, Any] | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> RunPage:
+        """A keyset page of the runs of every session, newest first: ``GET /api/runs``.
+
+        ``created_after`` and ``created_before`` are exclusive bounds of ``created_at``;
+        ``metadata`` keeps the runs whose metadata holds every key with that value;
+        ``cursor`` is the ``next_cursor`` of the previous page (same filters).
+        """
+        params, key = listing_params(
+            status=status,
+            metadata=metadata,
+            created_after=created_after,
+            created_before=created_before,
+            cursor=cursor,
+            limit=limit,
+        )
+        return _run_page(self._across[key](params), params["limit"] - 1)
+
+
+def _run_page(runs: list[RunResponse], limit: int) -> RunPage:
+    """The page of the first ``limit`` runs; a run more means a next page."""
+    if len(runs) <= limit:
+        return RunPage(items=runs, next_cursor=None)
+    del runs[limit:]
+    last = runs[-1]
+    return RunPage(items=runs, next_cursor=encode_cursor(last.created_at, last.run_id))
+
+
+class SessionReads:
+    """Chat sessions as ``SessionResponse``, read outside the ORM Session."""
+
+    __slots__ = ("_by_id",)
+
+    def __init__(self, engine: Engine) -> None:
+        statement = listing_statements(engine.dialect.name).session_by_id
+        self._by_id = _reader(engine).query(SessionResponse, statement)
+
+    @classmethod
+    def of(cls, engine: Engine) -> SessionReads:
+        """The engine's ``SessionReads`` (made on first use, then shared)."""
+        reads = engine.__dict__.get(_SESSION_READS)
+        if reads is None:
+            reads = engine.__dict__[_SESSION_READS] = cls(engine)
+        return reads
+
+    def get(self, session_id: str) -> SessionResponse:
+        """The session; ``SessionNotFoundError`` (404) if there is none."""
+        sessions = self._by_id({"session_id": text_param(session_id, "session_id")})
+        if not sessions:
+            raise SessionNotFoundError(session_id)
+        return sessions[0]
+
 
 class EventReads:
     """Event pages as ``EventResponse`` / ``EventPage``, read outside the ORM Session.
@@ -521,8 +617,8 @@ class EventReads:
     def of(cls, engine: Engine) -> EventReads:
         """The engine's ``EventReads`` (made on first use, then shared)."""
         reads = engine.__dict__.get(_EVENT_READS)
-        if reads is None:
-            reads = engine.__dict__[_EVENT_READS] = cls(engine)
+        if reads is None:  # with a read replica: routed (app.replicas)
+            reads = engine.__dict__[_EVENT_READS] = routed(engine, cls)
         return reads
 
     def list_for_run(
@@ -579,5 +675,9 @@ def page(events: list[EventResponse], since_seq: int) -> EventPage:
 
 _RUN_READS = "_run_layer_run_reads"
 _EVENT_READS = "_run_layer_event_reads"
+_SESSION_READS = "_run_layer_session_reads"
 
-__all__ = ["EventReads", "RunReads", "page"]
+__all__ = ["EventReads", "RunReads", "SessionReads", "metadata_filter", "metadata_matches", "page"]
+"""``metadata_filter`` checks a metadata filter (``BadParameterError``), ``metadata_matches``
+makes its SQL condition, for callers that build their own statement (``python -m app.runs
+list --metadata``)."""

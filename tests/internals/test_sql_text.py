@@ -1,11 +1,12 @@
 """Every statement the repositories send, as text, one file per dialect: ``docs/sql/``.
 
 The repositories build their statements once per dialect from Core constructs
-(``_statements`` in ``app/repositories/runs.py``, ``events.py`` and
-``_idempotency.py``, and ``_batch.py``'s texts). These tests render them the way
-the dialect compiles them and compare with ``docs/sql/<dialect>.sql``, so that a
-reader sees the SQL a hot path sends without rebuilding it in the head, and a
-change to any statement shows in review as a change of that file.
+(``run_statements`` in ``app/repositories/_run_statements.py``, ``_statements``
+in ``events.py`` and ``_idempotency.py``, and ``_batch.py``'s texts). These tests
+render them the way the dialect compiles them and compare with
+``docs/sql/<dialect>.sql``, so that a reader sees the SQL a hot path sends
+without rebuilding it in the head, and a change to any statement shows in review
+as a change of that file.
 
 After an intended change: ``WRITE_SQL_TEXT=1 scripts/test tests/internals/test_sql_text.py``.
 """
@@ -21,12 +22,13 @@ from typing import Any
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
-from app.repositories import _batch, _idempotency, events, runs
+from app.repositories import _batch, _idempotency, events
+from app.repositories._run_statements import run_statements
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "docs" / "sql"
 DIALECTS = {"sqlite": sqlite.dialect(), "postgresql": postgresql.dialect()}
 SOURCES = {
-    "RunRepository": runs._statements,
+    "RunRepository": run_statements,
     "EventRepository": events._statements,
     "IdempotencyKeys": _idempotency._statements,
 }

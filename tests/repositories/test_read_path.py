@@ -34,8 +34,8 @@ from app.errors import BadParameterError, DataLayerError, RunNotFoundError
 from app.models import EventSource, RunStatus, SessionEvent, TriggerSource
 from app.repositories import EventReads, EventRepository, RunReads, RunRepository
 from app.repositories import events as event_statements
-from app.repositories import runs as run_statements
 from app.repositories._driver import _PLANS, _plans
+from app.repositories._run_statements import run_statements
 from app.repositories.reads import _fast_fields, page
 from app.repositories.runs import RUN_COLUMNS
 from app.schemas import EventPage, EventResponse, RunResponse
@@ -374,9 +374,7 @@ def test_a_database_that_cannot_be_opened_raises_what_a_session_raises(
             assert type(mine.value) is type(reference.value)
             assert type(mine.value.orig) is type(reference.value.orig)
             assert RunReads.of(unreachable)._by_id._plan is (
-                _plans(engine.dialect)[id(run_statements._statements(backend).by_id)]
-                if handed_over
-                else None
+                _plans(engine.dialect)[id(run_statements(backend).by_id)] if handed_over else None
             )
         finally:
             unreachable.dispose()
@@ -574,8 +572,8 @@ def test_reads_seen_by_statement_listeners_go_through_sqlalchemy_with_the_docume
     assert all(sql in documented for sql in captured), captured
     plans = _plans(engine.dialect)
     for statement in (
-        run_statements._statements(backend).by_id,
-        run_statements._statements(backend).pages[False, False],
+        run_statements(backend).by_id,
+        run_statements(backend).pages[False, False],
         event_statements._statements(backend).page_for_session,
     ):
         assert _normalized(plans[id(statement)].sql) in documented
