@@ -107,6 +107,36 @@ def test_streams_events_as_they_commit_and_ends_with_the_run(engine: Engine, bas
     assert messages[-1] == {"event": "end", "data": {"run_id": run_id, "last_seq": 4}}
 
 
+def test_event_names_are_the_types_and_never_break_the_framing(
+    engine: Engine, base_url: str
+) -> None:
+    """``event: <type>`` for a type that is one token of visible ASCII; the names of the
+    stream's last messages (``end``, ``error``) and types a line could not carry go
+    unnamed (a browser's ``onmessage``), and every message still parses."""
+    session_id, run_id = running_run(engine)
+    odd = ["end", "error", "two words", "line\nbreak", "cr\rbreak", "naïve", "message", "x.y:z"]
+    with unit_of_work(engine) as db:
+        for type_ in odd:
+            EventRepository(db).append(session_id, type_, {"t": type_}, run_id=run_id)
+        RunRepository(db).complete(run_id, {})
+    url = f"{base_url}/api/runs/{run_id}/events/stream"
+    with httpx.stream("GET", url, timeout=30) as response:
+        messages = read_stream(response)
+    events = [m for m in messages if "id" in m]
+    assert [m["data"]["type"] for m in events] == [
+        "run_created",
+        "run_started",
+        *odd,
+        "run_completed",
+    ]
+    assert [m["data"]["payload"] for m in events[2:-1]] == [{"t": t} for t in odd]
+    names = [m.get("event") for m in events]
+    unnamed = [None] * 6
+    assert names == ["run_created", "run_started", *unnamed, "message", "x.y:z", "run_completed"]
+    assert messages[-1] == {"event": "end", "data": {"run_id": run_id, "last_seq": 11}}
+    assert [m.get("event") for m in messages].count("end") == 1
+
+
 def test_last_event_id_resumes_after_that_seq(engine: Engine, base_url: str) -> None:
     session_id, run_id = running_run(engine)
     with unit_of_work(engine) as db:
