@@ -1,0 +1,67 @@
+"""A host's ``async def`` routes on the async dependencies (``app.api.async_deps``),
+as ``examples/async_route.py`` serves them: committed before the answer, rolled
+back on an error, errors in the one shape, slots shared with the Run API."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from app.api.deps import _limiter, get_db_engine
+from app.db import read_only
+from examples.async_route import create_app
+from tests.concurrency import seed
+from tests.factories import SessionFactory
+
+
+def client_for(engine: Engine) -> TestClient:
+    app = create_app()
+    app.dependency_overrides[get_db_engine] = lambda: engine
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def stored(engine: Engine, sql: str) -> list[tuple[object, ...]]:
+    with read_only(engine).connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql))]
+
+
+def test_an_async_route_commits_before_it_answers(engine: Engine) -> None:
+    chat_id = seed(engine, lambda db: SessionFactory().id)
+    with client_for(engine) as client:
+        created = client.post(f"/chats/{chat_id}/runs", json={"message": "hi"})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["run_id"]
+        # Read at once through another connection: the answer came after the commit.
+        assert stored(engine, "SELECT id, status FROM session_runs") == [(run_id, "queued")]
+        types = stored(engine, "SELECT type FROM session_events ORDER BY seq")
+        assert types == [("run_created",), ("note",)]
+        for path in (f"/runs/{run_id}", f"/runs/{run_id}/orm", f"/api/runs/{run_id}"):
+            answer = client.get(path)
+            assert answer.status_code == 200 and answer.json()["run_id"] == run_id, path
+
+
+def test_an_error_in_an_async_route_rolls_back_and_answers_in_the_one_shape(
+    engine: Engine,
+) -> None:
+    with client_for(engine) as client:
+        missing = client.post("/chats/no-such-chat/runs", json={"message": "hi"})
+        assert missing.status_code == 404
+        assert missing.json()["error"]["code"] == "session_not_found"
+        unknown = client.get("/runs/no-such-run")
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "run_not_found"
+        assert client.get("/runs/no-such-run/orm").status_code == 404
+    assert stored(engine, "SELECT id FROM session_runs") == []
+
+
+def test_the_async_units_share_the_run_apis_slots(engine: Engine) -> None:
+    from app.aio import slot_limiter
+
+    async def same() -> bool:
+        return all(
+            slot_limiter(engine, readonly=readonly) is _limiter(engine, readonly=readonly)
+            for readonly in (False, True)
+        )
+
+    assert asyncio.run(same())
