@@ -25,22 +25,25 @@ import logging
 import sqlite3
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.utils import create_model_field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 
+from app.api.openapi import body_reader, error_responses, is_error_status
 from app.errors import (
     BadParameterError,
     DatabaseBusyError,
     DatabaseUnavailableError,
     DataLayerError,
+    PayloadTooLargeError,
     ValidationFailedError,
 )
 from app.types import MAX_JSON_DEPTH
@@ -70,7 +73,7 @@ def _data_layer_error(_request: Request, exc: Exception) -> JSONResponse:
     headers = {}
     if isinstance(exc, DatabaseBusyError):
         headers["Retry-After"] = BUSY_RETRY_AFTER
-    elif isinstance(exc, DatabaseUnavailableError):
+    elif exc.status_code == 503:  # the database unavailable, or not at the schema's version
         headers["Retry-After"] = UNAVAILABLE_RETRY_AFTER
     return error_response(exc.status_code, exc.code, exc.message, **headers)
 
@@ -307,47 +310,114 @@ def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal_error", "internal error")
 
 
-_HANDLERS: tuple[tuple[type[BaseException], Callable[[Request, Exception], JSONResponse]], ...] = (
-    (DataLayerError, _data_layer_error),
-    (RequestValidationError, _request_validation_error),
-    (HTTPException, _http_error),
-    (PoolTimeoutError, _busy),
-    (DBAPIError, _database_error),
-    (sqlite3.Error, _database_error),  # raw, from the driver
-    (psycopg.Error, _database_error),
-    (Exception, _internal_error),
+class Handling(NamedTuple):
+    """One row of the error table: what is caught, who answers it, and the domain
+    errors whose status and code the answer can have (none: the caught error's own)."""
+
+    kind: type[BaseException]
+    handler: Callable[[Request, Exception], JSONResponse]
+    answers: tuple[type[DataLayerError], ...] = ()
+
+
+_DATABASE_ANSWERS = (DatabaseBusyError, DatabaseUnavailableError, DataLayerError)
+_HANDLERS: tuple[Handling, ...] = (
+    Handling(DataLayerError, _data_layer_error),
+    Handling(
+        RequestValidationError,
+        _request_validation_error,
+        (BadParameterError, ValidationFailedError),
+    ),
+    Handling(HTTPException, _http_error, (PayloadTooLargeError, ValidationFailedError)),
+    Handling(PoolTimeoutError, _busy, (DatabaseBusyError,)),
+    Handling(DBAPIError, _database_error, _DATABASE_ANSWERS),
+    Handling(sqlite3.Error, _database_error, _DATABASE_ANSWERS),  # raw, from the driver
+    Handling(psycopg.Error, _database_error, _DATABASE_ANSWERS),
+    Handling(Exception, _internal_error, (DataLayerError,)),
 )
 """Every failure this layer answers, most specific first: the one table both the
-router's own routes (``ErrorShapeRoute``) and ``install_error_handlers`` use."""
+router's own routes (``ErrorShapeRoute``) and ``install_error_handlers`` use, and
+from which each route's OpenAPI lists its error statuses and codes
+(``app.api.openapi``). ``DataLayerError`` as an answer is the 500 ``internal_error``."""
+
+
+def answers_of(kind_name: str) -> tuple[type[DataLayerError], ...]:
+    """The answers of the table's row for the exception class named ``kind_name``."""
+    return next(row.answers for row in _HANDLERS if row.kind.__name__ == kind_name)
+
+
+ALWAYS_ANSWERED: tuple[type[DataLayerError], ...] = tuple(
+    dict.fromkeys(
+        answer
+        for row in _HANDLERS
+        if row.kind not in (DataLayerError, RequestValidationError, HTTPException)
+        for answer in row.answers
+    )
+)
+"""What any route can answer whatever it does: the database's 503s and the 500."""
 
 
 def error_response_for(request: Request, exc: Exception) -> JSONResponse:
     """The answer, in the one error shape, for a request that failed with ``exc``
     (what it logs, it logs here)."""
-    for kind, handler in _HANDLERS:
+    for kind, handler, _answers in _HANDLERS:
         if isinstance(exc, kind):
             return handler(request, exc)
     raise AssertionError("unreachable: Exception is the last entry")  # pragma: no cover
 
 
+def _unparsed_body(exc: Exception) -> bool:
+    """Whether ``exc`` is FastAPI's failure to parse a request body as JSON."""
+    if isinstance(exc, RequestValidationError):
+        return all(error["loc"][0] == "body" for error in exc.errors())
+    return isinstance(exc, HTTPException) and exc.detail == BODY_PARSE_FAILED
+
+
 class ErrorShapeRoute(APIRoute):
-    """A route that answers its own failures in the one error shape.
+    """A route that answers its own failures in the one error shape, and documents them.
 
     The Run API's routers use it (``route_class``), so mounting them changes no
     response of the host application's own routes: nothing is installed on the
     app. Everything raised while the route solves its parameters or runs its
     handler (a bad parameter, a body that does not parse or validate, a domain
     error, a database error) is answered here; 404 and 405 for paths the router
-    does not have stay the host's.
+    does not have stay the host's. Its OpenAPI lists exactly the error statuses
+    and codes it can answer (``app.api.openapi``).
     """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        declared = hasattr(endpoint, "__run_api_errors__")
+        responses = {
+            status: response
+            for status, response in self.responses.items()
+            if not (declared and is_error_status(status))
+        }
+        for status, response in error_responses(self).items():
+            responses.setdefault(status, response)
+        self.responses = responses
+        self.response_fields = {
+            status: create_model_field(
+                name=f"Response_{status}_{self.unique_id}",
+                type_=response["model"],
+                mode="serialization",
+            )
+            for status, response in responses.items()
+            if response.get("model")
+        }
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        read_body = body_reader(self)
 
         async def answer_in_the_error_shape(request: Request) -> Response:
             try:
                 return await handler(request)
             except Exception as exc:
+                if read_body is not None and _unparsed_body(exc):
+                    try:  # the route's own reader says what is wrong, in its words
+                        await read_body(request)
+                    except Exception as own:
+                        return error_response_for(request, own)
                 return error_response_for(request, exc)
 
         return answer_in_the_error_shape
@@ -357,12 +427,15 @@ def install_error_handlers(app: FastAPI) -> None:
     """Answer every failure of every route of ``app`` in the one error shape (see the
     module docstring): for an app that wants the shape on its own routes too. The Run
     API's routers need none of it (``ErrorShapeRoute``)."""
-    for kind, handler in _HANDLERS:
+    for kind, handler, _answers in _HANDLERS:
         app.add_exception_handler(kind, handler)
 
 
 __all__ = [
+    "ALWAYS_ANSWERED",
     "ErrorShapeRoute",
+    "Handling",
+    "answers_of",
     "database_cause",
     "database_unreachable",
     "error_response",

@@ -12,16 +12,33 @@ two small tables and writes nothing.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 
 from app.api.deps import EngineDep, run_in_slot
-from app.api.errors import UNAVAILABLE_RETRY_AFTER, ErrorShapeRoute, error_response
-from app.schemas import ErrorResponse
+from app.api.errors import ErrorShapeRoute
+from app.api.openapi import operation_id, raises
+from app.errors import DataLayerError
 from migrations import status
 
-health_router = APIRouter(prefix="/api", tags=["health"], route_class=ErrorShapeRoute)
+health_router = APIRouter(
+    prefix="/api",
+    tags=["health"],
+    route_class=ErrorShapeRoute,
+    generate_unique_id_function=operation_id,
+)
+
+
+class SchemaNotCurrentError(DataLayerError):
+    """The database answers, but a migration of this code is pending, changed, or from a
+    newer version of the code: 503, with ``Retry-After`` as every 503."""
+
+    status_code = 503
+    code = "schema_not_current"
 
 
 def _schema_state(engine: Engine) -> tuple[int, list[str]]:
@@ -32,35 +49,29 @@ def _schema_state(engine: Engine) -> tuple[int, list[str]]:
     return max(applied, default=0), off
 
 
+class HealthResponse(BaseModel):
+    """``{"status": "ok", "schema_version": 15}``: the database answers at this code's schema."""
+
+    status: Literal["ok"]
+    schema_version: int = Field(description="the newest migration applied")
+
+
 @health_router.get(
     "/health",
-    responses={
-        200: {
-            "description": "The database answers and its schema is this code's",
-            "content": {
-                "application/json": {
-                    "example": {"status": "ok", "schema_version": 15},
-                }
-            },
-        },
-        503: {
-            "model": ErrorResponse,
-            "description": "database_unavailable, or schema_not_current; see Retry-After",
-        },
-    },
+    response_model=HealthResponse,
+    response_description="The database answers and its schema is this code's",
 )
-async def health(engine: EngineDep) -> JSONResponse:
+@raises(SchemaNotCurrentError)
+async def get_health(engine: EngineDep) -> JSONResponse:
+    """200 when the database answers at this code's schema version, else 503."""
     version, off = await run_in_slot(engine, True, _schema_state, engine)
     if off:
         shown = ", ".join(off[:3]) + (f" and {len(off) - 3} more" if len(off) > 3 else "")
-        return error_response(
-            503,
-            "schema_not_current",
+        raise SchemaNotCurrentError(
             f"the database is not at this code's schema version: {shown}; "
-            "run python -m migrations upgrade",
-            **{"Retry-After": UNAVAILABLE_RETRY_AFTER},
+            "run python -m migrations upgrade"
         )
     return JSONResponse({"status": "ok", "schema_version": version})
 
 
-__all__ = ["health_router"]
+__all__ = ["HealthResponse", "SchemaNotCurrentError", "health_router"]

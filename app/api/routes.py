@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -19,16 +19,25 @@ from pydantic import BaseModel
 from sqlalchemy import Engine
 
 from app._params import MAX_PAGE_SIZE, MAX_SEQ
-from app.api.deps import EngineDep, ResumeRequestDep, run_in_slot
+from app.api.deps import EngineDep, ResumeRequestDep, get_resume_request, run_in_slot
 from app.api.errors import ErrorShapeRoute
+from app.api.openapi import documented_body, operation_id, raises
 from app.api.sessions import CursorQuery, MetadataQuery, RunLimit, StatusQuery, metadata_query
 from app.api.sse import LastEventIdHeader, event_stream, stream_position, stream_responses
 from app.db import unit_of_work
+from app.errors import (
+    ActiveRunExistsError,
+    BadParameterError,
+    IdempotencyKeyReusedError,
+    InvalidTransitionError,
+    RunNotFoundError,
+    SessionNotFoundError,
+    TransactionAbortedError,
+)
 from app.feed import get_feed
 from app.repositories import RunRepository
 from app.repositories.reads import EventReads, RunReads
 from app.schemas import (
-    ErrorResponse,
     EventPage,
     RunCreate,
     RunPage,
@@ -36,26 +45,18 @@ from app.schemas import (
     RunResumeRequest,
 )
 
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    described = {
-        400: "Bad parameter (query, path or resume body)",
-        404: "Run or session not found",
-        409: "State conflict (also: multitask_strategy=reject and the session is busy)",
-        422: "Request body failed validation, or Idempotency-Key reused for another request",
-        503: "Database busy; retry after Retry-After seconds",
-    }
-    return {
-        status: {"model": ErrorResponse, "description": described[status]} for status in statuses
-    }
-
-
 router = APIRouter(
-    prefix="/api/runs", tags=["runs"], responses=_errors(503), route_class=ErrorShapeRoute
+    prefix="/api/runs",
+    tags=["runs"],
+    route_class=ErrorShapeRoute,
+    generate_unique_id_function=operation_id,
 )
+"""Each route documents the errors it can answer (``app.api.openapi``): the domain
+errors of its ``@raises`` and what the error table adds."""
 
 SinceSeq = Annotated[int, Query(ge=0, le=MAX_SEQ, description="exclusive; 0 = from the start")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)]
+ResumeBody = documented_body(RunResumeRequest)
 
 
 IdempotencyKeyHeader = Annotated[
@@ -68,6 +69,21 @@ IdempotencyKeyHeader = Annotated[
     ),
 ]
 REPLAYED_HEADER = "Idempotent-Replayed"
+_REPLAYED = {
+    REPLAYED_HEADER: {
+        "description": "true when this is the stored answer to an earlier request with "
+        "the same Idempotency-Key; absent otherwise",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+_LOCATION = {
+    "Location": {
+        "description": "the run's URL path (GET it for the run)",
+        "schema": {"type": "string"},
+    }
+}
+_WRITE_ERRORS = (TransactionAbortedError,)
+"""A write's commit that the database aborted (``app.errors``)."""
 
 
 def _json(
@@ -100,8 +116,15 @@ def _create(engine: Engine, body: RunCreate, key: str | None) -> tuple[RunRespon
     "",
     status_code=201,
     response_model=RunResponse,
-    responses=_errors(400, 404, 409, 422),
+    responses={201: {"headers": _LOCATION | _REPLAYED}},
     response_description="Created; Location: the run's URL",
+)
+@raises(
+    BadParameterError,
+    SessionNotFoundError,
+    ActiveRunExistsError,
+    IdempotencyKeyReusedError,
+    *_WRITE_ERRORS,
 )
 async def create_run(
     body: RunCreate,
@@ -120,7 +143,8 @@ async def create_run(
     return _json(run, 201, replayed, location)
 
 
-@router.get("", response_model=RunPage, responses=_errors(400))
+@router.get("", response_model=RunPage)
+@raises(BadParameterError)
 async def list_runs(
     engine: EngineDep,
     status: StatusQuery = None,
@@ -148,7 +172,8 @@ async def list_runs(
     return _json(await run_in_slot(engine, True, read))
 
 
-@router.get("/{run_id}", response_model=RunResponse, responses=_errors(404))
+@router.get("/{run_id}", response_model=RunResponse)
+@raises(RunNotFoundError)
 async def get_run(run_id: str, engine: EngineDep) -> Response:
     """The run (read outside the ORM Session: ``app.repositories.reads``)."""
     return _json(await run_in_slot(engine, True, RunReads.of(engine).get, run_id))
@@ -167,21 +192,28 @@ def _resume(
     "/{run_id}/resume",
     status_code=202,
     response_model=RunResponse,
-    responses=_errors(400, 404, 409, 422),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": RunResumeRequest.model_json_schema()}},
-        }
-    },
+    responses={202: {"headers": _REPLAYED}},
+)
+@raises(
+    BadParameterError,
+    RunNotFoundError,
+    InvalidTransitionError,
+    ActiveRunExistsError,
+    IdempotencyKeyReusedError,
+    *_WRITE_ERRORS,
+    body_reader=get_resume_request,
 )
 async def resume_run(
     run_id: str,
     body: ResumeRequestDep,
     engine: EngineDep,
+    documented: ResumeBody,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
-    """Resume a run that waits for input; the same run goes back to running."""
+    """Resume a run that waits for input; the same run goes back to running.
+
+    Anything wrong with the body is a 400 ``bad_parameter`` (``get_resume_request``);
+    ``documented`` only gives the body its schema."""
     run, replayed = await run_in_slot(engine, False, _resume, engine, run_id, body, idempotency_key)
     return _json(run, 202, replayed)
 
@@ -196,16 +228,17 @@ def _cancel(engine: Engine, run_id: str) -> tuple[RunResponse, bool]:
     "/{run_id}/cancel",
     status_code=202,
     response_model=RunResponse,
-    responses={200: {"model": RunResponse, "description": "Already finished; unchanged"}}
-    | _errors(404),
+    responses={200: {"model": RunResponse, "description": "Already finished; unchanged"}},
 )
+@raises(RunNotFoundError, InvalidTransitionError, *_WRITE_ERRORS)
 async def cancel_run(run_id: str, engine: EngineDep) -> Response:
     """Cancel, idempotently: 202 when accepted, 200 when the run had already finished."""
     run, changed = await run_in_slot(engine, False, _cancel, engine, run_id)
     return _json(run, 202 if changed else 200)
 
 
-@router.get("/{run_id}/events", response_model=EventPage, responses=_errors(400, 404))
+@router.get("/{run_id}/events", response_model=EventPage)
+@raises(RunNotFoundError)
 async def list_run_events(
     run_id: str, engine: EngineDep, since_seq: SinceSeq = 0, limit: Limit = 100
 ) -> Response:
@@ -246,9 +279,9 @@ async def get_stream_start(
     responses=stream_responses(
         "id: <seq>, event: <type>, data: EventResponse JSON; : ping; then event: end, "
         "or event: error (data: the error shape) when the run is gone"
-    )
-    | _errors(400, 404),
+    ),
 )
+@raises(BadParameterError, RunNotFoundError)
 async def stream_run_events(
     start: Annotated[StreamStart, Depends(get_stream_start)],
     engine: EngineDep,

@@ -16,7 +16,12 @@ from app.models import EventSource, SessionEvent
 
 
 class EventResponse(SQLModel):
-    model_config = ConfigDict(from_attributes=True, validate_by_name=True, validate_by_alias=True)  # type: ignore[assignment]
+    model_config = ConfigDict(  # type: ignore[assignment]
+        from_attributes=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        json_schema_serialization_defaults_required=True,  # always present in an answer
+    )
 
     session_id: str
     seq: int
@@ -39,6 +44,8 @@ class EventPage(SQLModel):
     ``next_since_seq`` is the ``since_seq`` of the next request: the last
     event's seq, or the request's own ``since_seq`` when the page is empty.
     """
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)  # type: ignore[assignment]
 
     items: list[EventResponse]
     next_since_seq: int

@@ -75,7 +75,11 @@ class RunResponse(RunState):
     ``run_id`` is read from the row's ``id`` (or from ``run_id`` in a dict).
     """
 
-    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)  # type: ignore[assignment]
+    model_config = ConfigDict(  # type: ignore[assignment]
+        validate_by_name=True,
+        validate_by_alias=True,
+        json_schema_serialization_defaults_required=True,  # always present in an answer
+    )
 
     run_id: str = Field(validation_alias="id")
     attempt: int = Field(
