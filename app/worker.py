@@ -335,7 +335,7 @@ class RunWorker:
                             slot.context.run_id, worker_id=self.worker_id, lease=self.lease
                         )
                 except (InvalidTransitionError, LeaseNotHeldError):
-                    slot.context._cancel("lease lost")
+                    slot.context._cancel("lease lost")  # noqa: SLF001 the worker cancels its own contexts
                 except Exception:
                     logger.exception("heartbeat failed")
             try:
@@ -357,7 +357,7 @@ class RunWorker:
                     context.session_id, since_seq=since, run_id=context.run_id, timeout=1.0
                 )
             except DataLayerError:
-                context._cancel("run gone")
+                context._cancel("run gone")  # noqa: SLF001 the worker cancels its own contexts
                 return
             except Exception:
                 logger.debug("cancel watch failed", exc_info=True)
@@ -366,7 +366,7 @@ class RunWorker:
             for event in events:
                 since = max(since, event.seq)
                 if event.type in ENDS_EXECUTION and not slot.done.is_set():
-                    context._cancel(event.type)
+                    context._cancel(event.type)  # noqa: SLF001 the worker cancels its own contexts
                     return
 
     def _give_back_all(self) -> None:
@@ -382,7 +382,7 @@ class RunWorker:
                 pass
             except Exception:
                 logger.exception("could not give run %s back", slot.context.run_id)
-            slot.context._cancel("worker_shutdown")
+            slot.context._cancel("worker_shutdown")  # noqa: SLF001 the worker cancels its own contexts
 
 
 _CANCELLED = object()

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import psycopg
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy import Enum as SqlEnum
+from sqlalchemy.orm import class_mapper
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
@@ -470,7 +471,7 @@ class RawObjectsSide(RawSide):
         if self._begin is not None:
             connection.execute(self._begin)
         rows = connection.execute(statement.sql, statement.parameters(chain.ids, None)).fetchall()
-        new_instance = model._sa_class_manager.new_instance
+        new_instance = class_mapper(model).class_manager.new_instance
         instances = []
         for row in rows:
             instance = new_instance()

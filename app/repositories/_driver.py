@@ -238,18 +238,18 @@ def _execute(
                 done = work()
                 rows = cursor.fetchall() if plan.returns_rows else []
     except connection.dialect.loaded_dbapi.Error as exc:
-        connection._handle_dbapi_exception(exc, plan.sql, arguments, None, None)
+        connection._handle_dbapi_exception(exc, plan.sql, arguments, None, None)  # noqa: SLF001 SQLAlchemy private, docs/design.md
     return Rows(plan.convert(rows), cursor.rowcount), done
 
 
 def _direct(connection: Connection) -> bool:
     """Whether skipping SQLAlchemy's execution would go unnoticed (module docstring)."""
-    if connection._echo or connection.dialect._has_events:
+    if connection._echo or connection.dialect._has_events:  # noqa: SLF001 SQLAlchemy private, docs/design.md
         return False
-    options = connection._execution_options
+    options = connection._execution_options  # noqa: SLF001 SQLAlchemy private, docs/design.md
     if options and not options.keys() <= _OWN_OPTIONS:
         return False
-    if connection._has_events or connection.engine._has_events:
+    if connection._has_events or connection.engine._has_events:  # noqa: SLF001 SQLAlchemy private, docs/design.md
         # As SQLAlchemy checks. The sqlite_begin listener alone observes no statement.
         dispatch = connection.dispatch
         return not any(getattr(dispatch, name) for name in _OBSERVERS)

@@ -93,19 +93,19 @@ def _register_inserted(
         or dispatch.pending_to_persistent
     ):
         for state in states:
-            session._save_impl(state)
-        session._register_persistent(set(states))
+            session._save_impl(state)  # noqa: SLF001 SQLAlchemy private, docs/design.md
+        session._register_persistent(set(states))  # noqa: SLF001 SQLAlchemy private, docs/design.md
     else:
         key_of = mapper.identity_key_from_primary_key
         primary_key = _primary_key(model)
         identity_map, hash_key = session.identity_map, session.hash_key
-        created = session._autobegin_t()._new
+        created = session._autobegin_t()._new  # noqa: SLF001 SQLAlchemy private, docs/design.md
         for state in states:
             values = state.dict
             key = key_of(tuple(values[name] for name in primary_key))
             state.key = key
             state.session_id = hash_key
-            identity_map._add_unpresent(state, key)
+            identity_map._add_unpresent(state, key)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             created[state] = True
     if not tracked:
         for state in states:
@@ -170,7 +170,7 @@ def in_session_many(
             state.dict.update(zip(columns, row, strict=True))
             state.key = key
             state.session_id = hash_key
-            identity_map._add_unpresent(state, key)
+            identity_map._add_unpresent(state, key)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             load(state, None)  # JSON columns become tracked
             if loaded_as_persistent:
                 loaded_as_persistent(session, state)

@@ -358,14 +358,14 @@ class _Reader:
         if not fast_paths():
             return True
         engine = self._engine
-        if engine._has_events:
+        if engine._has_events:  # noqa: SLF001 SQLAlchemy private, docs/design.md
             # As SQLAlchemy checks; pool listeners (the idle ping) observe no statement.
             dispatch = engine.dispatch
             if any(getattr(dispatch, name) for name in _OBSERVERS):
                 return True
-        if engine.dialect._has_events or engine._should_log_info():
+        if engine.dialect._has_events or engine._should_log_info():  # noqa: SLF001 SQLAlchemy private, docs/design.md
             return True
-        options = engine._execution_options
+        options = engine._execution_options  # noqa: SLF001 SQLAlchemy private, docs/design.md
         return bool(options) and not options.keys() <= _OWN_OPTIONS
 
     def on_driver(self, plan: Plan, params: dict[str, Any]) -> list[Any]:
@@ -375,7 +375,7 @@ class _Reader:
         try:
             connection = engine.raw_connection()
         except self._dbapi_error as exc:
-            Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)
+            Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             raise  # not reached: the call above raises
         driver: Any = connection.driver_connection
         postgresql, idle = self._postgresql, False
@@ -395,7 +395,7 @@ class _Reader:
             if idle:
                 # No transaction to end: the pool need not roll back (as Connection.close
                 # tells it after its own transaction ended).
-                connection._close_special(transaction_reset=True)
+                connection._close_special(transaction_reset=True)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             else:
                 if postgresql and connection.is_valid:
                     try:
@@ -415,7 +415,7 @@ class _Reader:
     ) -> None:
         """SQLAlchemy's wrapping and invalidation, then the repositories' domain mapping."""
         try:
-            connection._handle_dbapi_exception(exc, sql, arguments, None, None)  # type: ignore[arg-type]
+            connection._handle_dbapi_exception(exc, sql, arguments, None, None)  # type: ignore[arg-type]  # noqa: SLF001 SQLAlchemy private, docs/design.md
         except DBAPIError as wrapped:
             error = domain_error(wrapped, params)
             if error is None:
@@ -608,7 +608,7 @@ class EventReads:
     __slots__ = ("_for_run", "_for_session", "_reader")
 
     def __init__(self, engine: Engine) -> None:
-        reader, sql = _reader(engine), _events._statements(engine.dialect.name)
+        reader, sql = _reader(engine), _events._statements(engine.dialect.name)  # noqa: SLF001 same package
         self._for_run = reader.query(EventResponse, sql.page_for_run)
         self._for_session = reader.query(EventResponse, sql.page_for_session)
         self._reader = reader

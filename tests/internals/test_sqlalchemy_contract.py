@@ -22,8 +22,16 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
   ``InstanceState.session_id``; ``Session._register_persistent`` and ``_save_impl``
   when session listeners are present; the instance state's ``load`` / ``refresh``
   dispatch; ``ClassManager.new_instance``).
+* ``app.repositories.reads``: ``Connection._handle_dbapi_exception_noconnection``,
+  ``_ConnectionFairy._close_special``, ``Engine._should_log_info`` besides the
+  driver path's (``tests/repositories/test_read_path.py`` checks what they do).
 * ``app.types.TrackedJSONDict``: ``MutableBase._parents`` replaced by a lighter
   registry (``tests/internals/test_types.py`` checks how ``sqlalchemy.ext.mutable`` uses it).
+* ``tests/internals/test_db.py`` reads ``QueuePool._max_overflow``: the pool has no
+  public getter for the setting it checks.
+
+Each use outside the tests is marked ``# noqa: SLF001`` (ruff); the list with reasons
+is in docs/design.md.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import class_mapper
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.pool import QueuePool
 
 from app.db import create_db_engine, read_only
 from app.models import SessionRun
@@ -150,3 +159,23 @@ def test_what_the_driver_path_reads_of_sqlalchemy_is_there(engine: Engine) -> No
         assert compiled.positional == (engine.dialect.paramstyle == "qmark")
         if compiled.positional:
             assert list(compiled.positiontup) == ["run_id"]
+
+
+def test_what_the_read_path_reads_of_sqlalchemy_is_there(engine: Engine) -> None:
+    """``app.repositories.reads``, beyond what the driver path uses."""
+    assert callable(getattr(Connection, "_handle_dbapi_exception_noconnection", None)), (
+        "Connection._handle_dbapi_exception_noconnection (private) is gone: reads"
+    )
+    assert engine._should_log_info() is False, "Engine._should_log_info (private) changed: reads"
+    fairy = engine.raw_connection()
+    try:
+        close_special = getattr(fairy, "_close_special", None)
+        assert callable(close_special), "_ConnectionFairy._close_special (private) is gone: reads"
+        assert "transaction_reset" in inspect.signature(close_special).parameters
+    finally:
+        fairy.close()
+
+
+def test_the_pool_keeps_its_max_overflow_where_the_tests_read_it() -> None:
+    pool = QueuePool(lambda: None, pool_size=1, max_overflow=7)
+    assert pool._max_overflow == 7, "QueuePool._max_overflow (private) changed: test_db.py"

@@ -199,7 +199,7 @@ def make_v07_database(engine: Engine, events: Sequence[dict[str, Any]] = V07_EVE
 
 def _rows(engine: Engine, query: str) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        return [dict(row._mapping) for row in conn.execute(text(query))]
+        return [dict(row._mapping) for row in conn.execute(text(query))]  # noqa: SLF001 Row._mapping is public API
 
 
 def _same_instant(legacy: Any, stored: Any) -> bool:

@@ -38,7 +38,7 @@ def _backdate(engine: Engine, run_ids: list[str], days: int) -> None:
             ).one()
             shifted = {
                 column: value - timedelta(days=days)
-                for column, value in row._mapping.items()
+                for column, value in row._mapping.items()  # noqa: SLF001 Row._mapping is public API
                 if value is not None
             }
             conn.execute(update(runs).where(runs.c.id == run_id).values(**shifted))

@@ -373,7 +373,7 @@ def test_a_database_that_cannot_be_opened_raises_what_a_session_raises(
                 RunReads.of(unreachable).get("any")
             assert type(mine.value) is type(reference.value)
             assert type(mine.value.orig) is type(reference.value.orig)
-            assert RunReads.of(unreachable)._by_id._plan is (
+            assert RunReads.of(unreachable)._by_id._plan is (  # noqa: SLF001 contract test of the read path
                 _plans(engine.dialect)[id(run_statements(backend).by_id)] if handed_over else None
             )
         finally:
@@ -574,7 +574,7 @@ def test_reads_seen_by_statement_listeners_go_through_sqlalchemy_with_the_docume
     for statement in (
         run_statements(backend).by_id,
         run_statements(backend).pages[False, False],
-        event_statements._statements(backend).page_for_session,
+        event_statements._statements(backend).page_for_session,  # noqa: SLF001 contract test of the read path
     ):
         assert _normalized(plans[id(statement)].sql) in documented
 
