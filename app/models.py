@@ -173,6 +173,9 @@ class SessionRun(RunState, StoredModel, table=True):
             sqlite_where=text("finished_at IS NOT NULL"),
             postgresql_where=text("finished_at IS NOT NULL"),
         ),
+        # Listings across sessions, newest first by (created_at, id) (migration 0016,
+        # built online): keyset pages read only their rows.
+        Index("idx_session_runs_created", "created_at", "id"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True)
@@ -200,6 +203,15 @@ class SessionRun(RunState, StoredModel, table=True):
     # server's 0 (the driver path sends no computed defaults).
     attempt: int = Field(
         default=0, sa_column=Column("attempt", Integer, nullable=False, server_default=text("0"))
+    )
+    # The caller's metadata, a JSON object given on create (migration 0016). Named
+    # ``run_metadata`` (``metadata`` is SQLModel's table registry); the API's JSON key
+    # is ``metadata``.
+    run_metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        sa_column=Column(
+            "run_metadata", MutableJSONDict, nullable=False, server_default=text("'{}'")
+        ),
     )
 
     session: ChatSession = Relationship(back_populates="runs")

@@ -66,6 +66,7 @@ from migrations import (
     m0013_index_events_by_run,
     m0014_run_attempts,
     m0015_index_finished_runs_online,
+    m0016_run_metadata,
 )
 from migrations.steps import Migration, MigrationError, OnlineIndex
 
@@ -85,6 +86,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0013_index_events_by_run.MIGRATION,
     m0014_run_attempts.MIGRATION,
     m0015_index_finished_runs_online.MIGRATION,
+    m0016_run_metadata.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

@@ -31,6 +31,7 @@ from app.api.errors import database_cause, install_error_handlers
 from app.api.health import health_router
 from app.api.limits import BODY_ENVELOPE_BYTES, BodyLimit, max_body_bytes
 from app.api.routes import router
+from app.api.sessions import sessions_router
 from app.db import create_db_engine
 from app.repositories import idempotency_window
 from app.types import max_json_bytes
@@ -44,6 +45,7 @@ def create_app() -> FastAPI:
     api = FastAPI(title="Run API", version="0.8")
     install_error_handlers(api)
     api.include_router(router)
+    api.include_router(sessions_router)
     api.include_router(health_router)
     settings_problem = None
     try:

@@ -344,6 +344,7 @@ def run_statements(dialect: str) -> RunStatements:
         "options": bindparam("options", type_=RUNS.c.options.type),
         "checkpoint_thread": bindparam("checkpoint_thread", type_=String()),
         "checkpoint_ns": bindparam("checkpoint_ns", type_=String()),
+        "run_metadata": bindparam("run_metadata", type_=RUNS.c.run_metadata.type),
         "created_at": created_at,
         "updated_at": created_at,
     }

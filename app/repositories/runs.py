@@ -125,7 +125,8 @@ class RunRepository:
         """A new ``queued`` run and its ``run_created`` event.
 
         ``data`` is validated through ``RunCreate`` (``ValidationFailedError``);
-        the options are stored in ``session_runs.options``. An unknown session
+        the options are stored in ``session_runs.options``, the caller's
+        ``metadata`` in ``session_runs.run_metadata``. An unknown session
         raises ``SessionNotFoundError``; a parent run outside that session
         ``RunNotFoundError``.
 
@@ -151,11 +152,17 @@ class RunRepository:
             "trigger_source": enum_param(TriggerSource, trigger_source, "trigger_source"),
             "parent_run_id": optional_text_param(parent_run_id, "parent_run_id"),
             "checkpoint_ns": optional_text_param(checkpoint_ns, "checkpoint_ns"),
+            "run_metadata": body.run_metadata,
         }
         if idempotency_key is None:
             return self._create(strategy, **values)
+        # Metadata is part of the request; none and {} are the same request, whose
+        # fingerprint is the one a key got before runs had metadata.
+        unfingerprinted = {"multitask_strategy"} | (
+            set() if body.run_metadata else {"run_metadata"}
+        )
         request = {
-            "body": body.model_dump(mode="json", exclude={"multitask_strategy"}),
+            "body": body.model_dump(mode="json", exclude=unfingerprinted),
             "multitask_strategy": strategy.value,
             **{name: values[name] for name in ("trigger_source", "parent_run_id", "checkpoint_ns")},
         }
@@ -180,7 +187,7 @@ class RunRepository:
         return self._idempotency_keys().purge_expired()
 
     def retry(self, run_id: str) -> SessionRun:
-        """A new queued run with the input and options of a failed or cancelled run.
+        """A new queued run with the input, options and metadata of a failed or cancelled run.
 
         Terminal runs never change, so reading the source run first is safe.
         """
@@ -194,6 +201,7 @@ class RunRepository:
             trigger_source=TriggerSource.RETRY,
             parent_run_id=source.id,
             checkpoint_ns=source.checkpoint_ns,
+            run_metadata=source.run_metadata,
         )
 
     # ------------------------------------------------------------------ read
@@ -548,6 +556,7 @@ class RunRepository:
         trigger_source: TriggerSource,
         parent_run_id: str | None,
         checkpoint_ns: str | None,
+        run_metadata: dict[str, Any] | None = None,
         run_id: str | None = None,
     ) -> SessionRun:
         run_id = run_id or new_id()
@@ -561,6 +570,7 @@ class RunRepository:
             "options": options,
             "checkpoint_thread": f"{session_id}:{run_id}",
             "checkpoint_ns": checkpoint_ns,
+            "run_metadata": run_metadata or {},
         }
         event = {"trigger_source": trigger_source.value, "parent_run_id": parent_run_id}
         one_statement = self._sql.create_with_event

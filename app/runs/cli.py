@@ -3,7 +3,8 @@
 Commands (each with ``--json``, ``--url`` and ``--connect-timeout``)::
 
     list    [--session ID] [--status S]... [--worker W] [--created-after T]
-            [--created-before T] [--updated-after T] [--updated-before T] [--limit N]
+            [--created-before T] [--updated-after T] [--updated-before T]
+            [--metadata KEY=VALUE|JSON]... [--limit N]
     show    RUN
     events  RUN [--since-seq N] [--follow [--timeout SECONDS]]
     cancel  RUN...
@@ -35,10 +36,10 @@ from sqlmodel import col, select
 
 from app import retention
 from app.db import unit_of_work
-from app.errors import DataLayerError, NotFoundError
+from app.errors import BadParameterError, DataLayerError, NotFoundError
 from app.models import RunStatus, SessionRun
 from app.repositories import RunRepository
-from app.repositories.reads import EventReads, RunReads
+from app.repositories.reads import EventReads, RunReads, metadata_filter, metadata_matches
 from app.schemas.event import EventResponse
 from app.state_machine import TERMINAL_STATUSES
 from migrations.command_line import (
@@ -79,6 +80,27 @@ def _age(raw: str) -> Any:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _metadata(raw: str) -> dict[str, Any]:
+    """``KEY=VALUE`` (the value a string), or a JSON object such as ``{"priority": 1}``
+    for numbers, booleans and null; checked as the API checks its ``metadata`` filter."""
+    if raw.lstrip().startswith("{"):
+        try:
+            wanted = json.loads(raw)
+        except ValueError:
+            wanted = None
+        if not isinstance(wanted, dict):
+            raise argparse.ArgumentTypeError("expected KEY=VALUE or a JSON object")
+    else:
+        key, sign, value = raw.partition("=")
+        if not sign or not key:
+            raise argparse.ArgumentTypeError("expected KEY=VALUE or a JSON object")
+        wanted = {key: value}
+    try:
+        return metadata_filter(wanted)
+    except BadParameterError as exc:
+        raise argparse.ArgumentTypeError(exc.problem) from None
+
+
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     def parse(raw: str) -> int:
         try:
@@ -104,6 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--worker", help="only runs leased to this worker id")
     for name in ("created-after", "created-before", "updated-after", "updated-before"):
         listing.add_argument(f"--{name}", type=_timestamp, metavar="TIME", help="ISO 8601")
+    listing.add_argument(
+        "--metadata",
+        action="append",
+        type=_metadata,
+        metavar="KEY=VALUE|JSON",
+        help="only runs whose metadata has KEY with the string VALUE, or every key of a JSON "
+        "object with its value ('{\"priority\": 1}'); repeatable, all must match",
+    )
     listing.add_argument("--limit", type=_int_between(1, MAX_LIST), default=50)
     commands.add_parser("show", help="one run").add_argument("run_id", metavar="RUN")
     events = commands.add_parser("events", help="a run's events in seq order")
@@ -188,13 +218,20 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+_JSON_NAMES = {"run_metadata": "metadata"}
+"""Columns whose JSON key is the API's name for them."""
+
+
 def _run_json(run: SessionRun) -> dict[str, Any]:
-    """Every stored column of the run (``run_id`` for ``id``), JSON-ready."""
-    values = {"run_id": run.id}
+    """Every stored column of the run under the API's names (``run_id``, ``metadata``),
+    JSON-ready."""
+    values: dict[str, Any] = {"run_id": run.id}
     for key in SessionRun.__table__.c.keys():
         if key != "id":
             value = getattr(run, key)
-            values[key] = value.isoformat() if isinstance(value, datetime) else value
+            values[_JSON_NAMES.get(key, key)] = (
+                value.isoformat() if isinstance(value, datetime) else value
+            )
     return json.loads(json.dumps(values, default=str))
 
 
@@ -219,6 +256,15 @@ def _list(engine: Engine, args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             query = query.where(getattr(col(column), f"__{op}__")(value))
+    if args.metadata:
+        wanted: dict[str, Any] = {}
+        for one in args.metadata:
+            wanted |= one
+        try:
+            query = query.where(metadata_matches(engine.dialect.name, wanted))
+        except BadParameterError as exc:
+            _error(args.command, str(exc), args.json, exc.code)
+            return USAGE
     query = query.order_by(col(table.created_at).desc(), col(table.id).desc()).limit(args.limit)
     with unit_of_work(engine, readonly=True) as db:
         runs = list(db.exec(query))

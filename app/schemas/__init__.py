@@ -10,6 +10,7 @@ from app.schemas.run import (
     RunStatus,
     TriggerSource,
 )
+from app.schemas.session import RunPage, SessionCreate, SessionResponse
 
 __all__ = [
     "ErrorDetail",
@@ -18,8 +19,11 @@ __all__ = [
     "EventResponse",
     "MultitaskStrategy",
     "RunCreate",
+    "RunPage",
     "RunResponse",
     "RunResumeRequest",
     "RunStatus",
+    "SessionCreate",
+    "SessionResponse",
     "TriggerSource",
 ]

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     ConfigDict,
     Strict,
     StringConstraints,
@@ -43,6 +44,16 @@ StorableText = Annotated[
 verbatim (no NUL, no lone surrogate), not empty, within the size limit. Errors carry
 the field's name in their location."""
 
+MetadataObject = Annotated[
+    dict[str, Any], AfterValidator(lambda value: ensure_json_object(value, "metadata"))
+]
+"""A run's ``metadata``: a JSON object within the JSON limits, named ``metadata`` in errors."""
+
+METADATA_DESCRIPTION = (
+    "the caller's JSON object, stored with the run and returned as given; listings "
+    "filter on it (docs/run-api.md)"
+)
+
 NO_INPUT_IN_ERRORS = ConfigDict(hide_input_in_errors=True)
 """``str(ValidationError)`` names fields and problems, never the input (user content)."""
 
@@ -51,7 +62,9 @@ class RunCreate(RunOptions):
     """Body of ``POST /api/runs``. Unknown fields are rejected; the options together
     (stored as one JSON column) must fit the JSON limits."""
 
-    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment,misc]
+    model_config = ConfigDict(  # type: ignore[assignment,misc]
+        extra="forbid", serialize_by_alias=True, **NO_INPUT_IN_ERRORS
+    )
 
     session_id: StorableText
     message: StorableText
@@ -61,6 +74,11 @@ class RunCreate(RunOptions):
         default=MultitaskStrategy.ENQUEUE,
         description="when the session already has an active run: enqueue behind it, "
         "reject (409), or interrupt (cancel the active runs)",
+    )
+    # ``metadata`` is SQLModel's table registry: the field is ``run_metadata`` and its
+    # JSON key ``metadata``.
+    run_metadata: MetadataObject = Field(
+        default_factory=dict, alias="metadata", description=METADATA_DESCRIPTION
     )
 
     @model_validator(mode="after")
@@ -78,6 +96,7 @@ class RunResponse(RunState):
     model_config = ConfigDict(  # type: ignore[assignment]
         validate_by_name=True,
         validate_by_alias=True,
+        serialize_by_alias=True,
         json_schema_serialization_defaults_required=True,  # always present in an answer
     )
 
@@ -97,6 +116,13 @@ class RunResponse(RunState):
     )
     created_at: datetime
     updated_at: datetime
+    # Read from the column ``run_metadata`` (``app.models``), written as ``metadata``.
+    run_metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("run_metadata", "metadata"),
+        serialization_alias="metadata",
+        description=METADATA_DESCRIPTION,
+    )
 
 
 class RunResumeRequest(SQLModel):

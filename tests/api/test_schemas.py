@@ -141,7 +141,9 @@ def test_run_response_from_a_session_run() -> None:
         "options",
         "created_at",
         "updated_at",
+        "metadata",
     }
+    assert payload["metadata"] == {}
     parsed = datetime.fromisoformat(payload["started_at"])
     assert parsed.utcoffset() is not None
     assert parsed == started

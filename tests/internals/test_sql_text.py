@@ -2,7 +2,8 @@
 
 The repositories build their statements once per dialect from Core constructs
 (``run_statements`` in ``app/repositories/_run_statements.py``, ``_statements``
-in ``events.py`` and ``_idempotency.py``, and ``_batch.py``'s texts). These tests
+in ``events.py`` and ``_idempotency.py``, ``listing_statements`` in
+``_listings.py``, and ``_batch.py``'s texts). These tests
 render them the way the dialect compiles them and compare with
 ``docs/sql/<dialect>.sql``, so that a reader sees the SQL a hot path sends
 without rebuilding it in the head, and a change to any statement shows in review
@@ -23,6 +24,7 @@ import pytest
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.repositories import _batch, _idempotency, events
+from app.repositories._listings import listing_statements
 from app.repositories._run_statements import run_statements
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "docs" / "sql"
@@ -31,6 +33,7 @@ SOURCES = {
     "RunRepository": run_statements,
     "EventRepository": events._statements,
     "IdempotencyKeys": _idempotency._statements,
+    "RunListings": listing_statements,
 }
 
 

@@ -46,6 +46,8 @@ PINNED = {
     (14, "postgresql"): "3b743cba57ebe878e3293c034f5b254051c99b367e1dec2cec45e24f02754c5a",
     (15, "sqlite"): "b12d9438828f9eea2d7fc0f932a5d508f6933e94eb0b231ca55e9d22f4071f4f",
     (15, "postgresql"): "a9b39a180eb1424f53482833d4196e4298f6cef379df91e91639f0d7c3b1ed13",
+    (16, "sqlite"): "568ea86927e6bf8748298cc15dcc3504f97f7d7ff46d48fa9b14fd3418266a5d",
+    (16, "postgresql"): "4e13fc1040df2ecd8ffd3ec05171ce72fff2e8d949f47430906e2ffc1ffd86a1",
 }
 
 

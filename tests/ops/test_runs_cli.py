@@ -18,6 +18,8 @@ from app.db import unit_of_work
 from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from app.runs.cli import REFUSED, main
+from tests.concurrency import seed
+from tests.factories import SessionFactory, SessionRunFactory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -206,3 +208,52 @@ def test_progress_bar_only_on_a_terminal(engine: Engine, database_url: str) -> N
         os.close(leader)
     assert done.returncode == 0
     assert b"cancel [" in drawn and b"25/25" in drawn
+
+
+def test_list_by_metadata(
+    engine: Engine, database_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def seeded(db: object) -> list[str]:
+        chat = SessionFactory()
+        made = [
+            SessionRunFactory(session=chat, run_metadata=metadata)
+            for metadata in (
+                {"team": "a", "priority": 1},
+                {"team": "a", "priority": "1"},
+                {"team": "b", "priority": 1, "urgent": True},
+                {},
+            )
+        ]
+        return [run.id for run in made]
+
+    runs = seed(engine, seeded)
+
+    def listed(*filters: str) -> set[str]:
+        argv = ["list"] + [arg for one in filters for arg in ("--metadata", one)]
+        document = _json(capsys, argv, database_url)
+        return {run["run_id"] for run in document["runs"]}
+
+    assert listed("team=a") == {runs[0], runs[1]}
+    assert listed("priority=1") == {runs[1]}  # KEY=VALUE matches the string
+    assert listed('{"priority": 1}') == {runs[0], runs[2]}
+    assert listed("team=a", '{"priority": 1}') == {runs[0]}
+    assert listed('{"urgent": true}') == {runs[2]}
+    assert listed("team=c") == set()
+    shown = _json(capsys, ["list", "--metadata", "team=b"], database_url)["runs"][0]
+    assert shown["metadata"] == {"team": "b", "priority": 1, "urgent": True}
+    assert "run_metadata" not in shown
+    assert main(["list", "--metadata", "team=b", "--url", database_url]) == 0
+    assert runs[2] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "bad", ["team", "=a", '{"a": {"b": 1}}', "{not json", '{"a": [1]}', 'quo"te=1']
+)
+def test_a_bad_metadata_filter_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["list", "--metadata", bad])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--metadata" in err[0]
