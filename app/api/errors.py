@@ -314,7 +314,7 @@ class Handling(NamedTuple):
     """One row of the error table: what is caught, who answers it, and the domain
     errors whose status and code the answer can have (none: the caught error's own)."""
 
-    kind: type[BaseException]
+    kind: type[Exception]
     handler: Callable[[Request, Exception], JSONResponse]
     answers: tuple[type[DataLayerError], ...] = ()
 
@@ -338,6 +338,11 @@ _HANDLERS: tuple[Handling, ...] = (
 router's own routes (``ErrorShapeRoute``) and ``install_error_handlers`` use, and
 from which each route's OpenAPI lists its error statuses and codes
 (``app.api.openapi``). ``DataLayerError`` as an answer is the 500 ``internal_error``."""
+
+
+def error_table() -> tuple[Handling, ...]:
+    """The error table, most specific row first (read-only: a tuple of rows)."""
+    return _HANDLERS
 
 
 def answers_of(kind_name: str) -> tuple[type[DataLayerError], ...]:
@@ -440,6 +445,7 @@ __all__ = [
     "database_unreachable",
     "error_response",
     "error_response_for",
+    "error_table",
     "install_error_handlers",
     "validation_error",
 ]

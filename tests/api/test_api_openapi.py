@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from app.api.deps import get_db_engine
-from app.api.errors import _HANDLERS, ALWAYS_ANSWERED
+from app.api.errors import ALWAYS_ANSWERED, error_table
 from app.api.health import health_router
 from app.api.openapi import answered_errors
 from app.api.routes import router
@@ -135,7 +135,7 @@ def test_each_operation_lists_exactly_the_statuses_and_codes_of_the_error_table(
     its parameters and body, and the table's rows that apply to any route); each
     status's code enum holds exactly the route's codes, every one a domain error's."""
     routes = _routes()
-    table_answers = {answer for row in _HANDLERS for answer in row.answers}
+    table_answers = {answer for row in error_table() for answer in row.answers}
     known = {(kind.status_code, kind.code) for kind in _all_domain_errors()}
     for method, path, operation in _operations(schema):
         errors = answered_errors(routes[(method, path)])
