@@ -254,17 +254,46 @@ async def _finish(future: asyncio.Future[T]) -> T:
 # The unit of work
 
 
+class _Lease:
+    """A worker thread held by one unit of work; ``active`` until the unit ends."""
+
+    __slots__ = ("active", "worker")
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.active = True
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            raise RuntimeError("this unit of work has ended; start another one")
+        return self.worker.submit(fn, args, kwargs)
+
+    async def end(self) -> None:
+        """After the calls still queued (one a cancelled task left), the thread goes
+        back to the idle ones; no call is accepted any more."""
+        try:
+            await _finish(self.submit(_nothing))
+        finally:
+            self.active = False
+            _workers.give_back(self.worker)
+
+
+def _nothing() -> None:
+    """A call queued behind others: done once they are."""
+
+
 class AsyncUnitOfWork:
     """One sync ``Session`` on one worker thread, for ``async def`` code.
 
     Made by ``async_unit_of_work`` (which owns the transaction) or ``adopt`` (the
     caller owns it). ``runs`` / ``events`` are its repositories; ``run_sync`` runs
     any sync code on its thread; ``commit`` / ``rollback`` end the transaction
-    early, as ``Session.commit`` / ``rollback`` do.
+    early, as ``Session.commit`` / ``rollback`` do. Calls after the unit has ended
+    raise ``RuntimeError``.
     """
 
-    def __init__(self, worker: _Worker, session: DbSession | None = None) -> None:
-        self._worker = worker
+    def __init__(self, lease: _Lease, session: DbSession) -> None:
+        self._lease = lease
         self._session = session
         self._runs: AsyncRunRepository | None = None
         self._events: AsyncEventRepository | None = None
@@ -272,18 +301,16 @@ class AsyncUnitOfWork:
     @property
     def session(self) -> DbSession:
         """The sync Session: pass it to code run by ``run_sync``, never use it in the loop."""
-        if self._session is None:
-            raise RuntimeError("the unit of work has not begun: use `async with`")
         return self._session
 
     @property
     def thread(self) -> threading.Thread:
         """The worker thread every call of this unit runs on."""
-        return self._worker.thread
+        return self._lease.worker.thread
 
     async def run_sync(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on this unit's thread (after its earlier calls)."""
-        return await _wait(self._worker.submit(fn, args, kwargs))
+        return await _wait(self._lease.submit(fn, *args, **kwargs))
 
     @property
     def runs(self) -> AsyncRunRepository:
@@ -298,13 +325,13 @@ class AsyncUnitOfWork:
         return self._events
 
     async def commit(self) -> None:
-        await self.run_sync(self.session.commit)
+        await self.run_sync(self._session.commit)
 
     async def rollback(self) -> None:
-        await self.run_sync(self.session.rollback)
+        await self.run_sync(self._session.rollback)
 
     async def flush(self) -> None:
-        await self.run_sync(self.session.flush)
+        await self.run_sync(self._session.flush)
 
 
 class async_unit_of_work:
@@ -323,26 +350,25 @@ class async_unit_of_work:
         self.engine = engine
         self.readonly = readonly
         self._limiter: anyio.CapacityLimiter | None = None
-        self._unit: AsyncUnitOfWork | None = None
+        self._lease: _Lease | None = None
         self._work: Any = None
 
     async def __aenter__(self) -> AsyncUnitOfWork:
         limiter = slot_limiter(self.engine, readonly=self.readonly)
         await take_slot(limiter, self)
-        self._limiter = limiter
+        lease = None
         try:
-            worker = _workers.take()
-            unit = AsyncUnitOfWork(worker)
-            self._work = unit_of_work(self.engine, readonly=self.readonly)
-            unit._session = await _finish(worker.submit(self._work.__enter__, (), {}))
+            lease = _Lease(_workers.take())
+            work = unit_of_work(self.engine, readonly=self.readonly)
+            session = await _finish(lease.submit(work.__enter__))  # no I/O yet
         except BaseException:
-            if "worker" in locals():
-                _workers.give_back(worker)
+            if lease is not None:
+                lease.active = False
+                _workers.give_back(lease.worker)
             limiter.release_on_behalf_of(self)
-            self._limiter = None
             raise
-        self._unit = unit
-        return unit
+        self._limiter, self._lease, self._work = limiter, lease, work
+        return AsyncUnitOfWork(lease, session)
 
     async def __aexit__(
         self,
@@ -350,16 +376,17 @@ class async_unit_of_work:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        unit, limiter = self._unit, self._limiter
-        assert unit is not None and limiter is not None, "__aexit__ without __aenter__"
-        self._unit = self._limiter = None
+        lease, limiter, work = self._lease, self._limiter, self._work
+        assert lease is not None and limiter is not None, "__aexit__ without __aenter__"
+        self._lease = self._limiter = self._work = None
         try:
-            # After the calls still queued on the thread (one a cancelled task left).
-            await _finish(unit._worker.submit(self._work.__exit__, (exc_type, exc, tb), {}))
+            # Commit, or roll back; after the calls still queued on the thread.
+            await _finish(lease.submit(work.__exit__, exc_type, exc, tb))
         finally:
-            unit._session = None
-            _workers.give_back(unit._worker)
-            limiter.release_on_behalf_of(self)
+            try:
+                await lease.end()
+            finally:
+                limiter.release_on_behalf_of(self)
 
 
 class adopt:
@@ -370,19 +397,16 @@ class adopt:
 
     def __init__(self, session: DbSession) -> None:
         self.session = session
-        self._unit: AsyncUnitOfWork | None = None
+        self._lease: _Lease | None = None
 
     async def __aenter__(self) -> AsyncUnitOfWork:
-        self._unit = AsyncUnitOfWork(_workers.take(), self.session)
-        return self._unit
+        self._lease = _Lease(_workers.take())
+        return AsyncUnitOfWork(self._lease, self.session)
 
     async def __aexit__(self, *_exc: object) -> None:
-        unit, self._unit = self._unit, None
-        if unit is not None:
-            try:  # the last call ends before the thread goes
-                await _finish(unit._worker.submit(_nothing, (), {}))
-            finally:
-                _workers.give_back(unit._worker)
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.end()
 
 
 # --------------------------------------------------------------------------
@@ -503,10 +527,6 @@ async def run_in_thread(
     finally:
         _workers.give_back(worker)
         limiter.release_on_behalf_of(borrower)
-
-
-def _nothing() -> None:
-    """A call queued behind others: done once they are."""
 
 
 if TYPE_CHECKING:
