@@ -53,14 +53,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from fastapi import FastAPI, Response
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from app.aio import AsyncRunReads, async_unit_of_work, request_slots
+from app.api.async_deps import AsyncDbDep, AsyncRunReaderDep, AsyncRunReadsDep
+from app.api.errors import install_error_handlers
+from app.api.routes import router
 from app.db import create_db_engine, get_engine
 from app.repositories import RunReads
-from app.schemas import RunResponse
+from app.schemas import RunCreate, RunResponse
 from benchmarks import http
 from benchmarks.environment import (
     machine_facts,
@@ -244,15 +248,8 @@ async def measure_calls(url: str, run_ids: list[str], calls: int, rounds: int, s
 # Part "http": the server
 
 
-def create_app() -> Any:
+def create_app() -> FastAPI:
     """The benchmark's server: the Run API plus the async ways of reading a run."""
-    from fastapi import FastAPI, Response
-
-    from app.api.async_deps import AsyncDbDep, AsyncRunReaderDep, AsyncRunReadsDep
-    from app.api.errors import install_error_handlers
-    from app.api.routes import router
-    from app.schemas import RunCreate
-
     engine = get_engine()
     native = NativeReads(engine)
 
