@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from functools import cache
 from typing import Any
 from urllib.parse import quote
 
@@ -44,6 +43,7 @@ from psycopg.pq import TransactionStatus
 from sqlalchemy import Engine, event
 from sqlalchemy.engine.interfaces import Dialect
 
+from app._cache import cache
 from app.errors import TransactionAbortedError
 
 SQLITE_BEGIN_MODES = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
@@ -106,7 +106,7 @@ def begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int | None) -> 
 
 
 def _sqlite_rules(base: type[Any]) -> type[Any]:
-    class RunLayerSQLiteDialect(base):  # type: ignore[misc,valid-type]
+    class RunLayerSQLiteDialect(base):
         """The pysqlite dialect with the layer's rules (see module docstring)."""
 
         supports_statement_cache = True
@@ -148,7 +148,7 @@ def _listen_for_begin_mode(target: Any, opts: Any) -> None:
 
 
 def _postgresql_rules(base: type[Any]) -> type[Any]:
-    class RunLayerPostgreSQLDialect(base):  # type: ignore[misc,valid-type]
+    class RunLayerPostgreSQLDialect(base):
         """The psycopg dialect with the layer's COMMIT guard (see module docstring)."""
 
         supports_statement_cache = True

@@ -19,12 +19,12 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import JSON, Enum, Integer, String, TypeDecorator, event
+from sqlalchemy import JSON, Enum, Integer, String, Table, TypeDecorator, event
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import UOWTransaction
 from sqlalchemy.orm.attributes import set_attribute
@@ -41,6 +41,9 @@ Check = Callable[[Any], Any]
 class StoredModel(SQLModel):
     """Base of the table models: attribute writes go through SQLAlchemy only."""
 
+    if TYPE_CHECKING:  # set by SQLAlchemy's declarative mapping on each table model
+        __table__: ClassVar[Table]
+
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_sa_instance_state":  # SQLAlchemy making an instance: as SQLModel does
             self.__dict__[name] = value
@@ -53,8 +56,8 @@ class StoredModel(SQLModel):
         super().__setattr__(name, value)
 
 
-def _enum_check(where: str, enum_class: type[StrEnum]) -> Check:
-    choices = ", ".join(member.value for member in enum_class)
+def _enum_check(where: str, enum_class: type[enum.Enum]) -> Check:
+    choices = ", ".join(str(member.value) for member in enum_class)
 
     def check(value: Any) -> Any:
         try:

@@ -26,7 +26,6 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -35,6 +34,7 @@ from sqlalchemy.exc import DisconnectionError
 from sqlmodel import Session as DbSession
 from sqlmodel import create_engine
 
+from app._cache import cache
 from app._dialects import SQLITE_BUSY_TIMEOUT_MS
 from app._dialects import install as install_transaction_rules
 from app.json_codec import dumps, loads

@@ -245,7 +245,7 @@ class EventFeed:
         try:
             terminal = False
             last_check = time.monotonic()
-            if check is not None:
+            if check is not None and run_id is not None:
                 terminal = await self._check_run(check, session_id, run_id, last_check)
             with self._signals.watch(session_id) as watch:
                 forced = woken = read_any = False
@@ -279,7 +279,7 @@ class EventFeed:
                         continue
                     # Nothing new after ``position``.
                     now = time.monotonic()
-                    if check is not None and not terminal:
+                    if check is not None and run_id is not None and not terminal:
                         # A deleted run sends no notice: check it every ``recheck`` seconds.
                         # And while the position is past the log's end (a client's cursor
                         # beyond the last seq), a wake-up that brought nothing may be the
@@ -306,7 +306,7 @@ class EventFeed:
             tail.users -= 1
             if tail.users == 0 and state.tails.get(session_id) is tail:
                 del state.tails[session_id]
-            if check is not None:
+            if check is not None and run_id is not None:
                 check.users -= 1
                 if check.users == 0 and state.checks.get((session_id, run_id)) is check:
                     del state.checks[(session_id, run_id)]

@@ -98,7 +98,7 @@ class Signals:
             else:
                 watch = self._watches.get(session_id)
                 watches = [] if watch is None else [watch]
-            waiters = []
+            waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
             for watch in watches:
                 watch.generation += 1
                 waiters.extend(watch.waiters)

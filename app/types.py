@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from itertools import repeat
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import JSON, DateTime, String
 from sqlalchemy.dialects.postgresql import JSONB
@@ -113,7 +113,7 @@ class UTCDateTime(TypeDecorator[datetime]):
                     read = None
                 if read is not None and read.tzinfo is UTC:
                     return read
-            return as_utc(parse(value))  # not the layer's own format (legacy rows)
+            return as_utc(cast(datetime, parse(value)))  # not the layer's own format
 
         if general is None or parse is None:
             return process
@@ -203,7 +203,7 @@ class _Parents:
         return [(state, key) for ref, key in entries if (state := ref()) is not None]
 
 
-class TrackedJSONDict(MutableDict):  # type: ignore[type-arg]
+class TrackedJSONDict(MutableDict):
     """``MutableDict`` with a lighter registry of parents (``_Parents``)."""
 
     @property
@@ -254,7 +254,8 @@ class StrEnumType(TypeDecorator[StrEnum]):
         return process
 
     def __repr__(self) -> str:
-        return f"StrEnumType({self.enum_class.__name__}, length={self.impl_instance.length})"
+        length = cast(String, self.impl_instance).length
+        return f"StrEnumType({self.enum_class.__name__}, length={length})"
 
 
 def enum_values(enum_class: type[StrEnum]) -> list[str]:

@@ -50,6 +50,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlmodel import col
 
 from app.db import create_db_engine, unit_of_work
 from app.errors import ConflictError, DataLayerError, InvalidTransitionError, LeaseNotHeldError
@@ -102,7 +103,7 @@ class RunContext:
     engine: Engine
     cancelled: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str | None = None
-    _on_cancel: list[Callable[[], None]] = field(default_factory=list)
+    _on_cancel: list[Callable[[], object]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def check(self) -> None:
@@ -119,7 +120,7 @@ class RunContext:
         with unit_of_work(self.engine) as db:
             EventRepository(db).append_many(self.session_id, items)
 
-    def on_cancel(self, callback: Callable[[], None]) -> None:
+    def on_cancel(self, callback: Callable[[], object]) -> None:
         with self._lock:
             self._on_cancel.append(callback)
             fire = self.cancelled.is_set()
@@ -246,8 +247,8 @@ class RunWorker:
             if run is None:
                 return None
             since = db.scalar(
-                select(func.coalesce(func.max(SessionEvent.seq), 0)).where(
-                    SessionEvent.session_id == run.session_id
+                select(func.coalesce(func.max(col(SessionEvent.seq)), 0)).where(
+                    col(SessionEvent.session_id) == run.session_id
                 )
             )
             context = RunContext(

@@ -31,6 +31,7 @@ so the guard would have held and 0005 did exactly what it does now.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Row
@@ -70,8 +71,9 @@ def _is_json(table: str, column: str) -> Any:
 
 
 def _explain(rows: Sequence[Row[Any]]) -> str:
-    ids = ", ".join(f"{table}.{column} id {row_id}" for table, column, row_id, _ in rows)
-    reasons = sorted({reason for *_, reason in rows})
+    values: list[tuple[Any, ...]] = [tuple(row) for row in rows]
+    ids = ", ".join(f"{table}.{column} id {row_id}" for table, column, row_id, _ in values)
+    reasons = sorted({reason for *_, reason in values})
     return (
         f"{len(rows)} legacy JSON values could not be stored as jsonb ({'; '.join(reasons)}); "
         f'each is now the object {{"{LEGACY_JSON_KEY}": <its original text>}}, nothing '
@@ -116,10 +118,7 @@ def _declare(dialect: str) -> Sequence[Item]:
             step(
                 _record_refused(table, column),
                 only_if=_is_json(table, column),
-                params=lambda table=table, column=column: {
-                    "table_name": table,
-                    "column_name": column,
-                },
+                params=partial(dict, table_name=table, column_name=column),
             )
             for table, column in JSON_COLUMNS
         ),
@@ -133,11 +132,7 @@ def _declare(dialect: str) -> Sequence[Item]:
                 _keep_refused_as_text(table, column),
                 _to_jsonb(table, column),
                 only_if=_is_json(table, column),
-                params=lambda table=table, column=column: {
-                    "key": LEGACY_JSON_KEY,
-                    "table_name": table,
-                    "column_name": column,
-                },
+                params=partial(dict, key=LEGACY_JSON_KEY, table_name=table, column_name=column),
             )
             for table, column in JSON_COLUMNS
         ),

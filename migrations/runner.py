@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, inspect, text
@@ -413,7 +414,7 @@ def upgrade(
             if attempts.postgresql and migration.online_indexes(dialect):
                 result = _apply_online(conn, migration, attempts)
             else:
-                result = attempts.run(migration.label, lambda m=migration: _apply_one(conn, m))
+                result = attempts.run(migration.label, partial(_apply_one, conn, migration))
             if result is None:
                 continue
             logger.info("applied migration %s in %d ms", migration.label, result.duration_ms)

@@ -23,10 +23,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Row, inspect, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql.base import PGInspector
 from sqlalchemy.exc import DBAPIError, NoSuchTableError
 
 DIALECTS = ("sqlite", "postgresql")
@@ -239,10 +240,15 @@ def column_missing(table: str, column: str) -> Check:
     )
 
 
+def _pg_inspector(conn: Connection) -> PGInspector:
+    """PostgreSQL's inspector (``get_enums``), for the checks that run there only."""
+    return cast(PGInspector, inspect(conn))
+
+
 def enum_type_missing(name: str) -> Check:
     return Check(
         f"the enum type {name} does not exist",
-        lambda conn: name not in {enum["name"] for enum in inspect(conn).get_enums()},
+        lambda conn: name not in {enum["name"] for enum in _pg_inspector(conn).get_enums()},
     )
 
 

@@ -17,12 +17,13 @@ and build instances from their rows the way the ORM's loader builds them:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy.orm import Mapper, class_mapper
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlmodel import Session as DbSession
+
+from app._cache import cache
 
 M = TypeVar("M")
 
@@ -34,7 +35,7 @@ def _mapper(model: type[Any]) -> Mapper[Any]:
 
 @cache
 def _primary_key(model: type[Any]) -> tuple[str, ...]:
-    return tuple(column.key for column in _mapper(model).primary_key)
+    return tuple(str(column.key) for column in _mapper(model).primary_key)
 
 
 def snapshots(model: type[M], columns: tuple[str, ...], rows: Iterable[Any]) -> list[M]:

@@ -46,7 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import ColumnClause, TextClause
 from sqlalchemy.sql.functions import FunctionElement
 
 from app.models import ChatSession, SessionRun
@@ -140,7 +140,7 @@ def _sqlite_run_created_at(element: run_created_at, compiler: SQLCompiler, **kw:
     return f"CASE WHEN {latest} < {now} THEN {now} ELSE {after} END"
 
 
-EMPTY_TEXT = literal_column("''")
+EMPTY_TEXT: ColumnClause[str] = literal_column("''")
 LIMIT = bindparam("limit", type_=Integer())
 
 SESSION_EXISTS: Select[tuple[bool]] = select(

@@ -415,7 +415,7 @@ class _Reader:
     ) -> None:
         """SQLAlchemy's wrapping and invalidation, then the repositories' domain mapping."""
         try:
-            connection._handle_dbapi_exception(exc, sql, arguments, None, None)  # type: ignore[arg-type]  # noqa: SLF001 SQLAlchemy private, docs/design.md
+            connection._handle_dbapi_exception(exc, sql, arguments, None, None)  # noqa: SLF001 SQLAlchemy private, docs/design.md
         except DBAPIError as wrapped:
             error = domain_error(wrapped, params)
             if error is None:

@@ -148,7 +148,7 @@ class RunRepository:
         values = {
             "session_id": body.session_id,
             "input_message": body.message,
-            "options": body.model_dump(include=OPTION_FIELDS),
+            "options": body.model_dump(include=set(OPTION_FIELDS)),
             "trigger_source": enum_param(TriggerSource, trigger_source, "trigger_source"),
             "parent_run_id": optional_text_param(parent_run_id, "parent_run_id"),
             "checkpoint_ns": optional_text_param(checkpoint_ns, "checkpoint_ns"),
