@@ -69,6 +69,7 @@ from app.db import unit_of_work
 from app.errors import BadParameterError, RunNotFoundError
 from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
 from app.models import SessionEvent
+from app.replicas import router_of
 from app.repositories import EventRepository
 from app.repositories.reads import RunReads
 from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
@@ -249,6 +250,7 @@ class EventFeed:
                 terminal = await self._check_run(check, session_id, run_id, last_check)
             with self._signals.watch(session_id) as watch:
                 forced = woken = read_any = False
+                catching_up = True  # the backlog may come from a read replica
                 last_yield = time.monotonic()
                 while True:
                     seen = watch.generation
@@ -259,8 +261,14 @@ class EventFeed:
                             events = None if forced else tail.after(position, seen)
                             if events is None:
                                 page = await self._in_thread(
-                                    self._read, session_id, position, limit, limiter=limiter
+                                    self._read,
+                                    session_id,
+                                    position,
+                                    limit,
+                                    catching_up,
+                                    limiter=limiter,
                                 )
+                                catching_up = catching_up and len(page) == limit
                                 tail.since, tail.generation = position, seen
                                 tail.events, tail.full = page, len(page) == limit
                                 events = page
@@ -377,8 +385,30 @@ class EventFeed:
 
     # ------------------------------------------------------------ reads
 
-    def _read(self, session_id: str, since_seq: int, limit: int) -> list[SessionEvent]:
-        with unit_of_work(self._engine, readonly=True) as db:
+    def _read(
+        self, session_id: str, since_seq: int, limit: int, catch_up: bool = False
+    ) -> list[SessionEvent]:
+        """The session's events after ``since_seq``. A ``catch_up`` read of an engine with
+        a read replica (``app.replicas``) takes what the replica has, then the rest from
+        the primary (what the replica has not replayed yet); live reads use the primary."""
+        router = router_of(self._engine) if catch_up else None
+        page: list[SessionEvent] = []
+        if router is not None and router.on_replica():
+            began = time.monotonic()
+            try:
+                page = self._read_on(router.replica, session_id, since_seq, limit)
+            except Exception as exc:
+                router.failed(exc)  # logged once; the primary reads it all
+            else:
+                router.answered(began)
+            if len(page) == limit:
+                return page
+            since_seq, limit = (page[-1].seq if page else since_seq), limit - len(page)
+        return page + self._read_on(self._engine, session_id, since_seq, limit)
+
+    @staticmethod
+    def _read_on(engine: Engine, session_id: str, since_seq: int, limit: int) -> list[SessionEvent]:
+        with unit_of_work(engine, readonly=True) as db:
             return EventRepository(db).list_for_session(
                 session_id, since_seq=since_seq, limit=limit
             )

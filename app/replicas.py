@@ -172,7 +172,7 @@ def _scalar(engine: Engine, sql: str) -> Any:
     left open, autocommit off again before the connection goes back."""
     raw = engine.raw_connection()
     try:
-        driver = raw.driver_connection
+        driver: Any = raw.driver_connection  # psycopg's connection (PostgreSQL only)
         driver.autocommit = True
         try:
             with driver.cursor() as cursor:
@@ -397,7 +397,7 @@ def routed(engine: Engine, make: Callable[[Engine], T]) -> T:
     if router is not None:
         reads = RoutedReads(router, reads, make(router.replica))
     engine.__dict__.setdefault(_MADE, []).append(reads)
-    return reads  # type: ignore[no-any-return]
+    return reads
 
 
 def _forget_reads(engine: Engine) -> None:

@@ -35,6 +35,7 @@ import json
 import os
 import weakref
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -47,6 +48,7 @@ from sqlmodel import Session as DbSession
 from app.api.errors import problem_in_words, unreadable_body
 from app.db import get_engine, unit_of_work
 from app.errors import BadParameterError, DatabaseBusyError
+from app.replicas import configure_from_env, note_write, router_of
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunResumeRequest
 
@@ -59,8 +61,9 @@ _slots: weakref.WeakKeyDictionary[
 
 async def get_db_engine() -> Engine:
     """The engine requests use: the process-wide one for ``DATABASE_URL`` (async: no
-    thread hop; an override may be a plain function)."""
-    return get_engine()
+    thread hop; an override may be a plain function). ``DATABASE_READ_URL``, when set,
+    is attached to it as its read replica (``app.replicas``)."""
+    return configure_from_env(get_engine())
 
 
 EngineDep = Annotated[Engine, Depends(get_db_engine)]
@@ -148,12 +151,22 @@ async def run_in_slot(engine: Engine, readonly: bool, work: Callable[..., T], *a
     """
     limiter, borrower = _limiter(engine, readonly=readonly), object()
     await _take_slot(limiter, borrower)
+    if not readonly and router_of(engine) is not None:
+        work = partial(_then_note_write, engine, work)  # the answer's consistency token
     try:
         return await anyio.to_thread.run_sync(
             work, *args, limiter=_threads(engine, readonly=readonly)
         )
     finally:
         limiter.release_on_behalf_of(borrower)
+
+
+def _then_note_write(engine: Engine, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``, then the primary's WAL position for the answer's
+    ``Consistency-Token`` (``app.replicas``); a failed write notes nothing."""
+    result = work(*args)
+    note_write(engine)
+    return result
 
 
 async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
@@ -175,6 +188,8 @@ async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[D
             )
             raise
         await anyio.to_thread.run_sync(work.__exit__, None, None, None, limiter=own_thread)
+        if not readonly and router_of(engine) is not None:
+            await anyio.to_thread.run_sync(note_write, engine, limiter=own_thread)
     finally:
         limiter.release_on_behalf_of(borrower)
 

@@ -33,6 +33,7 @@ from app.api.limits import BODY_ENVELOPE_BYTES, BodyLimit, max_body_bytes
 from app.api.routes import router
 from app.api.sessions import sessions_router
 from app.db import create_db_engine
+from app.replicas import ConsistencyTokens
 from app.repositories import idempotency_window
 from app.types import max_json_bytes
 from migrations import status
@@ -57,6 +58,7 @@ def create_app() -> FastAPI:
     except ValueError as exc:
         settings_problem = settings_problem or str(exc)
     api.add_middleware(BodyLimit, max_bytes=limit)
+    api.add_middleware(ConsistencyTokens)  # read replicas: read-your-writes (app.replicas)
     api.add_middleware(StartupCheck, api=api, settings_problem=settings_problem)
     return api
 
