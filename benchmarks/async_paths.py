@@ -3,6 +3,7 @@
     python -m benchmarks.async_paths                      # both backends, both parts
     python -m benchmarks.async_paths --backend sqlite --part calls --calls 500
     python -m benchmarks.async_paths --part http --duration 5 --rounds 1
+    python -m benchmarks.async_paths --part burst          # 1,000 requests at once, 0 5xx
 
 Reading one run (``get``) from ``async def`` code, five ways:
 
@@ -33,6 +34,12 @@ medians), endpoint by endpoint, rounds interleaved:
 ``/async/blocking/{id}``, and the writes ``POST /api/runs`` against
 ``POST /async/uow/runs`` (create through ``async_unit_of_work``).
 
+Part ``burst``: ``tests/load/burst.py``'s two bursts of ``--requests`` requests at
+once (creates then reads on other connections, then a mix of all five endpoints),
+against ``examples.async_route:create_run_api`` (the Run API's endpoints as
+``async def`` routes on ``app.api.async_deps``) under ``uvicorn --workers 2``;
+it exits 1 on any 5xx.
+
 Everything runs on scratch databases (``benchmarks.environment``); all traffic
 goes to 127.0.0.1.
 """
@@ -44,6 +51,7 @@ import asyncio
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -352,6 +360,34 @@ def measure_http(
 
 
 # --------------------------------------------------------------------------
+# Part "burst": tests/load/burst.py against the Run API written on app.aio
+
+
+ASYNC_RUN_API = "examples.async_route:create_run_api"
+
+
+def burst(requests: int, backends: list[str]) -> int:
+    """``python -m tests.load.burst`` (1,000 requests at once per burst, both bursts),
+    its server being ``uvicorn --workers 2 --factory examples.async_route:create_run_api``:
+    the Run API's endpoints as ``async def`` routes on ``app.api.async_deps``.
+    Exits as it does: 1 on any 5xx, transport error or missed pair."""
+    from tests.load import burst as load
+
+    class AsyncRunApiServer(load.Server):
+        def __init__(self, url: str, workers: int) -> None:  # the same, another factory
+            self.port = load.free_port()
+            command = [sys.executable, "-m", "uvicorn", "--factory", ASYNC_RUN_API]
+            command += ["--host", load.HOST, "--port", str(self.port), "--workers", str(workers)]
+            command += ["--log-level", "warning", "--no-access-log", "--timeout-keep-alive", "75"]
+            env = {**os.environ, "DATABASE_URL": url}
+            self.process = subprocess.Popen(command, env=env, cwd=http.ROOT)
+            self.base_url = f"http://{load.HOST}:{self.port}"
+
+    load.Server = AsyncRunApiServer  # type: ignore[misc]
+    return load.main(["--requests", str(requests), "--backends", ",".join(backends)])
+
+
+# --------------------------------------------------------------------------
 # Report
 
 
@@ -416,7 +452,8 @@ def _us(value: float) -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.async_paths")
     parser.add_argument("--backend", choices=("sqlite", "postgresql", "both"), default="both")
-    parser.add_argument("--part", choices=("calls", "http", "both"), default="both")
+    parser.add_argument("--part", choices=("calls", "http", "both", "burst"), default="both")
+    parser.add_argument("--requests", type=int, default=1000, help="burst: requests at once")
     parser.add_argument("--calls", type=int, default=2000, help="sequential calls per round")
     parser.add_argument("--call-rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="concurrent calls, per way")
@@ -444,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "postgresql" in backends and postgresql_reachable(server_url) is not None:
         print(f"PostgreSQL unreachable at {server_url}", file=sys.stderr)
         return 2
+    if args.part == "burst":
+        return burst(args.requests, backends)
     calls: dict[str, Any] = {}
     measured: dict[str, list[http.Measurement]] = {}
     with (

@@ -65,3 +65,32 @@ def test_the_async_units_share_the_run_apis_slots(engine: Engine) -> None:
         )
 
     assert asyncio.run(same())
+
+
+def test_the_run_api_written_on_the_async_dependencies_answers_as_the_run_api(
+    engine: Engine,
+) -> None:
+    from app.models import RunStatus
+    from examples.async_route import create_run_api
+    from tests.api.test_api_routes import run_in
+
+    chat_id = seed(engine, lambda db: SessionFactory().id)
+    waiting = run_in(engine, RunStatus.WAITING_INPUT)
+    app = create_run_api()
+    app.dependency_overrides[get_db_engine] = lambda: engine
+    with TestClient(app, raise_server_exceptions=False) as client:
+        created = client.post("/api/runs", json={"session_id": chat_id, "message": "hi"})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["run_id"]
+        assert created.headers["location"] == f"/api/runs/{run_id}"
+        assert client.get(f"/api/runs/{run_id}").json()["status"] == "queued"
+        page = client.get(f"/api/runs/{run_id}/events", params={"limit": 10}).json()
+        assert [item["type"] for item in page["items"]] == ["run_created"]
+        resumed = client.post(f"/api/runs/{waiting}/resume", json={"resume": {"a": 1}})
+        assert (resumed.status_code, resumed.json()["status"]) == (202, "running")
+        assert client.post(f"/api/runs/{run_id}/cancel").status_code == 202
+        assert client.post(f"/api/runs/{run_id}/cancel").status_code == 200  # already over
+        missing = client.get("/api/runs/no-such-run/events")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "run_not_found"
+        bad = client.get(f"/api/runs/{run_id}/events", params={"limit": 0})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_parameter"
