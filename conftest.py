@@ -26,7 +26,12 @@ Fixtures (all function-scoped unless said otherwise):
 PostgreSQL comes from ``TEST_DATABASE_URL`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/test``). When it cannot be
 reached the PostgreSQL tests are skipped with the reason, except under
-``CI=true``, where they fail. Each run creates its own database,
+``CI=true``, where they fail. With ``TEST_DATABASE_DIRECT_URL`` set as well,
+``TEST_DATABASE_URL`` is a transaction pooler in front of that server
+(``scripts/ensure-pgbouncer``; ``.ci/run`` runs a part of the suite so): the
+run's database and schemas are made directly, tests connect through the pooler
+with ``DATABASE_POOLER=transaction``, and each test's ``DATABASE_DIRECT_URL``
+is its database without the pooler. Each run creates its own database,
 ``runlayer_test_<pid>_<random>``, and drops it when the run ends, also after
 failures; a test's schemas are dropped after it.
 """
@@ -123,10 +128,12 @@ class PostgresDatabases:
     drop fails goes with the run's database.
     """
 
-    def __init__(self, admin: Engine, server_url: URL) -> None:
+    def __init__(self, admin: Engine, server_url: URL, pooler_url: URL | None = None) -> None:
         self.admin = admin
         self.run = f"runlayer_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         self.run_url = server_url.set(database=self.run)
+        self.pooler_url = None if pooler_url is None else pooler_url.set(database=self.run)
+        """Where tests connect when they go through a pooler (module docstring)."""
         self._created = False
         self._builder: Engine | None = None
         self._migration: list[tuple[str, Any]] = []
@@ -138,9 +145,11 @@ class PostgresDatabases:
         with self.admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{self.run}"'))
         self._created = True
-        self._builder = create_db_engine(self.run_url)
+        self._builder = create_db_engine(self.run_url, pooled=False)
         template = self.create_schema()
-        recorder = create_db_engine(self.schema_url(template), poolclass=NullPool)
+        recorder = create_db_engine(
+            self.schema_url(template, direct=True), pooled=False, poolclass=NullPool
+        )
         try:
             with capture_statements(recorder) as recording:
                 build_schema(recorder)
@@ -158,9 +167,18 @@ class PostgresDatabases:
         for _ in range(2):
             self._background.submit(self._build_ahead)
 
-    def schema_url(self, schema: str) -> str:
-        url = self.run_url.update_query_dict({"options": f"-csearch_path={schema}"})
+    def schema_url(self, schema: str, *, direct: bool = False) -> str:
+        """A URL on ``schema``: through the pooler if there is one, unless ``direct``."""
+        base = self.run_url if direct or self.pooler_url is None else self.pooler_url
+        url = base.update_query_dict({"options": f"-csearch_path={schema}"})
         return url.render_as_string(hide_password=False)
+
+    def set_direct_url(self, request: pytest.FixtureRequest, url: str) -> None:
+        """Through a pooler: ``DATABASE_DIRECT_URL`` is ``url``'s database, directly."""
+        if self.pooler_url is not None:
+            schema = make_url(url).query["options"].removeprefix("-csearch_path=")
+            monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+            monkeypatch.setenv("DATABASE_DIRECT_URL", self.schema_url(str(schema), direct=True))
 
     def create_schema(self, *, migrated: bool = False) -> str:
         """A new schema, empty or with the migrated schema's tables and version rows."""
@@ -223,6 +241,12 @@ def postgresql_databases() -> Iterator[PostgresDatabases]:
     server_url = make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
     if server_url.drivername in ("postgres", "postgresql"):
         server_url = server_url.set(drivername="postgresql+psycopg")
+    pooler_url: URL | None = None
+    if os.environ.get("TEST_DATABASE_DIRECT_URL"):  # TEST_DATABASE_URL is a pooler
+        pooler_url = server_url
+        server_url = make_url(os.environ["TEST_DATABASE_DIRECT_URL"])
+        if server_url.drivername in ("postgres", "postgresql"):
+            server_url = server_url.set(drivername="postgresql+psycopg")
     admin = create_db_engine(
         server_url,
         isolation_level="AUTOCOMMIT",
@@ -243,13 +267,21 @@ def postgresql_databases() -> Iterator[PostgresDatabases]:
             pytest.fail(f"CI=true and {reason}", pytrace=False)
         pytest.skip(reason)
 
-    databases = PostgresDatabases(admin, server_url)
+    databases = PostgresDatabases(admin, server_url, pooler_url)
+    pooler_setting = os.environ.get("DATABASE_POOLER")
+    if pooler_url is not None:  # for this process and the ones tests start
+        os.environ["DATABASE_POOLER"] = "transaction"
     try:
         databases.create_run_database()
         yield databases
     finally:
         databases.close()
         admin.dispose()
+        if pooler_url is not None:
+            if pooler_setting is None:
+                os.environ.pop("DATABASE_POOLER", None)
+            else:
+                os.environ["DATABASE_POOLER"] = pooler_setting
 
 
 # --------------------------------------------------------------------------
@@ -273,7 +305,9 @@ def make_database_url(
 
     def make() -> str:
         schemas.append(databases.create_schema())
-        return databases.schema_url(schemas[-1])
+        url = databases.schema_url(schemas[-1])
+        databases.set_direct_url(request, url)
+        return url
 
     try:
         yield make
@@ -293,6 +327,7 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
     else:
         databases: PostgresDatabases = request.getfixturevalue("postgresql_databases")
         schema = databases.take_migrated_schema()
+        databases.set_direct_url(request, databases.schema_url(schema))
         try:
             yield databases.schema_url(schema)
         finally:

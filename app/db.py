@@ -15,6 +15,19 @@ FastAPI request session is ``app.api.deps.SessionDep``). ``must_exist=True``
 (``get_engine``, the server's engine): a SQLite file that does not exist is an
 error at connect, never created (only ``python -m migrations upgrade`` creates one).
 
+Behind a transaction pooler (PgBouncer in ``pool_mode = transaction``), declared
+with ``DATABASE_POOLER=transaction`` (``pooler_mode``, read here only), an
+engine keeps no state in the server session, which the pooler hands to other
+clients between transactions: psycopg prepares no statements
+(``prepare_threshold=None``), and the time zone and any ``-c name=value`` of
+the URL's ``options`` (which a pooler refuses at connect) are set with
+``set_config(..., true)``, i.e. ``SET LOCAL``, first in every transaction.
+Under that setting every URL except ``DATABASE_DIRECT_URL`` is taken to go
+through the pooler. Work that needs a server session of its own (LISTEN, the
+migration runner's online index builds) uses ``direct_url(engine)``: the
+engine's own URL when it is direct, else ``DATABASE_DIRECT_URL``, else none
+(the event feed then polls). Deployment: docs/deployment.md.
+
 Settings and defaults: README.md (Configuration). Why: docs/design.md
 (SQLite transactions, the idle ping).
 """
@@ -26,7 +39,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
@@ -44,6 +57,11 @@ DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
+POOLER_MODES = ("none", "transaction")
+"""Values of ``DATABASE_POOLER`` (unset or empty: ``none``)."""
+_POOLED = "_run_layer_pooled"
+_DIRECT_URL = "_run_layer_direct_url"
+_BEGIN_SQL = "_run_layer_begin_sql"
 
 
 def _env_float(name: str, default: float) -> float:
@@ -64,6 +82,17 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def pooler_mode() -> Literal["transaction"] | None:
+    """``DATABASE_POOLER``: ``"transaction"`` when PostgreSQL is reached through a
+    transaction pooler (PgBouncer ``pool_mode = transaction``), else None."""
+    raw = (os.environ.get("DATABASE_POOLER") or "").strip().lower()
+    if raw in ("", "none"):
+        return None
+    if raw == "transaction":
+        return "transaction"
+    raise ValueError(f"DATABASE_POOLER must be one of {', '.join(POOLER_MODES)}, got {raw!r}")
 
 
 def resolve_database_url(url: str | URL | None = None) -> URL:
@@ -129,16 +158,18 @@ def _configure_sqlite(engine: Engine) -> None:
         )
 
 
-def _configure_postgresql(engine: Engine) -> None:
+def _configure_postgresql(engine: Engine, *, pooled: bool) -> None:
     ping_after_idle = _env_float("DB_POOL_PING_AFTER_IDLE", DEFAULT_PING_AFTER_IDLE)
 
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Naive timestamps in raw SQL and legacy columns mean UTC, whatever the
-        # server's TimeZone setting.
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SET TIME ZONE 'UTC'")
-        dbapi_connection.commit()
+    if not pooled:  # behind a pooler: SET LOCAL in every transaction (_pooled_dialect)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Naive timestamps in raw SQL and legacy columns mean UTC, whatever the
+            # server's TimeZone setting.
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET TIME ZONE 'UTC'")
+            dbapi_connection.commit()
 
     @event.listens_for(engine, "checkin")
     def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
@@ -157,21 +188,136 @@ def _configure_postgresql(engine: Engine) -> None:
             raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
 
 
+def _split_options(options: str) -> list[str]:
+    """libpq's ``options``: words split at unescaped whitespace (backslash escapes)."""
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
+    return words
+
+
+def _option_settings(options: str) -> dict[str, str]:
+    """The ``-c name=value`` / ``--name=value`` settings of a URL's ``options``."""
+    settings: dict[str, str] = {}
+    words = iter(_split_options(options))
+    for word in words:
+        if word == "-c":
+            pair = next(words, "")
+        elif word.startswith("-c") or word.startswith("--"):
+            pair = word[2:]
+        else:
+            pair = ""
+        name, equals, value = pair.partition("=")
+        if not name or not equals:
+            raise ValueError(
+                f"DATABASE_POOLER=transaction: the URL option {word!r} is not a "
+                "'-c name=value' setting, which is all that can be set per transaction"
+            )
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _begin_sql(settings: dict[str, str]) -> str:
+    """One statement that sets ``settings`` for the current transaction only."""
+    return "SELECT " + ", ".join(
+        f"set_config({_quoted(name)}, {_quoted(value)}, true)" for name, value in settings.items()
+    )
+
+
+@cache
+def _pooled_dialect(dialect_class: type[Any]) -> type[Any]:
+    """``dialect_class`` (the layer's psycopg dialect) whose transactions begin with the
+    engine's ``SET LOCAL`` statement (a dialect method, not an engine event: see
+    ``app._dialects``). Autocommit connections get nothing: there is no transaction."""
+
+    class PooledPostgreSQLDialect(dialect_class):
+        supports_statement_cache = True
+
+        def do_begin(self, dbapi_connection: Any) -> None:
+            driver = dbapi_connection.dbapi_connection
+            if not driver.autocommit:  # psycopg begins the transaction with this statement
+                driver.execute(getattr(self, _BEGIN_SQL))
+            super().do_begin(dbapi_connection)
+
+    return PooledPostgreSQLDialect
+
+
+def _without_options(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+    """``do_connect``: no ``options`` to a pooler, which refuses them (``create_db_engine``)."""
+    cparams.pop("options", None)
+
+
+def _same_url(a: URL, b: URL | None) -> bool:
+    return b is not None and a.render_as_string(hide_password=False) == b.render_as_string(
+        hide_password=False
+    )
+
+
+def _direct_setting() -> URL | None:
+    raw = os.environ.get("DATABASE_DIRECT_URL")
+    return resolve_database_url(raw) if raw else None
+
+
 def create_db_engine(
-    url: str | URL | None = None, *, must_exist: bool = False, **engine_kwargs: Any
+    url: str | URL | None = None,
+    *,
+    must_exist: bool = False,
+    pooled: bool | None = None,
+    direct_url: str | URL | None = None,
+    **engine_kwargs: Any,
 ) -> Engine:
     """An engine for ``url`` (see ``resolve_database_url``), configured for this layer.
 
     ``must_exist``: a SQLite file is opened only if it exists (``mode=rw``);
     connecting to a missing one raises ``OperationalError`` ("unable to open
-    database file") instead of creating an empty database. Extra keyword
-    arguments go to ``sqlalchemy.create_engine`` and win over the defaults
-    chosen here.
+    database file") instead of creating an empty database. ``pooled``: whether
+    PostgreSQL is reached through a transaction pooler (module docstring);
+    default: ``DATABASE_POOLER=transaction`` and ``url`` is not
+    ``DATABASE_DIRECT_URL``. ``direct_url``: the same database without the
+    pooler (default ``DATABASE_DIRECT_URL``), for ``direct_url(engine)``.
+    Extra keyword arguments go to ``sqlalchemy.create_engine`` and win over
+    the defaults chosen here.
     """
     resolved = resolve_database_url(url)
     options: dict[str, Any] = {}
-    if resolved.get_backend_name() == "postgresql":
+    postgresql = resolved.get_backend_name() == "postgresql"
+    direct_setting = _direct_setting() if postgresql else None
+    if pooled is None:
+        pooled = (
+            postgresql
+            and pooler_mode() == "transaction"
+            and not _same_url(resolved, direct_setting)
+        )
+    pooled = pooled and postgresql
+    begin_settings: dict[str, str] = {}
+    if pooled:
+        raw_options = resolved.query.get("options")
+        if raw_options:
+            text_options = raw_options if isinstance(raw_options, str) else " ".join(raw_options)
+            begin_settings.update(_option_settings(text_options))
+        begin_settings["TimeZone"] = "UTC"  # as the direct engine's connect hook
+    if postgresql:
         connect_args = dict(engine_kwargs.pop("connect_args", None) or {})
+        if pooled:  # the pooler's server connections do not keep them (docs/deployment.md)
+            connect_args.setdefault("prepare_threshold", None)
         if "connect_timeout" not in connect_args and "connect_timeout" not in resolved.query:
             connect_args["connect_timeout"] = _env_int(
                 "DB_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT
@@ -190,8 +336,40 @@ def create_db_engine(
     if resolved.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
     else:
-        _configure_postgresql(engine)
+        _configure_postgresql(engine, pooled=pooled)
+    if pooled:
+        engine.dialect.__class__ = _pooled_dialect(type(engine.dialect))
+        setattr(engine.dialect, _BEGIN_SQL, _begin_sql(begin_settings))
+        if len(begin_settings) > 1:  # the URL's options, not only the time zone
+            # The URL keeps them (engines made from ``engine.url`` get them too); the
+            # pooler never sees them. Being a dialect-level listener, this also makes
+            # the repositories' fast paths, which send a statement straight to the
+            # driver, outside any transaction for a read (app.repositories.reads),
+            # step aside for SQLAlchemy's own execution, which begins the transaction
+            # the settings are made in. The time zone alone needs no transaction: no
+            # read's result depends on it (app.types).
+            event.listen(engine, "do_connect", _without_options)
+        direct = resolve_database_url(direct_url) if direct_url is not None else direct_setting
+    else:
+        direct = engine.url if direct_url is None else resolve_database_url(direct_url)
+    engine.__dict__[_POOLED] = pooled
+    engine.__dict__[_DIRECT_URL] = direct
     return engine
+
+
+def is_pooled(engine: Engine) -> bool:
+    """Whether ``engine`` reaches PostgreSQL through a transaction pooler."""
+    return bool(engine.__dict__.get(_POOLED, False))
+
+
+def direct_url(engine: Engine) -> URL | None:
+    """Where a server session of its own goes (LISTEN, online index builds):
+    ``engine``'s URL when it is direct; behind a pooler ``DATABASE_DIRECT_URL``
+    (or the engine's ``direct_url``), else None. Engines made elsewhere: their URL."""
+    if _DIRECT_URL in engine.__dict__:
+        direct: URL | None = engine.__dict__[_DIRECT_URL]
+        return direct
+    return engine.url
 
 
 @cache
@@ -241,7 +419,10 @@ __all__ = [
     "DEFAULT_DATABASE_URL",
     "DbSession",
     "create_db_engine",
+    "direct_url",
     "get_engine",
+    "is_pooled",
+    "pooler_mode",
     "read_only",
     "resolve_database_url",
     "unit_of_work",

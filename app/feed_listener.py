@@ -9,7 +9,10 @@ that session's followers (threads and event loops). One thread per ``EventFeed``
   ``PoolPoller`` reads the followed sessions' counter rows through the pool every
   ``FALLBACK_POLL_SECONDS`` and wakes the followers of the sessions that moved. Back to
   listening, it wakes everyone once more (notices sent meanwhile are lost) and the
-  poller stops.
+  poller stops. It listens on ``app.db.direct_url(engine)``: behind a transaction
+  pooler (``DATABASE_POOLER=transaction``), where LISTEN cannot work, that is
+  ``DATABASE_DIRECT_URL``; without one the thread says so once in the log and polls
+  through the pool every ``POOLED_POLL_SECONDS`` for good.
 * **SQLite** (``SqlitePoller``): ``PRAGMA data_version`` on a connection of its own; when
   it changes, one read of the followed sessions' counter rows says which ones moved.
 
@@ -34,6 +37,7 @@ import psycopg
 from psycopg import sql
 from sqlalchemy import Engine, text
 
+from app.db import direct_url, is_pooled
 from app.repositories import EVENTS_CHANNEL
 
 log = logging.getLogger("app.feed")
@@ -46,6 +50,10 @@ LISTEN_CONNECT_TIMEOUT_SECONDS = 10
 RECONNECT_BACKOFF = (0.05, 2.0)
 FALLBACK_POLL_SECONDS = 0.5
 """While the listening connection is down: how often the counters are read through the pool."""
+POOLED_POLL_SECONDS = 0.1
+"""Behind a transaction pooler without ``DATABASE_DIRECT_URL``: the same, for good."""
+_said_pooled = threading.Event()
+"""Set once this process logged that its feed polls behind a pooler."""
 
 
 # --------------------------------------------------------------------------
@@ -157,6 +165,10 @@ class Listener(threading.Thread):
         self.stopping = threading.Event()
         self.ready = threading.Event()
         """Set while live wake-ups arrive as they should (PostgreSQL: while it listens)."""
+        self.backend_pid: int | None = None
+        """PostgreSQL: the pid of the listening connection's backend."""
+        self.connections = 0
+        """PostgreSQL: how many times the listening connection was opened (1 + reconnects)."""
 
     def stop(self) -> None:
         self.stopping.set()
@@ -203,21 +215,32 @@ class PoolPoller(threading.Thread):
 
 class PostgresListener(Listener):
     """``LISTEN session_events`` on one dedicated connection; reconnects when it drops,
-    and polls through the pool meanwhile (see the module docstring)."""
+    and polls through the pool meanwhile (see the module docstring).
 
-    def __init__(self, signals: Signals, conninfo: str, engine: Engine) -> None:
+    ``conninfo``: where to listen; for an engine behind a transaction pooler it is
+    replaced by the engine's direct URL, or by none (then it only polls).
+    """
+
+    def __init__(self, signals: Signals, conninfo: str | None, engine: Engine) -> None:
         super().__init__(signals, "event-feed-listen")
+        if is_pooled(engine):
+            direct = direct_url(engine)
+            conninfo = (
+                None
+                if direct is None
+                else direct.set(drivername="postgresql").render_as_string(hide_password=False)
+            )
         self._conninfo = conninfo
         self._engine = engine
         self._connect_options: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in engine.url.query:
             self._connect_options["connect_timeout"] = LISTEN_CONNECT_TIMEOUT_SECONDS
         self._poller: PoolPoller | None = None
-        self.backend_pid: int | None = None
-        self.connections = 0
-        """How many times the listening connection was opened (1 + reconnects)."""
 
     def run(self) -> None:
+        if self._conninfo is None:
+            self._poll_for_good()
+            return
         backoff = RECONNECT_BACKOFF[0]
         down_since: float | None = None
         try:
@@ -260,13 +283,30 @@ class PostgresListener(Listener):
         finally:
             self._stop_polling()
 
+    def _poll_for_good(self) -> None:
+        """Behind a transaction pooler with no direct URL: LISTEN would never hear
+        a notice there, so the counters are polled through the pool instead."""
+        if not _said_pooled.is_set():
+            _said_pooled.set()
+            log.warning(
+                "event feed: no direct connection to LISTEN on (DATABASE_POOLER=transaction "
+                "and no DATABASE_DIRECT_URL); live wake-ups poll through the pool every %.1f s",
+                POOLED_POLL_SECONDS,
+            )
+        self._start_polling(POOLED_POLL_SECONDS)
+        self.ready.set()
+        try:
+            self.stopping.wait()
+        finally:
+            self._stop_polling()
+
     @property
     def polling(self) -> bool:
         return self._poller is not None
 
-    def _start_polling(self) -> None:
+    def _start_polling(self, interval: float = FALLBACK_POLL_SECONDS) -> None:
         if self._poller is None:
-            self._poller = PoolPoller(self.signals, self._engine, FALLBACK_POLL_SECONDS)
+            self._poller = PoolPoller(self.signals, self._engine, interval)
             self._poller.start()
 
     def _stop_polling(self) -> None:
@@ -328,12 +368,26 @@ _PG_FOLLOWED_COUNTERS = text(
 """The same on PostgreSQL (one array parameter)."""
 
 
+def listener_for(engine: Engine, signals: Signals) -> Listener:
+    """The listener thread for ``engine``'s database (not started): ``PostgresListener``
+    or ``SqlitePoller``, which needs a database file."""
+    url = engine.url
+    if engine.dialect.name == "postgresql":
+        conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return PostgresListener(signals, conninfo, engine)
+    if url.database in (None, "", ":memory:"):
+        raise ValueError("EventFeed needs a SQLite database file, not an in-memory database")
+    return SqlitePoller(signals, url.database)
+
+
 __all__ = [
     "FALLBACK_POLL_SECONDS",
+    "POOLED_POLL_SECONDS",
     "Listener",
     "PoolPoller",
     "PostgresListener",
     "Signals",
     "SqlitePoller",
     "Watch",
+    "listener_for",
 ]

@@ -32,6 +32,14 @@ short ``lock_timeout``, so a migration stuck behind a long transaction never
 holds the queue of readers behind its pending ``ALTER`` for longer than that;
 it is rolled back and retried with backoff until the total wait is spent,
 then the upgrade stops naming the backends that hold the locks.
+
+Behind a transaction pooler (``app.db.is_pooled``) the upgrade runs on the
+engine's direct URL (``DATABASE_DIRECT_URL``) when it has one. Without one,
+the transactional migrations still run through the pooler (the lock and the
+timeouts above last one transaction each, which the pooler keeps on one
+server connection), but an online index build, which needs a server session
+of its own for its session lock and ``CREATE INDEX CONCURRENTLY``, stops with
+a ``MigrationError`` asking for the direct URL.
 """
 
 from __future__ import annotations
@@ -49,7 +57,9 @@ from typing import Literal, TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
 
+from app.db import create_db_engine, direct_url, is_pooled
 from app.types import UTCDateTime, utc_now
 from migrations import (
     m0001_v07_baseline,
@@ -412,6 +422,9 @@ def upgrade(
         attempts.run("the version table", prepare)
         for migration in migrations:
             if attempts.postgresql and migration.online_indexes(dialect):
+                if is_pooled(conn.engine):
+                    _refuse_online_through_pooler(conn, migration, attempts)
+                    continue
                 result = _apply_online(conn, migration, attempts)
             else:
                 result = attempts.run(migration.label, partial(_apply_one, conn, migration))
@@ -422,6 +435,23 @@ def upgrade(
                 logger.warning("migration %s: %s", migration.label, note)
             applied.append(result)
     return applied
+
+
+def _refuse_online_through_pooler(
+    conn: Connection, migration: Migration, attempts: _Attempts
+) -> None:
+    """A pooled connection without a direct URL: fine if ``migration`` is applied, else stop."""
+    done = attempts.run(
+        migration.label,
+        lambda: _is_recorded(conn, migration) and migration.is_complete(conn),
+    )
+    if not done:
+        raise MigrationError(
+            f"{migration.label} builds an index online (CREATE INDEX CONCURRENTLY), which "
+            "needs a server session of its own, and this URL goes through a transaction "
+            "pooler (DATABASE_POOLER=transaction). Set DATABASE_DIRECT_URL to the database "
+            "without the pooler and rerun upgrade."
+        )
 
 
 def _apply_one(
@@ -690,8 +720,18 @@ def timeout_range(
 @contextmanager
 def _upgrade_connection(engine: Engine, waits: Waits) -> Iterator[Connection]:
     if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            yield conn
+        direct = direct_url(engine) if is_pooled(engine) else None
+        if direct is None:
+            with engine.connect() as conn:
+                yield conn
+            return
+        # Behind a transaction pooler: one connection straight to the server (module docstring).
+        direct_engine = create_db_engine(direct, pooled=False, poolclass=NullPool)
+        try:
+            with direct_engine.connect() as conn:
+                yield conn
+        finally:
+            direct_engine.dispose()
         return
     with engine.connect() as conn:
         driver = conn.connection.driver_connection
