@@ -31,6 +31,7 @@ from migrations.command_line import (
     seconds,
     seconds_or_zero,
 )
+from migrations.psql import NotRunnableError, runnable_sql
 from migrations.runner import (
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_STATEMENT_LOCK_TIMEOUT,
@@ -40,6 +41,12 @@ from migrations.runner import (
     upgrade,
 )
 from migrations.steps import MigrationError
+
+REVIEW_HEADER = (
+    "-- A review listing, NOT runnable as it is: guarded statements are preceded by their\n"
+    "-- condition in words and keep their :placeholders; upgrade decides and binds them.\n"
+    "-- On PostgreSQL, python -m migrations sql (without --review) prints a psql script."
+)
 
 
 def _upgrade(engine: Engine, args: argparse.Namespace) -> int:
@@ -153,8 +160,14 @@ def _current(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
-def _sql(engine: Engine, _args: argparse.Namespace) -> int:
-    print(pending_sql(engine))
+def _sql(engine: Engine, args: argparse.Namespace) -> int:
+    """PostgreSQL: a psql script that runs as it is (``migrations.psql``); with
+    ``--review``, or on SQLite, the review listing: not runnable (guards in words)."""
+    if engine.dialect.name == "postgresql" and not args.review:
+        print(runnable_sql(engine))
+    else:
+        print(REVIEW_HEADER)
+        print(pending_sql(engine))
     return 0
 
 
@@ -166,7 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     helps = {
         "upgrade": "apply pending migrations, printing each with its duration",
         "status": "list applied, pending and changed migrations (exit 1 unless up to date)",
-        "sql": "print the SQL upgrade would run, without running it",
+        "sql": "print the SQL upgrade would run, without running it (PostgreSQL: a psql "
+        "script, runnable as it is; --review or SQLite: a listing to read)",
         "history": "list the recorded migrations in the order they were applied",
         "current": "print the newest applied migration and what is pending",
     }
@@ -178,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         add_connect_timeout(command)
         if name in ("history", "current"):
             command.add_argument("--json", action="store_true", help="JSON output")
+        if name == "sql":
+            command.add_argument(
+                "--review",
+                action="store_true",
+                help="print the review listing (guards in words, placeholders unbound; "
+                "not runnable) instead of the psql script",
+            )
         if name == "upgrade":
             command.add_argument(
                 "--allow-changed",
@@ -223,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
         return exc.exit_code
     if not getattr(args, "json", False):  # --json: stdout holds the one document
-        print(f"database: {engine.url.render_as_string(hide_password=True)}")
+        # sql: stdout is SQL, so the line is a SQL comment
+        comment = "-- " if args.command == "sql" else ""
+        print(f"{comment}database: {engine.url.render_as_string(hide_password=True)}")
     try:
         commands = {
             "upgrade": _upgrade,
@@ -233,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "current": _current,
         }
         return commands[args.command](engine, args)
-    except MigrationError as exc:
+    except (MigrationError, NotRunnableError) as exc:
         print(f"{args.command} failed: {exc}", file=sys.stderr)
         return DATABASE
     except SQLAlchemyError as exc:

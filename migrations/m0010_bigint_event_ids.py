@@ -46,7 +46,12 @@ _POSTGRESQL: Sequence[Item] = (
     ),
     step(
         f"ALTER SEQUENCE {SEQUENCE} AS BIGINT",
-        only_if=Check(f"the sequence {SEQUENCE} is integer", _sequence_is_int4),
+        only_if=Check(
+            f"the sequence {SEQUENCE} is integer",
+            _sequence_is_int4,
+            sql="EXISTS (SELECT 1 FROM pg_sequences WHERE schemaname = current_schema() "  # noqa: S608
+            f"AND sequencename = '{SEQUENCE}' AND data_type = CAST('integer' AS regtype))",
+        ),
     ),
 )
 

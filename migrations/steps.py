@@ -58,6 +58,11 @@ class Check:
 
     description: str
     holds: Callable[[Connection], bool]
+    sql: str | None = None
+    """The same condition as a PostgreSQL boolean expression, for the runnable script of
+    ``python -m migrations sql`` (``migrations.psql``); None where it has none."""
+    params: Params | None = None
+    """The values of ``sql``'s placeholders."""
 
 
 Params = Callable[[], Mapping[str, Any]]
@@ -233,10 +238,18 @@ def _columns(conn: Connection, table: str) -> dict[str, dict[str, Any]]:
         return {}
 
 
+def _pg_column(table: str, column: str) -> str:
+    return (
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "  # noqa: S608 names, not values
+        f"AND table_name = '{table}' AND column_name = '{column}'"
+    )
+
+
 def column_missing(table: str, column: str) -> Check:
     return Check(
         f"{table}.{column} does not exist",
         lambda conn: column not in _columns(conn, table),
+        sql=f"NOT EXISTS ({_pg_column(table, column)})",
     )
 
 
@@ -249,6 +262,9 @@ def enum_type_missing(name: str) -> Check:
     return Check(
         f"the enum type {name} does not exist",
         lambda conn: name not in {enum["name"] for enum in _pg_inspector(conn).get_enums()},
+        sql="NOT EXISTS (SELECT 1 FROM pg_type AS t JOIN pg_namespace AS n ON n.oid = "  # noqa: S608 names, not values
+        f"t.typnamespace WHERE t.typtype = 'e' AND t.typname = '{name}' "
+        "AND n.nspname = current_schema())",
     )
 
 
@@ -256,6 +272,8 @@ def check_constraint_missing(table: str, name: str) -> Check:
     return Check(
         f"{table} has no CHECK constraint {name}",
         lambda conn: name not in {ck["name"] for ck in inspect(conn).get_check_constraints(table)},
+        sql="NOT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'c' "  # noqa: S608 names, not values
+        f"AND conrelid = to_regclass('{table}') AND conname = '{name}')",
     )
 
 
@@ -282,11 +300,30 @@ def has_foreign_key(
     )
 
 
+_PG_ON_DELETE = {"CASCADE": "c", "SET NULL": "n", "RESTRICT": "r", "NO ACTION": "a"}
+"""``pg_constraint.confdeltype`` of each ON DELETE action."""
+
+
 def foreign_key_missing(table: str, column: str, referred_table: str, ondelete: str) -> Check:
     return Check(
         f"{table}.{column} has no foreign key to {referred_table} ON DELETE {ondelete}",
         lambda conn: not has_foreign_key(conn, table, column, referred_table, ondelete),
+        sql="NOT EXISTS (SELECT 1 FROM pg_constraint AS c JOIN pg_attribute AS a "  # noqa: S608 names, not values
+        f"ON a.attrelid = c.conrelid AND a.attname = '{column}' WHERE c.contype = 'f' "
+        f"AND c.conrelid = to_regclass('{table}') "
+        f"AND c.confrelid = to_regclass('{referred_table}') AND c.conkey = ARRAY[a.attnum] "
+        f"AND c.confdeltype = '{_PG_ON_DELETE[ondelete]}')",
     )
+
+
+_PG_DATA_TYPES: dict[type[Any], str] = {
+    postgresql.TIMESTAMP: "timestamp without time zone",
+    postgresql.JSON: "json",
+    postgresql.JSONB: "jsonb",
+    postgresql.INTEGER: "integer",
+    postgresql.BIGINT: "bigint",
+}
+"""``information_schema.columns.data_type`` of the types ``pg_column_is`` checks."""
 
 
 def pg_column_is(table: str, column: str, type_class: type[Any], description: str) -> Check:
@@ -301,13 +338,19 @@ def pg_column_is(table: str, column: str, type_class: type[Any], description: st
             return type(reflected) is postgresql.TIMESTAMP and not reflected.timezone
         return type(reflected) is type_class
 
-    return Check(f"{table}.{column} is {description}", holds)
+    data_type = _PG_DATA_TYPES.get(type_class)
+    sql = None
+    if data_type is not None:
+        sql = f"EXISTS ({_pg_column(table, column)} AND data_type = '{data_type}')"
+    return Check(f"{table}.{column} is {description}", holds, sql=sql)
 
 
 def index_exists(table: str, index: str) -> Check:
     return Check(
         f"{table} has the index {index}",
         lambda conn: index in {ix["name"] for ix in inspect(conn).get_indexes(table)},
+        sql="EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = current_schema() "  # noqa: S608 names, not values
+        f"AND tablename = '{table}' AND indexname = '{index}')",
     )
 
 
@@ -317,13 +360,32 @@ def no_rows(description: str, query: str, params: Params | None = None) -> Check
     def holds(conn: Connection) -> bool:
         return conn.execute(text(query), dict(params()) if params else {}).first() is None
 
-    return Check(f"{description} ({' '.join(query.split())})", holds)
+    return Check(
+        f"{description} ({' '.join(query.split())})",
+        holds,
+        sql=f"NOT EXISTS ({query})",
+        params=params,
+    )
 
 
 def all_of(*checks: Check) -> Check:
+    sql = None
+    if all(check.sql is not None for check in checks):
+        sql = " AND ".join(f"({check.sql})" for check in checks)
+
+    def params() -> Mapping[str, Any]:
+        return {
+            key: value
+            for check in checks
+            if check.params is not None
+            for key, value in check.params().items()
+        }
+
     return Check(
         " and ".join(check.description for check in checks),
         lambda conn: all(check.holds(conn) for check in checks),
+        sql=sql,
+        params=params if any(check.params is not None for check in checks) else None,
     )
 
 
