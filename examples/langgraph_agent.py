@@ -24,6 +24,7 @@ from langgraph.prebuilt import ToolNode
 from langgraph.types import interrupt
 from sqlalchemy.engine import make_url
 
+from app.db import pooler_mode
 from app.integrations.langgraph import graph_target
 from app.worker import RunContext
 
@@ -74,6 +75,10 @@ def checkpointer(location: str) -> Any:
     """A LangGraph checkpointer for a SQLite path / URL or a PostgreSQL URL, set up."""
     if location.startswith("postgresql"):
         from langgraph.checkpoint.postgres import PostgresSaver
+
+        if pooler_mode() == "transaction" and os.environ.get("DATABASE_DIRECT_URL"):
+            # Its connection keeps prepared statements: past the pooler (docs/deployment.md).
+            location = os.environ["DATABASE_DIRECT_URL"]
         from psycopg import Connection
         from psycopg.rows import dict_row
 
