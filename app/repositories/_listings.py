@@ -39,7 +39,9 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Executable,
+    Select,
     String,
     and_,
     bindparam,
@@ -68,8 +70,10 @@ LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 MAX_FILTER_KEYS = 20
 MAX_CURSOR_LENGTH = 400
 _FILTER_KEY = re.compile(r'[^"\\\x00-\x1f\x7f]{1,100}')
-_NUMBERS = [literal_column("'integer'"), literal_column("'real'")]
-_WITHOUT_VALUE = [literal_column(f"'{kind}'") for kind in ("true", "false", "null")]
+_NUMBERS: list[ColumnElement[str]] = [literal_column("'integer'"), literal_column("'real'")]
+_WITHOUT_VALUE: list[ColumnElement[str]] = [
+    literal_column(f"'{kind}'") for kind in ("true", "false", "null")
+]
 """``json_each`` / ``json_type`` type names, written into the SQL (constants, not input)."""
 
 
@@ -103,7 +107,7 @@ def metadata_matches(dialect: str, wanted: Any = None) -> Any:
         member.c.type.in_(_WITHOUT_VALUE),
         func.json_extract(RUNS.c.run_metadata, path) == member.c.value,
     )
-    mismatch = (
+    mismatch: Select[Any] = (
         select(literal_column("1")).select_from(member).where(not_(and_(same_type, same_value)))
     )
     return not_(exists(mismatch))

@@ -19,6 +19,7 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+from pydantic import Field as PydanticField
 from sqlmodel import Field, SQLModel
 
 from app.models import MultitaskStrategy, RunOptions, RunState, RunStatus, TriggerSource
@@ -62,7 +63,7 @@ class RunCreate(RunOptions):
     """Body of ``POST /api/runs``. Unknown fields are rejected; the options together
     (stored as one JSON column) must fit the JSON limits."""
 
-    model_config = ConfigDict(  # type: ignore[assignment,misc]
+    model_config = ConfigDict(  # type: ignore[assignment]
         extra="forbid", serialize_by_alias=True, **NO_INPUT_IN_ERRORS
     )
 
@@ -117,7 +118,7 @@ class RunResponse(RunState):
     created_at: datetime
     updated_at: datetime
     # Read from the column ``run_metadata`` (``app.models``), written as ``metadata``.
-    run_metadata: dict[str, Any] = Field(
+    run_metadata: dict[str, Any] = PydanticField(  # sqlmodel's Field takes no AliasChoices
         default_factory=dict,
         validation_alias=AliasChoices("run_metadata", "metadata"),
         serialization_alias="metadata",
@@ -128,7 +129,7 @@ class RunResponse(RunState):
 class RunResumeRequest(SQLModel):
     """Body of ``POST /api/runs/{run_id}/resume``: ``{"resume": {...}}``."""
 
-    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment,misc]
+    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment]
 
     resume: JSONObject
 

@@ -20,7 +20,7 @@ DEFAULT_TITLE = "New chat"
 class SessionCreate(SQLModel):
     """Body of ``POST /api/sessions``; ``{}`` makes a session titled ``New chat``."""
 
-    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment,misc]
+    model_config = ConfigDict(extra="forbid", **NO_INPUT_IN_ERRORS)  # type: ignore[assignment]
 
     title: StorableText = Field(default=DEFAULT_TITLE, description="shown to the user")
 
