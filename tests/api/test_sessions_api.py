@@ -24,9 +24,9 @@ from sqlalchemy import Engine, text
 from app.api.deps import get_db_engine
 from app.api.main import create_app
 from app.api.sessions import sessions_router
+from app.input_limits import MAX_JSON_DEPTH
 from app.models import RunStatus
 from app.repositories import EventRepository
-from app.types import MAX_JSON_DEPTH
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 
@@ -97,6 +97,17 @@ def test_a_bad_session_body_is_a_422_naming_the_field(
     answer = client.post("/api/sessions", json=body)
     assert answer.status_code == 422, answer.text
     assert field in error_of(answer)["message"]
+    assert count(engine, "sessions") == before
+
+
+def test_a_session_body_over_the_body_limit_is_a_413(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUN_API_MAX_BODY_BYTES", "100")
+    before = count(engine, "sessions")
+    with TestClient(app_on(engine), raise_server_exceptions=False) as client:
+        answer = client.post("/api/sessions", json={"title": "x" * 200})
+    assert answer.status_code == 413 and error_of(answer)["code"] == "too_large"
     assert count(engine, "sessions") == before
 
 
