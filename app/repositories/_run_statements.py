@@ -2,9 +2,10 @@
 
 Each transition of ``app.state_machine`` becomes one conditional ``UPDATE ...
 WHERE id = :run_id AND status IN (<allowed>) RETURNING *``; on PostgreSQL the
-same statement also writes its lifecycle event (``_event_log``). The queue's
-statements (claim, heartbeat, give back, lease expiry) and the reads of runs
-live here too. The SQL each renders to: ``docs/sql/``.
+same statement also writes its lifecycle event
+(``_event_log.with_lifecycle_event``). The queue's statements (claim, heartbeat,
+give back, lease expiry) and the reads of runs live here too. The SQL each
+renders to: ``docs/sql/``.
 
 Why these shapes: docs/design.md (Transitions), docs/queue.md.
 """
@@ -20,11 +21,9 @@ from sqlalchemy import (
     String,
     Update,
     bindparam,
-    cast,
     delete,
     exists,
     func,
-    literal,
     literal_column,
     or_,
     select,
@@ -32,19 +31,15 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql
 
 from app.models import (
     ChatSession,
-    EventSource,
     RunStatus,
-    SessionEvent,
-    SessionEventSequence,
     SessionRun,
 )
+from app.repositories._event_log import with_lifecycle_event
 from app.repositories._sql import (
     EMPTY_TEXT,
-    EVENTS_CHANNEL,
     LIMIT,
     NOW,
     POSTGRESQL,
@@ -68,8 +63,6 @@ from app.state_machine import (
 )
 
 RUNS = SessionRun.__table__
-EVENTS = SessionEvent.__table__
-SEQUENCES = SessionEventSequence.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 """The columns every run statement returns, in this order (``RunStatements``)."""
 ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING_INPUT})
@@ -204,73 +197,6 @@ def _next_resumed() -> Any:
 def _loading(statement: Any) -> Executable:
     """``statement`` returning every column, to be read back as the session's runs."""
     return statement.returning(*RUNS.c)
-
-
-def _with_lifecycle_event(statement: Any) -> Executable:
-    """PostgreSQL: ``statement`` (an INSERT or UPDATE of one run) and its lifecycle
-    event in **one** statement, with data-modifying CTEs: one round trip instead of two.
-
-    The event is ``EventRepository.append``'s, for the run the statement returned: the
-    session's counter row is upserted (locked after the run row, the layer's lock
-    order) to ``max(next_seq, MAX(seq) + 1) + 1``, the event inserted with
-    ``ON CONFLICT DO NOTHING`` and the commit notice sent. Parameters: the
-    statement's, plus ``event_type`` and ``event_payload``. Returns the run's columns,
-    then ``event_seq`` (NULL when no run was written) and ``event_row_id`` (NULL when
-    the insert collided; the caller then gives the number back and appends again).
-    """
-    moved = statement.returning(*RUNS.c).cte("moved")
-    free = (
-        select((func.coalesce(func.max(EVENTS.c.seq), 0) + 1).label("next_free"))
-        .where(EVENTS.c.session_id == select(moved.c.session_id).scalar_subquery())
-        .cte("free")
-    )
-    upsert = postgresql.insert(SEQUENCES).from_select(
-        ["session_id", "next_seq", "updated_at"],
-        select(moved.c.session_id, free.c.next_free + 1, NOW).select_from(moved.join(free, true())),
-    )
-    # excluded.next_seq is MAX(seq) + 2: the same as append's
-    # greatest(next_seq, MAX(seq) + 1) + 1, without a subquery in the SET clause.
-    allocated = (
-        upsert.on_conflict_do_update(
-            index_elements=[SEQUENCES.c.session_id],
-            set_={
-                "next_seq": func.greatest(SEQUENCES.c.next_seq + 1, upsert.excluded.next_seq),
-                "updated_at": upsert.excluded.updated_at,
-            },
-        )
-        .returning(SEQUENCES.c.session_id, (SEQUENCES.c.next_seq - 1).label("seq"))
-        .cte("allocated")
-    )
-    inserted = (
-        postgresql.insert(EVENTS)
-        .from_select(
-            ["session_id", "seq", "type", "payload", "source", "created_at", "run_id"],
-            select(
-                allocated.c.session_id,
-                allocated.c.seq,
-                bindparam("event_type", type_=String()),
-                bindparam("event_payload", type_=EVENTS.c.payload.type),
-                cast(literal(EventSource.SESSION.value, String()), EVENTS.c.source.type),
-                NOW,
-                moved.c.id,
-            ).select_from(allocated.join(moved, true())),
-        )
-        .on_conflict_do_nothing()
-        .returning(EVENTS.c.id)
-        .cte("inserted")
-    )
-    notified = (
-        select(func.pg_notify(literal(EVENTS_CHANNEL, String()), allocated.c.session_id))
-        .select_from(allocated)
-        .cte("notified")
-    )
-    return select(
-        *moved.c,
-        allocated.c.seq.label("event_seq"),
-        inserted.c.id.label("event_row_id"),
-    ).select_from(
-        moved.outerjoin(allocated, true()).outerjoin(notified, true()).outerjoin(inserted, true())
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,13 +335,13 @@ def run_statements(dialect: str) -> RunStatements:
         create=_loading(create),
         by_id=select(*RUNS.c).where(RUNS.c.id == RUN_ID),
         transitions={name: _loading(update) for name, update in transitions.items()},
-        create_with_event=_with_lifecycle_event(create) if one_statement else None,
+        create_with_event=with_lifecycle_event(create) if one_statement else None,
         transitions_with_event=(
-            {name: _with_lifecycle_event(update) for name, update in transitions.items()}
+            {name: with_lifecycle_event(update) for name, update in transitions.items()}
             if one_statement
             else None
         ),
-        claim_with_event=_with_lifecycle_event(claim) if one_statement else None,
+        claim_with_event=with_lifecycle_event(claim) if one_statement else None,
         claim=_loading(claim),
         claim_resumed=_loading(
             update(RUNS)
@@ -428,7 +354,7 @@ def run_statements(dialect: str) -> RunStatements:
             )
         ),
         give_back=_loading(give_back),
-        give_back_with_event=_with_lifecycle_event(give_back) if one_statement else None,
+        give_back_with_event=with_lifecycle_event(give_back) if one_statement else None,
         retry_expired=_loading(
             _transition_update(dialect, RETRY_EXPIRED).where(
                 RUNS.c.lease_expires_at < NOW,

@@ -6,37 +6,24 @@ committed events, also next to v0.7 writers; writers of one session commit in
 an append fails inside the caller's transaction. Pages are snapshots that
 belong to no session. The transaction must use READ COMMITTED on PostgreSQL.
 
+This module checks the caller's arguments and reads the pages; the writes follow
+the event log's rule, written once in ``_event_log`` (which ``RunRepository``'s
+lifecycle events use too). On PostgreSQL ``append`` and ``append_many`` call
+``pg_notify`` (channel ``EVENTS_CHANNEL``, payload the session id) in their
+statement, so a commit wakes ``app.feed``'s followers; bursts: docs/events.md.
+
 Contract: docs/reference.md (EventRepository). How and why: docs/design.md
 (``seq`` allocation).
-
-On PostgreSQL ``append`` and ``append_many`` call ``pg_notify`` (channel
-``EVENTS_CHANNEL``, payload the session id) in their statement, so a commit
-wakes ``app.feed``'s followers; bursts: docs/events.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
-from typing import Any, NoReturn
+from typing import Any
 
-from sqlalchemy import (
-    Executable,
-    Integer,
-    String,
-    bindparam,
-    cast,
-    delete,
-    exists,
-    func,
-    literal,
-    or_,
-    select,
-    true,
-    update,
-)
+from sqlalchemy import Executable, Integer, bindparam, select
 from sqlmodel import Session as DbSession
 
 from app._params import (
@@ -48,50 +35,21 @@ from app._params import (
     since_seq_param,
     text_param,
 )
-from app.errors import (
-    BadParameterError,
-    ConflictError,
-    RunNotFoundError,
-    SessionNotFoundError,
-)
-from app.json_codec import dumps, dumps_transport
-from app.models import ChatSession, EventSource, SessionEvent, SessionEventSequence, SessionRun
-from app.repositories._batch import append_many_statements
-from app.repositories._driver import Rows, execute_core, execute_overlapped
-from app.repositories._rows import inserted, register_inserted, snapshots, track_json
-from app.repositories._sql import (
-    EVENTS_CHANNEL,
-    LIMIT,
-    NOW,
-    POSTGRESQL,
-    RUN_EXISTS,
-    RUN_ID,
-    SESSION_EXISTS,
-    SESSION_ID,
-    greatest,
-    insert_for,
-)
+from app.errors import BadParameterError, RunNotFoundError
+from app.models import EventSource, SessionEvent, SessionRun
+from app.repositories._driver import execute_core
+from app.repositories._event_log import EVENT_COLUMNS, MAX_BATCH, OVERLAP_MIN_EVENTS, EventLog
+from app.repositories._rows import snapshots
+from app.repositories._sql import LIMIT, RUN_EXISTS, RUN_ID, SESSION_ID
 from app.state_machine import LIFECYCLE_EVENT_TYPES, RUN_SCOPED_EVENT_TYPES
 from app.types import max_json_bytes
 
 EVENTS = SessionEvent.__table__
-SEQUENCES = SessionEventSequence.__table__
-SESSIONS = ChatSession.__table__
 RUNS = SessionRun.__table__
 
-EVENT_COLUMNS = tuple(column.key for column in EVENTS.c)
 TYPE_MAX_LENGTH = EVENTS.c.type.type.length
 EVENT_ID_MAX_LENGTH = 255
 """``event_id`` is in a unique index; PostgreSQL cannot index an entry over ~2.7 kB."""
-OVERLAP_MIN_EVENTS = 32
-"""PostgreSQL: from this many events, ``append_many`` builds its instances while the
-database inserts the batch (``execute_overlapped``); below it the round trip that
-overlapping costs is more than the work it hides."""
-ALLOCATION_ATTEMPTS = 5
-"""Retries when v0.7 writers keep taking the number just allocated."""
-
-MAX_BATCH = 1000
-"""Most events one ``append_many`` call takes (one JSON parameter, one statement)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,111 +65,20 @@ class NewEvent:
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
-    """The statements of one dialect.
+    """The pages of one dialect (the writes: ``_event_log.log_statements``).
 
-    Parameters: ``session_id``, ``run_id``, ``event_id``, ``now``, ``type``,
-    ``payload``, ``source``, ``seq``; pages take ``since_seq`` and ``limit``.
+    Parameters: ``session_id`` or ``run_id``, ``since_seq`` and ``limit``.
     """
 
-    allocate: Executable  # SQLite: upsert returning ``seq``; PostgreSQL: unused
-    insert: Executable  # SQLite: insert returning ``id``; PostgreSQL: allocate + insert
-    give_back: Executable
-    by_event_id: Executable
     page_for_session: Executable
     page_for_run: Executable
 
 
 @cache
 def _statements(dialect: str) -> _Statements:
-    event_id = bindparam("event_id", type_=String())
-    next_free = (
-        select(func.coalesce(func.max(EVENTS.c.seq), 0) + 1)
-        .where(EVENTS.c.session_id == SESSION_ID)
-        .scalar_subquery()
-    )
-    # Allocates only when the session exists, the run belongs to it and the
-    # event_id is new; otherwise it returns no row and changes nothing.
-    counter_row = select(SESSION_ID, next_free + 1, NOW).where(
-        exists().where(SESSIONS.c.id == SESSION_ID),
-        or_(
-            RUN_ID.is_(None),
-            exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID),
-        ),
-        ~exists().where(EVENTS.c.session_id == SESSION_ID, EVENTS.c.event_id == event_id),
-    )
-    upsert = insert_for(dialect)(SEQUENCES).from_select(
-        ["session_id", "next_seq", "updated_at"], counter_row
-    )
-    allocate = upsert.on_conflict_do_update(
-        index_elements=[SEQUENCES.c.session_id],
-        set_={
-            "next_seq": greatest(dialect, SEQUENCES.c.next_seq, next_free) + 1,
-            "updated_at": upsert.excluded.updated_at,
-        },
-    ).returning((SEQUENCES.c.next_seq - 1).label("seq"))
-
-    event_columns = ["session_id", "seq", "type", "payload", "source", "created_at"]
-    event_columns.extend(["run_id", "event_id"])
-    event_values = {
-        "type": bindparam("type", type_=String()),
-        "payload": bindparam("payload", type_=EVENTS.c.payload.type),
-        "source": cast(bindparam("source", type_=String()), EVENTS.c.source.type),
-    }
-    if dialect == POSTGRESQL:
-        allocated = allocate.cte("allocated")
-        inserted = (
-            insert_for(dialect)(EVENTS)
-            .from_select(
-                event_columns,
-                select(
-                    SESSION_ID,
-                    allocated.c.seq,
-                    *event_values.values(),
-                    NOW,
-                    RUN_ID,
-                    event_id,
-                ),
-            )
-            .on_conflict_do_nothing()
-            .returning(EVENTS.c.id, EVENTS.c.created_at)
-            .cte("inserted")
-        )
-        # The commit notice for app.feed: one function call in the same statement.
-        notified = (
-            select(func.pg_notify(literal(EVENTS_CHANNEL, String()), SESSION_ID))
-            .select_from(allocated)
-            .cte("notified")
-        )
-        insert: Executable = select(
-            allocated.c.seq, inserted.c.id, inserted.c.created_at
-        ).select_from(allocated.join(notified, true()).outerjoin(inserted, true()))
-    else:
-        insert = (
-            insert_for(dialect)(EVENTS)
-            .values(
-                session_id=SESSION_ID,
-                seq=bindparam("seq", type_=Integer()),
-                created_at=NOW,
-                run_id=RUN_ID,
-                event_id=event_id,
-                **event_values,
-            )
-            .on_conflict_do_nothing()
-            .returning(EVENTS.c.id, EVENTS.c.created_at)
-        )
-
     since = bindparam("since_seq", type_=Integer())
     run_session = select(RUNS.c.session_id).where(RUNS.c.id == RUN_ID).scalar_subquery()
     return _Statements(
-        allocate=allocate,
-        insert=insert,
-        # "session_id" is reserved for the column in an UPDATE: another name.
-        give_back=update(SEQUENCES)
-        .where(SEQUENCES.c.session_id == bindparam("counter_session_id", type_=String()))
-        .values(next_seq=bindparam("seq", type_=Integer()), updated_at=NOW),
-        by_event_id=select(SessionEvent).where(
-            SessionEvent.session_id == SESSION_ID, SessionEvent.event_id == event_id
-        ),
         # Pages are Core selects read into detached events (``_page``).
         page_for_session=select(*EVENTS.c)
         .where(EVENTS.c.session_id == SESSION_ID, EVENTS.c.seq > since)
@@ -238,9 +105,8 @@ class EventRepository:
 
     def __init__(self, session: DbSession) -> None:
         self._session = session
-        self._dialect = session.get_bind().dialect.name
-        self._sql = _statements(self._dialect)
-        self._batch_sql = append_many_statements(self._dialect)
+        self._sql = _statements(session.get_bind().dialect.name)
+        self._log = EventLog(session)
 
     def append(
         self,
@@ -267,58 +133,7 @@ class EventRepository:
             "session_id": text_param(session_id, "session_id", max_bytes=limit),
             **_checked_item(NewEvent(type, payload, source, run_id, event_id), limit, _ITEM_FIELDS),
         }
-        written = self._write(params)
-        if isinstance(written, SessionEvent):
-            return written
-        return self._stored(*written, params)
-
-    def write_lifecycle_event(
-        self, session_id: str, type: str, payload: dict[str, Any], run_id: str
-    ) -> None:
-        """``append`` for ``RunRepository``'s lifecycle events, whose arguments it has
-        checked: the event is written, no instance of it is made (the caller returns
-        the run; readers get events from the pages)."""
-        params = {
-            "session_id": session_id,
-            "type": type,
-            "payload": payload,
-            "source": EventSource.SESSION.value,
-            "run_id": run_id,
-            "event_id": None,
-        }
-        self._write(params)
-
-    def write_lifecycle_events(
-        self, session_id: str, type: str, payload: dict[str, Any], run_ids: Sequence[str]
-    ) -> None:
-        """``write_lifecycle_event`` for many runs of one session (an ``interrupt``
-        create cancelling every active run): consecutive seqs in the order given, in
-        batches of ``MAX_BATCH``, all in the caller's transaction."""
-        item = {"type": type, "payload": payload, "source": EventSource.SESSION.value}
-        for start in range(0, len(run_ids), MAX_BATCH):
-            chunk = run_ids[start : start + MAX_BATCH]
-            self._append_checked(
-                session_id, [{**item, "run_id": run_id, "event_id": None} for run_id in chunk]
-            )
-
-    def _write(self, params: dict[str, Any]) -> tuple[int, int, datetime] | SessionEvent:
-        """(new event id, seq, created_at), or the stored event of a known ``event_id``."""
-        session_id, event_id = params["session_id"], params["event_id"]
-        for _attempt in range(ALLOCATION_ATTEMPTS):
-            seq, new_id, created_at = self._allocate_and_insert(params)
-            if new_id is not None:
-                return new_id, seq, created_at
-            if seq is not None:
-                self._give_back(session_id, seq)
-            stored = self._find_by_event_id(session_id, event_id)
-            if stored is not None:
-                return stored
-            if seq is None:
-                self._raise_not_found(session_id, params["run_id"])
-        raise ConflictError(
-            f"session {session_id}: could not allocate an event seq in "
-            f"{ALLOCATION_ATTEMPTS} attempts; older writers keep taking the same numbers"
-        )
+        return self._log.append(params)
 
     def append_many(
         self, session_id: str, events: Sequence[NewEvent | Mapping[str, Any]]
@@ -343,32 +158,7 @@ class EventRepository:
             raise BadParameterError("events", f"at most {MAX_BATCH} per call, got {len(events)}")
         limit = max_json_bytes()  # read once for the batch, not three times an item
         items = [_batch_item(index, item, limit) for index, item in enumerate(events)]
-        return self._append_checked(session_id, items)
-
-    def _append_checked(self, session_id: str, items: list[dict[str, Any]]) -> list[SessionEvent]:
-        """``append_many`` of items already checked (``_checked_item``), at most ``MAX_BATCH``."""
-        firsts: dict[str, dict[str, Any]] = {}
-        unique = []
-        for item in items:
-            if item["event_id"] is None or item["event_id"] not in firsts:
-                unique.append(item)
-                if item["event_id"] is not None:
-                    firsts[item["event_id"]] = item
-        stored: dict[int, SessionEvent] = {}  # id(item) -> event
-        for _attempt in range(ALLOCATION_ATTEMPTS):
-            pending = [item for item in unique if id(item) not in stored]
-            if not pending:
-                break
-            stored.update(self._insert_batch(session_id, pending))
-        else:
-            raise ConflictError(
-                f"session {session_id}: could not allocate event seqs in "
-                f"{ALLOCATION_ATTEMPTS} attempts; older writers keep taking the same numbers"
-            )
-        return [
-            stored[id(item if item["event_id"] is None else firsts[item["event_id"]])]
-            for item in items
-        ]
+        return self._log.append_many(session_id, items)
 
     def list_for_session(
         self, session_id: str, *, since_seq: int = 0, limit: int = 100
@@ -395,184 +185,14 @@ class EventRepository:
 
     # ------------------------------------------------------------------
 
-    def _execute(self, statement: Executable, params: dict[str, Any]) -> Rows:
-        return execute_core(self._session, statement, params)
-
-    def _allocate_and_insert(self, params: dict[str, Any]) -> tuple[Any, Any, Any]:
-        """(allocated seq, new event id, its created_at); ``(seq, None, None)`` when the
-        insert collided, ``(None, None, None)`` when nothing was allocated."""
-        if self._dialect == POSTGRESQL:
-            row = self._execute(self._sql.insert, params).first()
-            return (None, None, None) if row is None else row  # seq, id, created_at
-        seq = self._execute(self._sql.allocate, params).scalar()
-        if seq is None:
-            return None, None, None
-        row = self._execute(self._sql.insert, {**params, "seq": seq}).first()
-        return (seq, None, None) if row is None else (seq, *row)
-
-    def _insert_batch(
-        self, session_id: str, pending: list[dict[str, Any]]
-    ) -> dict[int, SessionEvent]:
-        """One allocation and multi-row insert of ``pending`` (see ``app.repositories._batch``).
-
-        Returns the events it could settle, keyed by ``id(item)``: all of them,
-        or after a collision none inserted (they are undone) but those whose
-        ``event_id`` turned out to be stored.
-        """
-        run_ids = sorted({item["run_id"] for item in pending if item["run_id"] is not None})
-
-        tracked = False
-
-        def build() -> list[SessionEvent]:
-            """The events but for their ids and seqs, JSON tracked if that can be done
-            before they join the session (on PostgreSQL, while the database inserts them)."""
-            nonlocal tracked
-            values = [
-                (
-                    None,
-                    session_id,
-                    None,
-                    item["type"],
-                    item["payload"],
-                    _SOURCES[item["source"]],
-                    None,  # created_at: the database's, from the rows
-                    item["run_id"],
-                    item["event_id"],
-                )
-                for item in pending
-            ]
-            events = snapshots(SessionEvent, EVENT_COLUMNS, values)
-            tracked = track_json(SessionEvent, events)
-            return events
-
-        first_seq, rows, events = self._run_batch(session_id, pending, run_ids, build)
-        if first_seq is None:
-            self._raise_batch_not_found(session_id, run_ids)
-        if len(rows) == len(pending):
-            for position, event in enumerate(events):
-                seq = first_seq + position
-                values = event.__dict__  # fresh instances: no attribute events to pass
-                new_id, created_at = rows[seq]
-                values["id"], values["seq"] = new_id, seq
-                values["created_at"] = created_at
-            register_inserted(self._session, SessionEvent, events, tracked=tracked)
-            return {id(item): event for item, event in zip(pending, events, strict=True)}
-        if rows:
-            self._execute(_BATCH_UNDO, {"ids": [new_id for new_id, _ in rows.values()]})
-        self._give_back(session_id, first_seq)
-        event_ids = [item["event_id"] for item in pending if item["event_id"] is not None]
-        found = {
-            event.event_id: event
-            for event in self._session.execute(
-                _BATCH_LOOKUP, {"session_id": session_id, "event_ids": event_ids}
-            ).scalars()
-        }
-        return {id(item): found[item["event_id"]] for item in pending if item["event_id"] in found}
-
-    def _run_batch(
-        self,
-        session_id: str,
-        pending: list[dict[str, Any]],
-        run_ids: list[str],
-        build: Callable[[], list[SessionEvent]],
-    ) -> tuple[int | None, dict[int, tuple[int, Any]], list[SessionEvent]]:
-        """(first allocated seq or None, {seq: (new event id, created_at)} of the rows
-        inserted, ``build()``'s events)."""
-        # Items carry type, payload, source, run_id and event_id (``_checked_item``).
-        params: dict[str, Any] = {"session_id": session_id, "count": len(pending)}
-        params["run_ids"] = dumps_transport(run_ids)
-        if self._dialect == POSTGRESQL:
-            params["items"] = dumps_transport(
-                [{**item, "position": position} for position, item in enumerate(pending)]
-            )
-            if len(pending) >= OVERLAP_MIN_EVENTS:
-                result, events = execute_overlapped(
-                    self._session, self._batch_sql[0], params, build
-                )
-            else:
-                result, events = self._execute(self._batch_sql[0], params), build()
-            if not result.rows:  # (first_seq, id, seq, created_at) rows
-                return None, {}, events
-            first_seq = result.rows[0][0]
-            inserted = {seq: (id_, at) for _, id_, seq, at in result if id_ is not None}
-            return first_seq, inserted, events
-        first_seq = self._execute(self._batch_sql[0], params).scalar()
-        if first_seq is None:
-            return None, {}, []
-        params["first_seq"] = first_seq
-        params["items"] = dumps_transport(
-            [
-                # The payload's text as append stores it (the engine's serializer).
-                {**item, "position": position, "payload": dumps(item["payload"])}
-                for position, item in enumerate(pending)
-            ]
-        )
-        inserted_rows = self._execute(self._batch_sql[1], params)  # (id, seq, created_at)
-        return first_seq, {seq: (id_, at) for id_, seq, at in inserted_rows}, build()
-
-    def _raise_batch_not_found(self, session_id: str, run_ids: list[str]) -> NoReturn:
-        for run_id in run_ids:
-            params = {"session_id": session_id, "run_id": run_id}
-            if not self._session.scalar(_RUN_IN_SESSION, params):
-                self._raise_not_found(session_id, run_id)
-        self._raise_not_found(session_id, None)
-
-    def give_back(self, session_id: str, seq: int) -> None:
-        """Undo an allocation whose insert collided (see ``_give_back``)."""
-        self._give_back(session_id, seq)
-
-    def _give_back(self, session_id: str, seq: int) -> None:
-        """Undo an allocation whose insert collided; this transaction still holds the row."""
-        params = {"counter_session_id": session_id, "seq": seq}
-        self._execute(self._sql.give_back, params)
-
-    def _stored(
-        self, new_id: int, seq: int, created_at: datetime, params: dict[str, Any]
-    ) -> SessionEvent:
-        """The event just inserted, in the session as if the ORM had inserted it."""
-        return inserted(
-            self._session,
-            SessionEvent,
-            {
-                "id": new_id,
-                "session_id": params["session_id"],
-                "seq": seq,
-                "type": params["type"],
-                "payload": params["payload"],
-                "source": EventSource(params["source"]),
-                "created_at": created_at,
-                "run_id": params["run_id"],
-                "event_id": params["event_id"],
-            },
-        )
-
-    def _find_by_event_id(self, session_id: str, event_id: str | None) -> SessionEvent | None:
-        if event_id is None:
-            return None
-        params = {"session_id": session_id, "event_id": event_id}
-        return self._session.execute(self._sql.by_event_id, params).scalar_one_or_none()
-
-    def _raise_not_found(self, session_id: str, run_id: str | None) -> NoReturn:
-        """Explain why nothing was allocated although the event_id is not stored."""
-        if not self._session.scalar(SESSION_EXISTS, {"session_id": session_id}):
-            raise SessionNotFoundError(session_id)
-        raise RunNotFoundError(str(run_id), session_id=session_id)
-
     def _page(self, statement: Executable, params: dict[str, Any]) -> list[SessionEvent]:
         """Snapshots, not session objects: an event never changes (see ``rows``)."""
-        return snapshots(SessionEvent, EVENT_COLUMNS, self._execute(statement, params))
-
-
-_BATCH_UNDO = delete(EVENTS).where(EVENTS.c.id.in_(bindparam("ids", expanding=True)))
-_BATCH_LOOKUP = select(SessionEvent).where(
-    SessionEvent.session_id == SESSION_ID,
-    SessionEvent.event_id.in_(bindparam("event_ids", expanding=True)),
-)
-_RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID))
+        return snapshots(
+            SessionEvent, EVENT_COLUMNS, execute_core(self._session, statement, params)
+        )
 
 
 _ITEM_FIELDS = ("type", "payload", "source", "run_id", "event_id")
-_SOURCES = {member.value: member for member in EventSource}
 
 
 def _batch_item(index: int, item: NewEvent | Mapping[str, Any], limit: int) -> dict[str, Any]:
@@ -639,4 +259,4 @@ def _check_type_rules(type: str, run_id: str | None, type_name: str, run_id_name
         )
 
 
-__all__ = ["MAX_BATCH", "EventRepository", "NewEvent"]
+__all__ = ["MAX_BATCH", "OVERLAP_MIN_EVENTS", "EventRepository", "NewEvent"]

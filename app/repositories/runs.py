@@ -56,6 +56,7 @@ from app.models import (
     new_id,
 )
 from app.repositories._driver import execute_core
+from app.repositories._event_log import EventLog
 from app.repositories._idempotency import (
     IdempotencyKeys,
     key_param,
@@ -65,7 +66,6 @@ from app.repositories._idempotency import (
 from app.repositories._rows import in_session, in_session_many, inserted
 from app.repositories._run_statements import RUN_COLUMNS, run_statements
 from app.repositories._sql import SESSION_EXISTS
-from app.repositories.events import EventRepository
 from app.schemas.run import RunCreate, RunResumeRequest
 from app.state_machine import (
     CANCEL,
@@ -101,7 +101,7 @@ class RunRepository:
         ``RUN_IDEMPOTENCY_WINDOW_SECONDS``, else 24 hours."""
         self._session = session
         self._sql = run_statements(session.get_bind().dialect.name)
-        self._event_repository: EventRepository | None = None
+        self._event_log: EventLog | None = None
         # Checked now (a bad window is the caller's error), read from the
         # environment only when a key is used.
         self._idempotency_window = (
@@ -439,7 +439,7 @@ class RunRepository:
             requeued = self._runs(self._sql.retry_expired, {"max_attempts": max_attempts})
             for run in requeued:
                 payload = {"attempt": run.attempt, "max_attempts": max_attempts}
-                self._events.write_lifecycle_event(
+                self._log.write_lifecycle_event(
                     run.session_id, RETRY_EXPIRED.event_type, payload, run.id
                 )
             retried = [run.id for run in requeued]
@@ -469,7 +469,7 @@ class RunRepository:
     ) -> list[str]:
         stale = self._runs(statement, {"error": error, **extra})
         for run in stale:
-            self._events.write_lifecycle_event(
+            self._log.write_lifecycle_event(
                 run.session_id, FAIL.event_type, {"error": error}, run.id
             )
         return [run.id for run in stale]
@@ -502,7 +502,7 @@ class RunRepository:
         cancelled = self._runs(self._sql.interrupt, {"busy_session": session_id})
         if cancelled:
             payload = {"multitask_strategy": strategy.value, "interrupted_by": run_id}
-            self._events.write_lifecycle_events(
+            self._log.write_lifecycle_events(
                 session_id, CANCEL.event_type, payload, [run.id for run in cancelled]
             )
         return self._insert(**values, run_id=run_id)
@@ -541,11 +541,11 @@ class RunRepository:
         return self._keys
 
     @property
-    def _events(self) -> EventRepository:
-        """The lifecycle events' repository, made on first use."""
-        if self._event_repository is None:
-            self._event_repository = EventRepository(self._session)
-        return self._event_repository
+    def _log(self) -> EventLog:
+        """The event log the lifecycle events go to (``_event_log``), made on first use."""
+        if self._event_log is None:
+            self._event_log = EventLog(self._session)
+        return self._event_log
 
     def _insert(
         self,
@@ -671,13 +671,9 @@ class RunRepository:
         row: Any,
     ) -> None:
         """The event of a run's change: written by the same statement (PostgreSQL),
-        else, or when that insert collided with a v0.7 writer's seq, by ``append``."""
-        if len(row) > len(RUN_COLUMNS):
-            seq, event_row_id = row[len(RUN_COLUMNS)], row[len(RUN_COLUMNS) + 1]
-            if event_row_id is not None:
-                return
-            self._events.give_back(run.session_id, seq)
-        self._events.write_lifecycle_event(run.session_id, event_type, payload, run.id)
+        else, or when that insert collided with a v0.7 writer's seq, by the event log."""
+        written = row[len(RUN_COLUMNS) :]
+        self._log.settle_lifecycle_event(run.session_id, run.id, event_type, payload, written)
 
     def _run(self, statement: Executable, params: dict[str, Any]) -> SessionRun | None:
         """One row of a Core statement as the session's run (see ``app.repositories._rows``).
