@@ -80,6 +80,7 @@ class Facade:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             through.calls += 1
+            through.methods.add(f"{type(self._twin).__name__}.{name}")
             return through.portal.call(functools.partial(attribute, *args, **kwargs))
 
         return call
@@ -94,6 +95,7 @@ class Through:
         self._units: dict[int, tuple[DbSession, aio.adopt, aio.AsyncUnitOfWork]] = {}
         self._lock = threading.Lock()
         self.calls = 0
+        self.methods: set[str] = set()
 
     def unit(self, session: DbSession) -> aio.AsyncUnitOfWork:
         with self._lock:
@@ -141,11 +143,11 @@ def api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
                 }
                 if any(patched[key] is not defaults[key] for key in defaults):
                     monkeypatch.setattr(function, "__kwdefaults__", patched)
-        if os.environ.get("PARITY_REPORT"):  # which async variants made no async call
-            request.addfinalizer(lambda: through.calls or _report(request.node.nodeid))
+        if os.environ.get("PARITY_REPORT"):  # the async methods each variant called
+            request.addfinalizer(lambda: _report(request.node.nodeid, through.methods))
     return kind
 
 
-def _report(nodeid: str) -> None:
+def _report(nodeid: str, methods: set[str]) -> None:
     with open(os.environ["PARITY_REPORT"], "a") as out:
-        out.write(nodeid + "\n")
+        out.write(f"{nodeid} {' '.join(sorted(methods)) or '-'}\n")
