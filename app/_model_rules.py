@@ -3,7 +3,7 @@
 * **Assignment validates.** Every column attribute of a table model checks the
   value when it is set (constructor included): enums take a member or one of
   their values, text is storable text, JSON is an object both backends store
-  verbatim (``app.types.ensure_json_object``), timestamps are datetimes. A bad
+  verbatim (``app.input_limits.ensure_json_object``), timestamps are datetimes. A bad
   value raises ``ValueError`` naming ``Model.field`` at once, not at flush.
 * **Assignment stays tracked.** SQLModel's ``__setattr__`` writes the raw value
   into the instance after SQLAlchemy has wrapped it, which untracks JSON
@@ -33,7 +33,8 @@ from sqlmodel import SQLModel
 from sqlmodel.main import is_instrumented
 
 from app.errors import ReadOnlyFieldError
-from app.types import StrEnumType, UTCDateTime, ensure_json_object, ensure_storable_text
+from app.input_limits import ensure_json_object, ensure_storable_text
+from app.types import StrEnumType, UTCDateTime
 
 Check = Callable[[Any], Any]
 

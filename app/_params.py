@@ -14,8 +14,8 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from app.errors import BadParameterError, RunNotFoundError
+from app.input_limits import ensure_json_object, text_problem, text_size_problem
 from app.models import RunStatus
-from app.types import ensure_json_object, text_problem, text_size_problem
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -53,7 +53,7 @@ def text_param(
 ) -> str:
     """A non-empty string the database can store (PostgreSQL refuses NUL characters;
     neither driver can encode a lone surrogate, which a decoded JSON body may carry),
-    within the size limit of ``app.types.max_json_bytes`` (``max_bytes``: that limit,
+    within the size limit of ``app.input_limits.max_json_bytes`` (``max_bytes``: that limit,
     read once by a caller checking many arguments)."""
     if not isinstance(value, str) or not value:
         raise BadParameterError(name, f"expected a non-empty string, got {described(value)}")

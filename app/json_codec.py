@@ -9,7 +9,7 @@ wrote may hold: the values read are the same as before.
 
 ``dumps`` writes a flat object of plain scalars (the usual event payload,
 error, metrics) with orjson, as compact UTF-8 text, when it is certainly
-storable as it is (``app.types._flat_and_storable``: no NaN, no integer beyond
+storable as it is (``app.input_limits._flat_and_storable``: no NaN, no integer beyond
 64 bits, no lone surrogate); anything else goes to ``json.dumps`` exactly as
 SQLAlchemy's default would, so a value that escaped validation is stored or
 refused as before instead of orjson writing ``NaN`` as ``null``.
@@ -25,7 +25,8 @@ from typing import Any
 import orjson
 from sqlalchemy import String, TypeDecorator
 
-from app.types import TrackedJSONDict, _flat_and_storable
+from app.input_limits import _flat_and_storable
+from app.types import TrackedJSONDict
 
 _INT64 = 2.0**63
 

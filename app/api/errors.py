@@ -46,7 +46,7 @@ from app.errors import (
     PayloadTooLargeError,
     ValidationFailedError,
 )
-from app.types import MAX_JSON_DEPTH
+from app.input_limits import MAX_JSON_DEPTH
 
 log = logging.getLogger("app.api")
 

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response
 from app.errors import PayloadTooLargeError
-from app.types import max_json_bytes
+from app.input_limits import max_json_bytes
 
 MAX_BODY_BYTES_ENV = "RUN_API_MAX_BODY_BYTES"
 BODY_ENVELOPE_BYTES = 64 * 1024

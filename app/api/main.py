@@ -33,9 +33,9 @@ from app.api.limits import BODY_ENVELOPE_BYTES, BodyLimit, max_body_bytes
 from app.api.routes import router
 from app.api.sessions import sessions_router
 from app.db import create_db_engine
+from app.input_limits import max_json_bytes
 from app.replicas import ConsistencyTokens
 from app.repositories import idempotency_window
-from app.types import max_json_bytes
 from migrations import status
 
 NOT_STARTED = "Run API not started"

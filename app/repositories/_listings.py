@@ -56,9 +56,10 @@ from sqlalchemy import (
 
 from app._params import described, enum_param, page_size, text_param
 from app.errors import BadParameterError
+from app.input_limits import ensure_json_object
 from app.models import ChatSession, RunStatus, SessionRun
 from app.repositories._sql import LIMIT, POSTGRESQL, SESSION_ID
-from app.types import as_utc, ensure_json_object
+from app.types import as_utc
 
 RUNS = SessionRun.__table__
 SESSIONS = ChatSession.__table__

@@ -36,13 +36,13 @@ from app._params import (
     text_param,
 )
 from app.errors import BadParameterError, RunNotFoundError
+from app.input_limits import max_json_bytes
 from app.models import EventSource, SessionEvent, SessionRun
 from app.repositories._driver import execute_core
 from app.repositories._event_log import EVENT_COLUMNS, MAX_BATCH, OVERLAP_MIN_EVENTS, EventLog
 from app.repositories._rows import snapshots
 from app.repositories._sql import LIMIT, RUN_EXISTS, RUN_ID, SESSION_ID
 from app.state_machine import LIFECYCLE_EVENT_TYPES, RUN_SCOPED_EVENT_TYPES
-from app.types import max_json_bytes
 
 EVENTS = SessionEvent.__table__
 RUNS = SessionRun.__table__

@@ -46,6 +46,7 @@ from app.errors import (
     SessionNotFoundError,
     ValidationFailedError,
 )
+from app.input_limits import is_name
 from app.models import (
     IdempotencyScope,
     MultitaskStrategy,
@@ -80,7 +81,6 @@ from app.state_machine import (
     RunEventType,
     Transition,
 )
-from app.types import is_name
 
 RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)

@@ -22,8 +22,8 @@ from pydantic import (
 from pydantic import Field as PydanticField
 from sqlmodel import Field, SQLModel
 
+from app.input_limits import ensure_json_object, ensure_storable_text
 from app.models import MultitaskStrategy, RunOptions, RunState, RunStatus, TriggerSource
-from app.types import ensure_json_object, ensure_storable_text
 
 
 def _json_object(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
@@ -32,7 +32,7 @@ def _json_object(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
 
 JSONObject = Annotated[dict[str, Any], AfterValidator(_json_object)]
 """A JSON object that both backends store verbatim, within the limits of
-``app.types.ensure_json_object`` (depth, 64-bit integers, size; no NUL, no NaN)."""
+``app.input_limits.ensure_json_object`` (depth, 64-bit integers, size; no NUL, no NaN)."""
 
 
 StorableText = Annotated[

@@ -1,4 +1,5 @@
-"""``app.types``: the shortcut for small flat objects never passes what the full walk refuses."""
+"""``app.input_limits``: the shortcut for small flat objects never passes what the
+full walk refuses."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.types import MAX_JSON_DEPTH, _find_unstorable, _flat_and_storable
+from app.input_limits import MAX_JSON_DEPTH, _find_unstorable, _flat_and_storable
 
 # Mostly ASCII text, which the shortcut takes, with any text now and then, which it leaves
 # to the walk: with any text alone, few values would get past the shortcut's first check.

@@ -14,7 +14,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from app.types import DEFAULT_MAX_JSON_BYTES, JSON_INT_MAX, JSON_INT_MIN, MAX_JSON_DEPTH
+from app.input_limits import DEFAULT_MAX_JSON_BYTES, JSON_INT_MAX, JSON_INT_MIN, MAX_JSON_DEPTH
 
 
 def nest(levels: int, leaf: Any, key: str = "a", in_list: bool = False) -> dict[str, Any]:

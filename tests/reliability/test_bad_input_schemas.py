@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from app.input_limits import ensure_json_object
 from app.schemas import RunCreate, RunResumeRequest
-from app.types import ensure_json_object
 from tests.reliability.figures import record
 from tests.reliability.strategies import beyond_the_limits
 

@@ -27,17 +27,17 @@ from app.errors import (
     SessionNotFoundError,
     ValidationFailedError,
 )
-from app.models import ChatSession, RunStatus
-from app.repositories import EventRepository, RunRepository
-from app.schemas import RunCreate, RunResumeRequest
-from app.state_machine import RUN_SCOPED_EVENT_TYPES
-from app.types import (
+from app.input_limits import (
     DEFAULT_MAX_JSON_BYTES,
     JSON_INT_MAX,
     JSON_INT_MIN,
     MAX_JSON_BYTES_ENV,
     MAX_JSON_DEPTH,
 )
+from app.models import ChatSession, RunStatus
+from app.repositories import EventRepository, RunRepository
+from app.schemas import RunCreate, RunResumeRequest
+from app.state_machine import RUN_SCOPED_EVENT_TYPES
 from tests.concurrency import in_own_transaction
 from tests.reliability import invariants
 from tests.reliability.figures import record

@@ -42,9 +42,9 @@ from app.api.limits import BODY_ENVELOPE_BYTES
 from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
 from app.errors import ActiveRunExistsError, TransactionAbortedError
+from app.input_limits import DEFAULT_MAX_JSON_BYTES
 from app.models import RunStatus
 from app.repositories import RunRepository
-from app.types import DEFAULT_MAX_JSON_BYTES
 from migrations import MIGRATIONS, upgrade
 from tests.concurrency import ROOT, seed
 from tests.factories import SessionFactory, SessionRunFactory
