@@ -586,8 +586,8 @@ class SessionReads:
     def of(cls, engine: Engine) -> SessionReads:
         """The engine's ``SessionReads`` (made on first use, then shared)."""
         reads = engine.__dict__.get(_SESSION_READS)
-        if reads is None:
-            reads = engine.__dict__[_SESSION_READS] = cls(engine)
+        if reads is None:  # with a read replica: routed (app.replicas)
+            reads = engine.__dict__[_SESSION_READS] = routed(engine, cls)
         return reads
 
     def get(self, session_id: str) -> SessionResponse:
