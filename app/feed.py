@@ -72,13 +72,10 @@ from app.models import SessionEvent
 from app.replicas import router_of
 from app.repositories import EventRepository
 from app.repositories.reads import RunReads
-from app.state_machine import TERMINAL_STATUSES, TRANSITIONS
+from app.state_machine import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES
 
 T = TypeVar("T")
 
-TERMINAL_EVENT_TYPES = frozenset(
-    str(t.event_type) for t in TRANSITIONS if t.target in TERMINAL_STATUSES
-)
 DEFAULT_PAGE = 500
 RECHECK_SECONDS = 5.0
 """A follower with no wake-up reads anyway after this long (a safety net, not the

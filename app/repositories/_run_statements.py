@@ -50,23 +50,22 @@ from app.repositories._sql import (
     run_created_at,
 )
 from app.state_machine import (
+    ACTIVE_STATUSES,
     CANCEL,
-    COMPLETE,
+    EXECUTING_STATUSES,
     FAIL,
     GIVE_BACK,
-    RESUME,
     RETRY_EXPIRED,
     START,
-    TERMINAL_STATUSES,
     TRANSITIONS,
+    Set,
     Transition,
+    Write,
 )
 
 RUNS = SessionRun.__table__
 RUN_COLUMNS = tuple(column.key for column in RUNS.c)
 """The columns every run statement returns, in this order (``RunStatements``)."""
-ACTIVE_STATUSES = frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.WAITING_INPUT})
-"""A session with a run in one of these is busy (``MultitaskStrategy``, ``claim_next``)."""
 
 
 def _literal(status: RunStatus) -> Any:
@@ -83,42 +82,38 @@ def _status_in(statuses: frozenset[RunStatus]) -> Any:
     return or_(*(RUNS.c.status == status for status in sorted(statuses)))
 
 
-def _transition_update(dialect: str, transition: Transition) -> Update:
-    """The SET clause of ``transition``, derived from its source and target statuses.
+def _written(dialect: str, write: Set) -> Any:
+    """The SQL value of one of a transition's ``writes``."""
+    column = RUNS.c[write.column]
+    match write.write:
+        case Write.NOW:
+            return NOW
+        case Write.NOW_IF_UNSET:
+            return func.coalesce(column, NOW)
+        case Write.CLEAR:
+            return None
+        case Write.PARAMETER:
+            return bindparam(write.parameter, type_=column.type)
+        case Write.MERGE if write.column == "metrics":
+            return merge_metrics(dialect)
+        case Write.ADD_ONE:
+            return column + 1
+        case Write.SUBTRACT_ONE:
+            return column - 1
+        case Write.ZERO:
+            return literal_column("0")
+    raise ValueError(f"no SQL for {write}")
 
-    Parameters: ``reason`` (wait_for_input), ``resume_payload``
+
+def _transition_update(dialect: str, transition: Transition) -> Update:
+    """The UPDATE of ``transition`` where the run is in one of its source statuses: the
+    target status, ``updated_at`` and the transition's ``writes`` (``app.state_machine``).
+
+    Parameters: those the writes name: ``reason`` (wait_for_input), ``resume_payload``
     (resume), ``metrics`` (complete) or ``error`` (fail).
     """
     values: dict[str, Any] = {"status": transition.target, "updated_at": NOW}
-    if transition.target is RunStatus.RUNNING:
-        values["started_at"] = func.coalesce(RUNS.c.started_at, NOW)
-    if transition.target in TERMINAL_STATUSES:
-        values["finished_at"] = NOW
-    if transition.target is RunStatus.WAITING_INPUT:
-        values["waiting_reason"] = bindparam("reason", type_=RUNS.c.waiting_reason.type)
-    elif RunStatus.WAITING_INPUT in transition.sources:
-        values["waiting_reason"] = None
-    # worker_id and lease_expires_at describe the current execution: claim_next sets
-    # them, start and resume begin one without a lease, every move out of running
-    # ends the lease, and waiting for input ends the execution (the worker is gone).
-    if transition.target is RunStatus.RUNNING or RunStatus.RUNNING in transition.sources:
-        values["lease_expires_at"] = None
-    if transition.target in (RunStatus.RUNNING, RunStatus.WAITING_INPUT, RunStatus.QUEUED):
-        values["worker_id"] = None
-    # attempt counts the claims of the current execution (migration 0014): every
-    # start adds one, a lease given back returns its unused one, resume begins anew.
-    if transition is START:
-        values["attempt"] = RUNS.c.attempt + 1
-    elif transition is GIVE_BACK:
-        values["attempt"] = RUNS.c.attempt - 1
-    elif transition is RESUME:
-        values["attempt"] = literal_column("0")
-    if transition is RESUME:
-        values["resume_payload"] = bindparam("resume_payload", type_=RUNS.c.resume_payload.type)
-    if transition is COMPLETE:
-        values["metrics"] = merge_metrics(dialect)
-    if transition is FAIL:
-        values["latest_error"] = bindparam("error", type_=RUNS.c.latest_error.type)
+    values.update((write.column, _written(dialect, write)) for write in transition.writes)
     statement = update(RUNS).where(_status_in(transition.sources)).values(values)
     if transition.target is RunStatus.RUNNING:
         # The common conflict is a condition, not an error: no savepoint needed.
@@ -153,7 +148,7 @@ def _next_claimable() -> Any:
             candidate.c.status == _literal(RunStatus.QUEUED),
             ~exists().where(
                 busy.c.session_id == candidate.c.session_id,
-                _literal_in(busy.c.status, frozenset({RunStatus.RUNNING, RunStatus.WAITING_INPUT})),
+                _literal_in(busy.c.status, EXECUTING_STATUSES),
             ),
             ~exists().where(
                 older.c.session_id == candidate.c.session_id,

@@ -75,6 +75,7 @@ from app.state_machine import (
     GIVE_BACK,
     RESUME,
     RETRY_EXPIRED,
+    RETRYABLE_STATUSES,
     START,
     TERMINAL_STATUSES,
     WAIT_FOR_INPUT,
@@ -82,7 +83,6 @@ from app.state_machine import (
     Transition,
 )
 
-RETRYABLE_STATUSES = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 OPTION_FIELDS = frozenset(RunOptions.model_fields)
 DEFAULT_LEASE = timedelta(minutes=5)
 """How long a ``claim_next`` lease holds without a ``heartbeat``."""
