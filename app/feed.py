@@ -6,23 +6,12 @@
     events = feed.wait(session_id, since_seq=12, timeout=30)   # blocking, for sync callers
 
 What is committed is read from the pool at once; only live wake-ups wait for
-the feed's listener thread (``app.feed_listener``; docs/events.md):
-
-* **PostgreSQL**: every writer of events calls ``pg_notify('session_events',
-  <session id>)`` inside its transaction (``append``, ``append_many``, so also
-  every run transition), and PostgreSQL delivers the notice when the
-  transaction commits. One thread per ``EventFeed`` holds **one** listening
-  connection (not from the pool) for every follower of the process. If that
-  connection drops, the thread reconnects with backoff and then wakes every
-  follower, which reads from the last seq it delivered: notices lost while
-  disconnected cost nothing, and nothing is delivered twice. Until it
-  listens again, live wake-ups come from polling the followed sessions'
-  counter rows through the pool (said once in the log).
-* **SQLite**: one thread asks ``PRAGMA data_version`` on a connection of its
-  own every few milliseconds. The number changes when another connection
-  commits; then one read of the followed sessions' counter rows says which
-  sessions moved, and only their followers wake. Neither takes a lock that a
-  writer waits for (WAL).
+the feed's listener thread (``app.feed_listener``, how it listens and polls on each
+backend; docs/events.md). On PostgreSQL every writer of events calls
+``pg_notify('session_events', <session id>)`` inside its transaction (``append``,
+``append_many``, so also every run transition), and the notice arrives when the
+transaction commits. A listener that lost its connection wakes every follower,
+which reads from the last seq it delivered: nothing is missed or delivered twice.
 
 A woken follower reads the new events in a short read-only unit of work in a
 thread (``unit_of_work(engine, readonly=True)``: no transaction is open while
@@ -67,7 +56,7 @@ from app._params import (
 )
 from app.db import unit_of_work
 from app.errors import BadParameterError, RunNotFoundError
-from app.feed_listener import Listener, PostgresListener, Signals, SqlitePoller
+from app.feed_listener import Listener, Signals, listener_for
 from app.models import SessionEvent
 from app.replicas import router_of
 from app.repositories import EventRepository
@@ -173,7 +162,7 @@ class EventFeed:
     def _start_listener(self) -> Listener:
         with self._start_lock:
             if self._listener is None or not self._listener.is_alive():
-                self._listener = self._new_listener()
+                self._listener = listener_for(self._engine, self._signals)
                 self._listener.start()
             return self._listener
 
@@ -187,22 +176,13 @@ class EventFeed:
     def listener_backend_pid(self) -> int | None:
         """PostgreSQL: the pid of the listening connection's backend (None on SQLite)."""
         listener = self._listener
-        return listener.backend_pid if isinstance(listener, PostgresListener) else None
+        return None if listener is None else listener.backend_pid
 
     @property
     def listener_connections(self) -> int:
         """PostgreSQL: how often the listening connection was opened (1 + reconnects)."""
         listener = self._listener
-        return listener.connections if isinstance(listener, PostgresListener) else 0
-
-    def _new_listener(self) -> Listener:
-        url = self._engine.url
-        if self._engine.dialect.name == "postgresql":
-            conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
-            return PostgresListener(self._signals, conninfo, self._engine)
-        if url.database in (None, "", ":memory:"):
-            raise ValueError("EventFeed needs a SQLite database file, not an in-memory database")
-        return SqlitePoller(self._signals, url.database)
+        return 0 if listener is None else listener.connections
 
     # ------------------------------------------------------------ following
 
