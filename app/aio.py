@@ -255,18 +255,49 @@ async def _finish(future: asyncio.Future[T]) -> T:
 
 
 class _Lease:
-    """A worker thread held by one unit of work; ``active`` until the unit ends."""
+    """The worker thread of one unit of work; ``active`` until the unit ends.
 
-    __slots__ = ("active", "worker")
+    Pinned (``async_unit_of_work``): one thread for the unit's whole life. On demand
+    (``adopt``, whose Session lives in its caller's thread anyway): a thread is taken
+    for a call when none of the unit's calls is pending and given back when the last
+    pending one has run, so an adopted Session holds no thread between calls. Either
+    way the unit's calls run one at a time, in order, on one thread.
+    """
 
-    def __init__(self, worker: _Worker) -> None:
+    __slots__ = ("_lock", "_pending", "active", "pinned", "worker")
+
+    def __init__(self, worker: _Worker | None) -> None:
         self.worker = worker
+        self.pinned = worker is not None
         self.active = True
+        self._lock = threading.Lock()
+        self._pending = 0
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Any:
         if not self.active:
             raise RuntimeError("this unit of work has ended; start another one")
-        return self.worker.submit(fn, args, kwargs)
+        if self.pinned:
+            assert self.worker is not None
+            return self.worker.submit(fn, args, kwargs)
+        with self._lock:
+            if self._pending == 0:
+                self.worker = _workers.take()
+            self._pending += 1
+            worker = self.worker
+        assert worker is not None
+        return worker.submit(self._then_release, (fn, args, kwargs), {})
+
+    def _then_release(self, fn: Callable[..., T], args: Any, kwargs: Any) -> T:
+        """On the worker: the call, then the thread back if no other call is pending."""
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._pending -= 1
+                if self._pending == 0:
+                    worker, self.worker = self.worker, None
+                    assert worker is not None
+                    _workers.give_back(worker)  # it takes new calls after this one
 
     async def end(self) -> None:
         """After the calls still queued (one a cancelled task left), the thread goes
@@ -275,7 +306,9 @@ class _Lease:
             await _finish(self.submit(_nothing))
         finally:
             self.active = False
-            _workers.give_back(self.worker)
+            if self.pinned:
+                assert self.worker is not None
+                _workers.give_back(self.worker)
 
 
 def _nothing() -> None:
@@ -304,9 +337,11 @@ class AsyncUnitOfWork:
         return self._session
 
     @property
-    def thread(self) -> threading.Thread:
-        """The worker thread every call of this unit runs on."""
-        return self._lease.worker.thread
+    def thread(self) -> threading.Thread | None:
+        """The worker thread every call of this unit runs on (``adopt``: the thread of
+        the calls pending now, None between calls)."""
+        worker = self._lease.worker
+        return None if worker is None else worker.thread
 
     async def run_sync(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on this unit's thread (after its earlier calls)."""
@@ -391,16 +426,17 @@ class async_unit_of_work:
 
 class adopt:
     """``async with adopt(session) as db:``: an async view of a sync ``Session`` the
-    caller owns. Its calls run on one worker thread of its own; it takes no slot
-    and neither commits, rolls back nor closes the session (use ``db.commit()`` or
-    let the owner do it). The session must not be used elsewhere while a call runs."""
+    caller owns. Its calls run one at a time on a worker thread (taken for the calls
+    pending, none held between them); it takes no slot and neither commits, rolls back
+    nor closes the session (use ``db.commit()`` or let the owner do it). The session
+    must not be used elsewhere while a call runs."""
 
     def __init__(self, session: DbSession) -> None:
         self.session = session
         self._lease: _Lease | None = None
 
     async def __aenter__(self) -> AsyncUnitOfWork:
-        self._lease = _Lease(_workers.take())
+        self._lease = _Lease(None)  # a thread per call, none held between calls
         return AsyncUnitOfWork(self._lease, self.session)
 
     async def __aexit__(self, *_exc: object) -> None:
