@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +45,7 @@ pytestmark = pytest.mark.parametrize("backend", ["postgresql"])  # replicas are 
 
 HOST = "127.0.0.1"
 PAIRS = 1000
+LANES = 4
 
 
 @contextmanager
@@ -111,44 +113,54 @@ def test_reads_carrying_the_token_see_their_writes_1000_pairs(
     """1,000 creates, each followed at once by GETs through the read URL carrying the
     create's token: of the new run, and of the run the create interrupted, which the
     replica holds already as queued: a read served by a replica that has not replayed
-    the create would answer 'queued' there, not a 404 the primary would mend. Half the
-    pairs send the header, half rely on the client's cookie jar."""
+    the create would answer 'queued' there, not a 404 the primary would mend.
+
+    Four clients at once, each in a session of its own, against two server processes;
+    each create closes its connection, so the GET may reach the other process (the
+    token, not the process's memory, carries the position). Two clients send the
+    header, two rely on their cookie jar."""
     replica = shared_replica
-    session_id = new_session(engine)
+    sessions = [new_session(engine) for _ in range(LANES)]
     wait_replayed(replica, engine)
     scans_before = run_index_scans(replica, database_url)
-    stale, previous = [], None
-    with serve(database_url, replica.url_for(database_url), tmp_path / "uvicorn.log") as url:
-        with httpx.Client(base_url=url, timeout=30) as by_header:
-            with httpx.Client(base_url=url, timeout=30) as by_cookie:
-                for pair in range(PAIRS):
-                    client = by_header if pair % 2 == 0 else by_cookie
-                    body = {
-                        "session_id": session_id,
-                        "message": f"pair {pair}",
-                        "multitask_strategy": "interrupt",
-                    }
-                    created = client.post("/api/runs", json=body)
-                    assert created.status_code == 201, created.text
-                    token = created.headers[CONSISTENCY_HEADER]
-                    assert parse_lsn(token) is not None
-                    if client is by_header:
-                        client.cookies.clear()  # the header alone carries the token
-                        headers = {CONSISTENCY_HEADER: token}
-                    else:
-                        assert client.cookies["consistency_token"] == token
-                        headers = {}
-                    run_id = created.json()["run_id"]
-                    got = client.get(f"/api/runs/{run_id}", headers=headers)
-                    assert got.status_code == 200, got.text
-                    assert got.json()["run_id"] == run_id
-                    assert got.json()["status"] == "queued"
-                    if previous is not None:
-                        before = client.get(f"/api/runs/{previous}", headers=headers)
-                        assert before.status_code == 200, before.text
-                        if before.json()["status"] != "cancelled":
-                            stale.append((pair, before.json()["status"]))
-                    previous = run_id
+    stale: list[tuple[int, int, str]] = []
+
+    def pairs(base_url: str, lane: int) -> None:
+        by_header = lane % 2 == 0
+        with httpx.Client(base_url=base_url, timeout=60) as client:
+            previous = None
+            for pair in range(PAIRS // LANES):
+                body = {
+                    "session_id": sessions[lane],
+                    "message": f"pair {pair}",
+                    "multitask_strategy": "interrupt",
+                }
+                created = client.post("/api/runs", json=body, headers={"Connection": "close"})
+                assert created.status_code == 201, created.text
+                token = created.headers[CONSISTENCY_HEADER]
+                assert parse_lsn(token) is not None
+                if by_header:
+                    client.cookies.clear()  # the header alone carries the token
+                    headers = {CONSISTENCY_HEADER: token}
+                else:
+                    assert client.cookies["consistency_token"] == token
+                    headers = {}
+                run_id = created.json()["run_id"]
+                got = client.get(f"/api/runs/{run_id}", headers=headers)
+                assert got.status_code == 200, got.text
+                assert (got.json()["run_id"], got.json()["status"]) == (run_id, "queued")
+                if previous is not None:
+                    before = client.get(f"/api/runs/{previous}", headers=headers)
+                    assert before.status_code == 200, before.text
+                    if before.json()["status"] != "cancelled":
+                        stale.append((lane, pair, before.json()["status"]))
+                previous = run_id
+
+    log = tmp_path / "uvicorn.log"
+    with serve(database_url, replica.url_for(database_url), log, workers=2) as url:
+        with ThreadPoolExecutor(LANES) as lanes:
+            for done in [lanes.submit(pairs, url, lane) for lane in range(LANES)]:
+                done.result()
     assert stale == []
     # The server is gone: its replica connections have reported their statistics.
     deadline = time.monotonic() + 15
