@@ -60,6 +60,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlmodel import Session as DbSession
+from sqlmodel import col
 
 from app.errors import ConflictError, RunNotFoundError, SessionNotFoundError
 from app.json_codec import JSONText, dumps, dumps_transport
@@ -229,7 +230,7 @@ def log_statements(dialect: str) -> LogStatements:
         .where(SEQUENCES.c.session_id == bindparam("counter_session_id", type_=String()))
         .values(next_seq=bindparam("seq", type_=Integer()), updated_at=NOW),
         by_event_id=select(SessionEvent).where(
-            SessionEvent.session_id == SESSION_ID, SessionEvent.event_id == event_id
+            col(SessionEvent.session_id) == SESSION_ID, col(SessionEvent.event_id) == event_id
         ),
     )
 
@@ -409,8 +410,8 @@ def append_many_statements(dialect: str) -> tuple[Executable, ...]:
 
 _BATCH_UNDO = delete(EVENTS).where(EVENTS.c.id.in_(bindparam("ids", expanding=True)))
 _BATCH_LOOKUP = select(SessionEvent).where(
-    SessionEvent.session_id == SESSION_ID,
-    SessionEvent.event_id.in_(bindparam("event_ids", expanding=True)),
+    col(SessionEvent.session_id) == SESSION_ID,
+    col(SessionEvent.event_id).in_(bindparam("event_ids", expanding=True)),
 )
 _RUN_IN_SESSION = select(exists().where(RUNS.c.id == RUN_ID, RUNS.c.session_id == SESSION_ID))
 _SOURCES = {member.value: member for member in EventSource}

@@ -235,6 +235,7 @@ def run_statements(dialect: str) -> RunStatements:
     lease_expires_at = now_plus("lease_seconds")
 
     if dialect == POSTGRESQL:
+        created_at: Any
         created_at, newest = NOW, None
     else:  # SQLite: after the session's newest run and the queue's (``run_created_at``)
         newest_run = RUNS.alias("newest_run")

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Executable, Integer, bindparam, select
+from sqlalchemy import Executable, Integer, String, bindparam, select
 from sqlmodel import Session as DbSession
 
 from app._params import (
@@ -47,7 +47,7 @@ from app.state_machine import LIFECYCLE_EVENT_TYPES, RUN_SCOPED_EVENT_TYPES
 EVENTS = SessionEvent.__table__
 RUNS = SessionRun.__table__
 
-TYPE_MAX_LENGTH = EVENTS.c.type.type.length
+TYPE_MAX_LENGTH = cast(String, EVENTS.c.type.type).length
 EVENT_ID_MAX_LENGTH = 255
 """``event_id`` is in a unique index; PostgreSQL cannot index an entry over ~2.7 kB."""
 
@@ -217,7 +217,7 @@ def _checked_item(
     if not isinstance(item, NewEvent):
         raise BadParameterError(where, f"expected a NewEvent or a mapping, got {described(item)}")
     type_name, payload_name, source_name, run_id_name, event_id_name = names
-    checked = {
+    checked: dict[str, Any] = {
         "type": text_param(item.type, type_name, max_length=TYPE_MAX_LENGTH, max_bytes=limit),
         "payload": json_object_param(item.payload, payload_name, max_bytes=limit),
         "source": enum_param(EventSource, item.source, source_name).value,
