@@ -149,6 +149,41 @@ _STOP = object()
 _names = itertools.count(1)
 
 
+class _Starter:
+    """Starts the worker threads, so that the event loop never waits for one to start.
+
+    ``Thread.start`` returns only once the new thread runs, which on a busy machine
+    can take a scheduler's time slice or several (100 ms and more were measured):
+    made in the event loop, a worker would block it that long. A new worker takes
+    calls at once (its queue exists); they run when its thread has started. One
+    starter thread per process (a forked child makes its own).
+    """
+
+    def __init__(self) -> None:
+        self._threads: queue.SimpleQueue[threading.Thread] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def start(self, thread: threading.Thread) -> None:
+        self._threads.put(thread)
+        if self._thread is None or self._pid != os.getpid():
+            with self._lock:
+                if self._thread is None or self._pid != os.getpid():
+                    self._thread = threading.Thread(
+                        target=self._serve, name="run-layer-aio-starter", daemon=True
+                    )
+                    self._pid = os.getpid()
+                    self._thread.start()  # once per process
+
+    def _serve(self) -> None:
+        while True:
+            self._threads.get().start()
+
+
+_starter = _Starter()
+
+
 class _Worker:
     """A thread that runs the calls queued to it, one at a time, in order."""
 
@@ -159,7 +194,7 @@ class _Worker:
         self.thread = threading.Thread(
             target=self._serve, name=f"run-layer-aio-{next(_names)}", daemon=True
         )
-        self.thread.start()
+        _starter.start(self.thread)
 
     def submit(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """``fn(*args, **kwargs)`` on this thread; an ``asyncio.Future`` of its result."""
