@@ -2,6 +2,7 @@
 append, page reads and dropping a day, at a given number of events.
 
     python -m benchmarks.partitioning --events 2000000 [--days 30] [--out FILE]
+    python -m benchmarks.partitioning --events 1000000 --keys   # Citus's keys, one server
 
 A scratch database ``bench_<pid>_partitioning`` on ``BENCH_DATABASE_URL`` (else the
 tests' server) holds both tables, built as migrations build ``session_events`` (the
@@ -24,6 +25,11 @@ one run per 50 events, ~100-byte JSON payloads, spread evenly over ``--days`` da
   the run's page (``run_id`` too), median and p95 in ms over random sessions;
 * **retention**: removing the oldest day: ``DELETE ... WHERE created_at < ...``
   on the plain table, ``DROP TABLE`` of the partition on the partitioned one.
+
+``--keys`` measures instead what distributing by ``session_id`` on Citus would cost
+the keys on one server today: runs and events with their keys as now, against the
+same with ``session_id`` leading every primary key (and run ids kept in an index of
+their own, for ``GET /api/runs/{id}``): bulk load, index size, a run read by id.
 
 Bounded: the row count is the argument; appends and pages are fixed counts. The
 statements are built from this module's constants and table names only (no input).
@@ -204,6 +210,87 @@ def drop_oldest_day(conn: psycopg.Connection, name: str, partitioned: bool) -> t
     return time.perf_counter() - started, count
 
 
+KEY_LAYOUTS = {
+    # Today: run ids and event ids are keys on their own.
+    "today's keys": [
+        "CREATE TABLE runs_k (id varchar PRIMARY KEY, session_id varchar NOT NULL, "
+        "status varchar(20) NOT NULL, created_at timestamptz NOT NULL)",
+        "CREATE INDEX runs_k_session ON runs_k (session_id, created_at)",
+        f"CREATE TABLE events_k ({COLUMNS}, PRIMARY KEY (id))",
+        "CREATE UNIQUE INDEX events_k_seq ON events_k (session_id, seq)",
+        "CREATE INDEX events_k_run ON events_k (run_id)",
+    ],
+    # Citus by session_id: the session first in every key; run ids keep an index.
+    "keys with session_id": [
+        "CREATE TABLE runs_k (id varchar NOT NULL, session_id varchar NOT NULL, "
+        "status varchar(20) NOT NULL, created_at timestamptz NOT NULL, "
+        "PRIMARY KEY (session_id, id))",
+        "CREATE INDEX runs_k_id ON runs_k (id)",
+        "CREATE INDEX runs_k_session ON runs_k (session_id, created_at)",
+        f"CREATE TABLE events_k ({COLUMNS}, PRIMARY KEY (session_id, id))",
+        "CREATE UNIQUE INDEX events_k_seq ON events_k (session_id, seq)",
+        "CREATE INDEX events_k_run ON events_k (session_id, run_id)",
+    ],
+}
+
+
+def keys(conn: psycopg.Connection, events: int) -> dict[str, dict[str, str]]:
+    """The Citus key changes on one server: load, size, and a run read by id."""
+    results = {}
+    runs = events // RUN_EVENTS
+    for label, build in KEY_LAYOUTS.items():
+        conn.execute("DROP TABLE IF EXISTS runs_k, events_k")
+        for statement in build:
+            conn.execute(statement)
+        conn.commit()
+        started = time.perf_counter()
+        conn.execute(
+            f"INSERT INTO runs_k SELECT md5('r' || g), md5('s' || (g * {RUN_EVENTS} / "
+            f"{SESSION_EVENTS})), 'completed', '{BASE}'::timestamptz + make_interval(secs => g) "
+            f"FROM generate_series(0, {runs - 1}) AS g"
+        )
+        conn.execute(
+            f"INSERT INTO events_k (session_id, seq, type, payload, created_at, run_id) "
+            f"SELECT md5('s' || (g / {SESSION_EVENTS})), g % {SESSION_EVENTS} + 1, 'message', "
+            f"jsonb_build_object('n', g), '{BASE}'::timestamptz, md5('r' || (g / {RUN_EVENTS})) "
+            f"FROM generate_series(0, {events - 1}) AS g"
+        )
+        conn.commit()
+        loaded = time.perf_counter() - started
+        conn.execute("ANALYZE runs_k")
+        conn.execute("ANALYZE events_k")
+        size = conn.execute(
+            "SELECT pg_size_pretty(pg_indexes_size('runs_k') + pg_indexes_size('events_k'))"
+        ).fetchone()[0]
+        rng, times = random.Random(7), []
+        for _ in range(PAGES):
+            run_id = conn.execute("SELECT md5(%s)", (f"r{rng.randrange(runs)}",)).fetchone()[0]
+            began = time.perf_counter()
+            row = conn.execute(
+                "SELECT * FROM runs_k WHERE id = %s", (run_id,), prepare=True
+            ).fetchone()
+            times.append((time.perf_counter() - began) * 1000)
+            assert row is not None
+        conn.commit()
+        results[label] = {
+            "load runs + events (s)": f"{loaded:.1f}",
+            "index size": size,
+            "run by id median / p95 (ms)": summary(times),
+        }
+        print(label, results[label], file=sys.stderr, flush=True)
+    conn.execute("DROP TABLE IF EXISTS runs_k, events_k")
+    conn.commit()
+    return results
+
+
+def table(results: dict[str, dict[str, str]]) -> list[str]:
+    first, second = results
+    lines = [f"| measure | {first} | {second} |", "|---|---|---|"]
+    for measure in results[first]:
+        lines.append(f"| {measure} | {results[first][measure]} | {results[second][measure]} |")
+    return lines
+
+
 def summary(times: list[float]) -> str:
     ordered = sorted(times)
     p95 = ordered[int(len(ordered) * 0.95) - 1]
@@ -215,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, default=2_000_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--out", help="append the Markdown table to this file")
+    parser.add_argument(
+        "--keys",
+        action="store_true",
+        help="instead: today's keys against Citus's (session_id in every key), one server",
+    )
     args = parser.parse_args(argv)
     server = psycopg_conninfo(postgresql_server_url())
     scratch = f"bench_{os.getpid()}_partitioning"
@@ -224,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with psycopg.connect(server, dbname=scratch) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
-            for label, partitioned in (("one table", False), ("partitioned by day", True)):
+            if args.keys:
+                results = keys(conn, args.events)
+            layouts = () if args.keys else (("one table", False), ("partitioned by day", True))
+            for label, partitioned in layouts:
                 name = "events_partitioned" if partitioned else "events_plain"
                 build = partitioned_table(name, args.days) if partitioned else plain_table(name)
                 for statement in build:
@@ -257,18 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"--events {args.events} " + ("--keys" if args.keys else f"--days {args.days}")
     lines = [
-        f"`python -m benchmarks.partitioning --events {args.events} --days {args.days}`, "
+        f"`python -m benchmarks.partitioning {command}`, "
         f"{stamp}, {os.cpu_count()} CPUs ({platform.machine()}), PostgreSQL {version}",
         "",
-        "| measure | one table | partitioned by day |",
-        "|---|---|---|",
+        *table(results),
     ]
-    for measure in results["one table"]:
-        lines.append(
-            f"| {measure} | {results['one table'][measure]} "
-            f"| {results['partitioned by day'][measure]} |"
-        )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
