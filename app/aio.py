@@ -434,7 +434,8 @@ class async_unit_of_work:
         except BaseException:
             if lease is not None:
                 lease.active = False
-                _workers.give_back(lease.worker)
+                if lease.worker is not None:  # none taken yet: nothing to give back
+                    _workers.give_back(lease.worker)
             limiter.release_on_behalf_of(self)
             raise
         self._limiter, self._lease, self._work = limiter, lease, work
