@@ -57,6 +57,7 @@ class NaiveRun(NaiveBase, table=True):
     finished_at: datetime | None = None
     created_at: datetime = Field(default_factory=utc_now)
     updated_at: datetime = Field(default_factory=utc_now)
+    run_metadata: dict[str, Any] = Field(default_factory=dict, sa_type=_JSON)
 
 
 class NaiveEvent(NaiveBase, table=True):

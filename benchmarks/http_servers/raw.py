@@ -101,6 +101,7 @@ def _fields(schema: type[BaseModel]) -> list[tuple[str, str, str]]:
     fields = []
     for name, info in schema.model_fields.items():
         column = info.validation_alias if isinstance(info.validation_alias, str) else name
+        key = info.serialization_alias or name  # run_metadata is answered as "metadata"
         annotation = repr(info.annotation)
         if "datetime" in annotation:
             kind = "time"
@@ -108,7 +109,7 @@ def _fields(schema: type[BaseModel]) -> list[tuple[str, str, str]]:
             kind = "json" if "None" in annotation else "object"
         else:
             kind = "value"
-        fields.append((name, column, kind))
+        fields.append((key, column, kind))
     return fields
 
 
@@ -264,6 +265,7 @@ class SqliteStore:
                     json.dumps(CREATE_OPTIONS),
                     f"{session_id}:{run_id}",
                     None,
+                    "{}",  # run_metadata: none given
                     session_id,
                     session_id,
                     None,
@@ -420,6 +422,7 @@ class PostgresqlStore:
             "options": Jsonb(CREATE_OPTIONS),
             "checkpoint_thread": f"{session_id}:{run_id}",
             "checkpoint_ns": None,
+            "run_metadata": Jsonb({}),
             "param_1": NOTIFY_CHANNEL,
             "param_2": "session",
             **_event_parameters("run_created", {"trigger_source": "chat", "parent_run_id": None}),

@@ -45,6 +45,7 @@ class RunPublic(SQLModel):
     created_at: datetime
     updated_at: datetime
     run_id: str = Field(validation_alias="id")
+    run_metadata: dict[str, Any] = Field(serialization_alias="metadata")
 
 
 _engines: list[Engine] = []  # the template's module-level engine, made by create_app

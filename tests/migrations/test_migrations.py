@@ -235,6 +235,7 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
         "worker_id": True,
         "lease_expires_at": True,
         "attempt": False,
+        "run_metadata": False,
     }
     assert {index["name"] for index in inspector.get_indexes("session_runs")} == {
         "idx_session_runs_session_created",
@@ -244,6 +245,7 @@ def test_fresh_database_gets_session_runs_with_the_phase_columns(empty_engine: E
         "idx_session_runs_queue",
         "idx_session_runs_session_status",
         "idx_session_runs_finished",
+        "idx_session_runs_created",
     }
     event_columns = {
         col["name"]: col["nullable"] for col in inspector.get_columns("session_events")
@@ -456,6 +458,7 @@ def test_hand_made_session_runs_is_completed_keeping_its_rows(empty_engine: Engi
         "worker_id": True,
         "lease_expires_at": True,
         "attempt": False,
+        "run_metadata": False,
     }
     checks = {ck["name"] for ck in inspector.get_check_constraints("session_runs")}
     assert {"ck_session_runs_status", "ck_session_runs_trigger_source"} <= checks

@@ -248,6 +248,7 @@ def test_session_runs_has_every_phase_document_column(engine: Engine) -> None:
     columns = {c["name"]: c for c in inspect(engine).get_columns("session_runs")}
     required = {"id", "session_id", "trigger_source", "status", "created_at", "updated_at"}
     required.add("attempt")  # migration 0014
+    required.add("run_metadata")  # migration 0016: the caller's metadata, {} by default
     optional = {
         "parent_run_id",
         "input_message",
