@@ -30,7 +30,8 @@ terminal and nothing after its position is left (also when the client's
 ``since_seq`` is past the run's terminal event). It raises
 ``RunNotFoundError`` when the run is gone (deleted, or its chat session was):
 at the start, and at its next re-check (every ``recheck`` seconds) while it
-follows.
+follows. A follower of a whole chat session raises ``SessionNotFoundError`` at
+the first re-check after the session was deleted (a deletion sends no notice).
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ from app._params import (
     text_param,
 )
 from app.db import unit_of_work
-from app.errors import BadParameterError, RunNotFoundError
+from app.errors import BadParameterError, RunNotFoundError, SessionNotFoundError
 from app.feed_listener import Listener, Signals, listener_for
 from app.models import SessionEvent
 from app.replicas import router_of
 from app.repositories import EventRepository
-from app.repositories.reads import RunReads
+from app.repositories.reads import RunReads, SessionReads
 from app.state_machine import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES
 
 T = TypeVar("T")
@@ -111,12 +112,13 @@ class _Tail:
 
 @dataclass(eq=False)
 class _RunCheck:
-    """The last check of one followed run in one event loop, for its followers to share."""
+    """The last check of one followed run (or, for ``run_id`` None, of one followed chat
+    session) in one event loop, for its followers to share."""
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     began: float = -math.inf
     terminal: bool = False
-    missing: RunNotFoundError | None = None
+    missing: RunNotFoundError | SessionNotFoundError | None = None
     users: int = 0
 
 
@@ -126,7 +128,7 @@ class _LoopState:
 
     limiter: anyio.CapacityLimiter
     tails: dict[str, _Tail] = field(default_factory=dict)
-    checks: dict[tuple[str, str], _RunCheck] = field(default_factory=dict)
+    checks: dict[tuple[str, str | None], _RunCheck] = field(default_factory=dict)
 
 
 class EventFeed:
@@ -204,7 +206,8 @@ class EventFeed:
         iterator ends after the run's terminal event, or once the run is
         terminal and nothing after the position is left. Raises
         ``RunNotFoundError`` when the run is not in the session, at the start
-        or (deleted meanwhile) at a later check.
+        or (deleted meanwhile) at a later check. Without ``run_id``,
+        ``SessionNotFoundError`` once a re-check finds the session deleted.
         """
         session_id = text_param(session_id, "session_id")
         run_id = optional_text_param(run_id, "run_id")
@@ -216,14 +219,12 @@ class EventFeed:
         limiter = state.limiter
         tail = state.tails.setdefault(session_id, _Tail())
         tail.users += 1
-        check = None
-        if run_id is not None:
-            check = state.checks.setdefault((session_id, run_id), _RunCheck())
-            check.users += 1
+        check = state.checks.setdefault((session_id, run_id), _RunCheck())
+        check.users += 1
         try:
             terminal = False
             last_check = time.monotonic()
-            if check is not None and run_id is not None:
+            if run_id is not None:
                 terminal = await self._check_run(check, session_id, run_id, last_check)
             with self._signals.watch(session_id) as watch:
                 forced = woken = read_any = False
@@ -264,7 +265,11 @@ class EventFeed:
                         continue
                     # Nothing new after ``position``.
                     now = time.monotonic()
-                    if check is not None and run_id is not None and not terminal:
+                    if run_id is None and now - last_check >= self._recheck:
+                        # A deleted chat session sends no notice either.
+                        await self._check_session(check, session_id, now)
+                        last_check = now
+                    if run_id is not None and not terminal:
                         # A deleted run sends no notice: check it every ``recheck`` seconds.
                         # And while the position is past the log's end (a client's cursor
                         # beyond the last seq), a wake-up that brought nothing may be the
@@ -283,18 +288,16 @@ class EventFeed:
                     timeout = self._recheck
                     if heartbeat is not None:
                         timeout = min(timeout, last_yield + heartbeat - now)
-                    if check is not None:
-                        timeout = min(timeout, last_check + self._recheck - now)
+                    timeout = min(timeout, last_check + self._recheck - now)
                     woken = await self._signals.wait_async(watch, seen, max(timeout, 0.0))
                     forced = not woken
         finally:
             tail.users -= 1
             if tail.users == 0 and state.tails.get(session_id) is tail:
                 del state.tails[session_id]
-            if check is not None and run_id is not None:
-                check.users -= 1
-                if check.users == 0 and state.checks.get((session_id, run_id)) is check:
-                    del state.checks[(session_id, run_id)]
+            check.users -= 1
+            if check.users == 0 and state.checks.get((session_id, run_id)) is check:
+                del state.checks[(session_id, run_id)]
 
     async def _check_run(
         self, check: _RunCheck, session_id: str, run_id: str, asked_at: float
@@ -315,6 +318,21 @@ class EventFeed:
             if check.missing is not None:
                 raise RunNotFoundError(run_id, session_id=check.missing.session_id)
             return check.terminal
+
+    async def _check_session(self, check: _RunCheck, session_id: str, asked_at: float) -> None:
+        """``SessionNotFoundError`` if the chat session is gone, from a check begun at
+        ``asked_at`` or later, which the followers of the session in this loop share."""
+        async with check.lock:
+            if check.began < asked_at:
+                began = time.monotonic()
+                try:
+                    await self._in_thread(SessionReads.of(self._engine).get, session_id)
+                    check.missing = None
+                except SessionNotFoundError as exc:
+                    check.missing = exc
+                check.began = began
+            if check.missing is not None:
+                raise SessionNotFoundError(session_id)
 
     def wait(
         self,

@@ -449,3 +449,28 @@ def test_wait_and_follow_raise_when_the_run_is_deleted_meanwhile(
                 asyncio.run(first_item(feed, session_id, since_seq=2, run_id=run_id))
     finally:
         deleter.join()
+
+
+@pytest.mark.slow
+def test_stream_of_a_chat_session_deleted_while_followed_ends_with_an_error_event(
+    engine: Engine, base_url: str
+) -> None:
+    """A whole chat's stream has no end of its own; its session's deletion ends it."""
+    session_id, _run_id = running_run(engine)
+    url = f"{base_url}/api/sessions/{session_id}/events/stream"
+    with httpx.stream("GET", url, timeout=HTTP_TIMEOUT) as answer:
+        assert answer.status_code == 200, answer.read()
+        sse = Sse(answer)
+        first = sse.read(within=10, until=is_ping)  # caught up, now waiting
+        assert [m["id"] for m in first if has_id(m)] == ["1", "2"]
+        with unit_of_work(engine) as db:
+            db.execute(delete(ChatSession).where(ChatSession.id == session_id))  # type: ignore[arg-type]
+        began = time.monotonic()
+        rest = sse.read(within=ENDS_WITHIN)  # to the server's close
+    assert time.monotonic() - began < ENDS_WITHIN
+    last = rest[-1]
+    assert last.get("event") == "error", rest[-3:]
+    assert last["data"]["error"]["code"] == "session_not_found"
+    assert session_id in last["data"]["error"]["message"]
+    again = httpx.get(url, timeout=HTTP_TIMEOUT)  # a reconnecting EventSource: the plain 404
+    assert again.status_code == 404 and again.json()["error"]["code"] == "session_not_found"
