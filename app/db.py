@@ -132,6 +132,23 @@ def _ensure_wal(cursor: Any, timeout_s: float) -> None:
             time.sleep(0.01)
 
 
+def set_sqlite_busy_timeout(connection: Any, milliseconds: int) -> int:
+    """Set a pooled SQLite connection's busy timeout; return the one it had.
+
+    ``connection``: the pool's connection (``Connection.connection``). Both the
+    ``PRAGMA busy_timeout`` and the wait of this layer's ``BEGIN IMMEDIATE``, which
+    retries by itself for as long as the connection's recorded timeout, change
+    together: a PRAGMA alone would leave ``BEGIN IMMEDIATE`` on the old timeout (the
+    migration runner waits minutes for another upgrade, a request seconds).
+    """
+    driver = connection.driver_connection
+    previous = int(driver.execute("PRAGMA busy_timeout").fetchone()[0])
+    driver.execute(f"PRAGMA busy_timeout = {int(milliseconds)}")
+    if SQLITE_BUSY_TIMEOUT_MS in connection.info:
+        connection.info[SQLITE_BUSY_TIMEOUT_MS] = int(milliseconds)
+    return previous
+
+
 def _configure_sqlite(engine: Engine) -> None:
     busy_timeout_ms = _env_int("SQLITE_BUSY_TIMEOUT_MS", 5000)
     in_memory = engine.url.database in (None, "", ":memory:")
@@ -425,5 +442,6 @@ __all__ = [
     "pooler_mode",
     "read_only",
     "resolve_database_url",
+    "set_sqlite_busy_timeout",
     "unit_of_work",
 ]

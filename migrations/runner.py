@@ -59,7 +59,7 @@ from sqlalchemy import Connection, Engine, bindparam, inspect, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from app.db import create_db_engine, direct_url, is_pooled
+from app.db import create_db_engine, direct_url, is_pooled, set_sqlite_busy_timeout
 from app.types import UTCDateTime, utc_now
 from migrations import (
     m0001_v07_baseline,
@@ -737,16 +737,16 @@ def _upgrade_connection(engine: Engine, waits: Waits) -> Iterator[Connection]:
         driver = conn.connection.driver_connection
         assert driver is not None
         foreign_keys = driver.execute("PRAGMA foreign_keys").fetchone()[0]
-        busy_timeout = driver.execute("PRAGMA busy_timeout").fetchone()[0]
         # Outside a transaction, where SQLite honours it: a table rebuild must
         # not cascade its DROP into child tables (SQLite's documented recipe).
         driver.execute("PRAGMA foreign_keys = OFF")
-        driver.execute(f"PRAGMA busy_timeout = {int(waits.total * 1000)}")
+        # The PRAGMA and what the engine's BEGIN IMMEDIATE waits, together.
+        busy_timeout = set_sqlite_busy_timeout(conn.connection, int(waits.total * 1000))
         try:
             yield conn
         finally:
             driver.execute(f"PRAGMA foreign_keys = {int(foreign_keys)}")
-            driver.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
+            set_sqlite_busy_timeout(conn.connection, busy_timeout)
 
 
 @contextmanager
