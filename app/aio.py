@@ -45,7 +45,6 @@ import inspect
 import itertools
 import os
 import queue
-import sys
 import threading
 import weakref
 from collections.abc import Callable
@@ -97,19 +96,15 @@ def request_slots(engine: Engine) -> int:
 
 
 def slot_limiter(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
-    """The slots a unit of work waits for: one set per engine and event loop. When the
-    Run API (``app.api.deps``) is loaded in this process, its requests' slots: the
-    Run API's routes and ``async_unit_of_work`` then queue for the same connections.
+    """The slots a unit of work waits for: one set per engine and event loop, the same
+    ones the Run API's requests take (``app.api.deps``): its routes and
+    ``async_unit_of_work`` queue for the same connections.
 
     On SQLite one writer at a time holds the write lock whatever the pool size,
     so writers get a slot of their own and queue for it here, in order and at
     no cost, instead of polling the lock on SQLite's busy timeout; readers
     share the rest of the pool. On PostgreSQL every unit shares the slots.
     """
-    api_limiter = getattr(sys.modules.get("app.api.deps"), "_limiter", None)
-    if api_limiter is not None:  # the Run API is loaded: share its request slots
-        shared: anyio.CapacityLimiter = api_limiter(engine, readonly=readonly)
-        return shared
     per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
     key = (id(engine), readonly and engine.dialect.name == "sqlite", "slots")
     limiter = per_loop.get(key)

@@ -11,7 +11,7 @@ If every thread waited for a pooled connection while the requests that hold
 the connections waited for a thread to finish their response, the app would
 stall until ``pool_timeout`` and answer 500. So a request first waits, in the
 event loop and holding nothing, for one of the engine's *slots* (as many as
-the pool keeps connections; on SQLite one for writers, see ``_limiter``); only
+the pool keeps connections; on SQLite one for writers, see ``app.aio.slot_limiter``); only
 then does it take a thread and a connection. Commit and rollback run in a
 thread of their own, outside the shared threadpool, so a request that holds a
 connection never waits for a thread. Every dependency here that does no I/O is
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import partial
@@ -42,12 +41,12 @@ import anyio
 from fastapi import Depends, Request
 from pydantic import ValidationError
 from sqlalchemy import Engine
-from sqlalchemy.pool import QueuePool
 from sqlmodel import Session as DbSession
 
+from app.aio import slot_limiter, take_slot
 from app.api.errors import problem_in_words, unreadable_body
 from app.db import get_engine, unit_of_work
-from app.errors import BadParameterError, DatabaseBusyError
+from app.errors import BadParameterError
 from app.replicas import configure_from_env, note_write, router_of
 from app.repositories import EventRepository, RunRepository
 from app.schemas import RunResumeRequest
@@ -69,65 +68,6 @@ async def get_db_engine() -> Engine:
 EngineDep = Annotated[Engine, Depends(get_db_engine)]
 
 
-def request_slots(engine: Engine) -> int:
-    """How many requests may hold a session of ``engine`` at once.
-
-    ``DB_REQUEST_SLOTS``, else the pool's size (``pool_size``). Not its overflow: an
-    overflow connection is closed when it comes back, so requests that used it would
-    open a new connection each (under load, hundreds a second on PostgreSQL); the
-    overflow stays for the host's other work.
-    """
-    configured = os.environ.get("DB_REQUEST_SLOTS", "").strip()
-    if configured:
-        try:
-            slots = int(configured)
-        except ValueError:
-            raise ValueError(f"DB_REQUEST_SLOTS must be an integer, got {configured!r}") from None
-        if slots < 1:
-            raise ValueError(f"DB_REQUEST_SLOTS must be at least 1, got {slots}")
-        return slots
-    pool = engine.pool
-    if isinstance(pool, QueuePool):
-        return pool.size()
-    return 1
-
-
-def _limiter(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
-    """The slots a request waits for: one set per engine and event loop.
-
-    On SQLite one writer at a time holds the write lock whatever the pool size,
-    so writers get a slot of their own and queue for it here, in order and at
-    no cost, instead of polling the lock on SQLite's busy timeout; readers
-    share the rest of the pool. On PostgreSQL every request shares the slots.
-    """
-    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
-    key = (id(engine), readonly and engine.dialect.name == "sqlite", "slots")
-    limiter = per_loop.get(key)
-    if limiter is None:
-        total = request_slots(engine)
-        if engine.dialect.name != "sqlite":
-            slots = total
-        else:
-            slots = max(total - 1, 1) if readonly else 1
-        limiter = per_loop[key] = anyio.CapacityLimiter(slots)
-    return limiter
-
-
-def _slot_timeout() -> float:
-    raw = os.environ.get("DB_POOL_TIMEOUT", "").strip()
-    return float(raw) if raw else 30.0
-
-
-async def _take_slot(limiter: anyio.CapacityLimiter, borrower: object) -> None:
-    try:
-        with anyio.fail_after(_slot_timeout()):
-            await limiter.acquire_on_behalf_of(borrower)
-    except TimeoutError:
-        raise DatabaseBusyError(
-            f"no database connection free within {_slot_timeout():g} s; retry later"
-        ) from None
-
-
 def _threads(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
     """Threads for requests that already hold a slot: as many as there are slots, so
     such a request never waits for a thread behind the host's own sync work."""
@@ -135,7 +75,7 @@ def _threads(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
     key = (id(engine), readonly and engine.dialect.name == "sqlite", "threads")
     threads = per_loop.get(key)
     if threads is None:
-        total = _limiter(engine, readonly=readonly).total_tokens
+        total = slot_limiter(engine, readonly=readonly).total_tokens
         threads = per_loop[key] = anyio.CapacityLimiter(total)
     return threads
 
@@ -149,8 +89,8 @@ async def run_in_slot(engine: Engine, readonly: bool, work: Callable[..., T], *a
     ``DB_POOL_TIMEOUT`` is a ``DatabaseBusyError``; once ``work`` runs, it runs to the
     end (a client that goes away does not cut a unit of work in half).
     """
-    limiter, borrower = _limiter(engine, readonly=readonly), object()
-    await _take_slot(limiter, borrower)
+    limiter, borrower = slot_limiter(engine, readonly=readonly), object()
+    await take_slot(limiter, borrower)
     if not readonly and router_of(engine) is not None:
         work = partial(_then_note_write, engine, work)  # the answer's consistency token
     try:
@@ -171,10 +111,10 @@ def _then_note_write(engine: Engine, work: Callable[..., T], *args: Any) -> T:
 
 async def _request_session(engine: Engine, *, readonly: bool) -> AsyncIterator[DbSession]:
     limiter, borrower = (
-        _limiter(engine, readonly=readonly),
+        slot_limiter(engine, readonly=readonly),
         object(),
     )  # a route may hold two sessions
-    await _take_slot(limiter, borrower)
+    await take_slot(limiter, borrower)
     try:
         work = unit_of_work(engine, readonly=readonly)
         session = work.__enter__()  # creates the Session; no I/O yet

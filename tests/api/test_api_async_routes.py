@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from app.api.deps import _limiter, get_db_engine
+from app.api.deps import get_db_engine, run_in_slot
 from app.db import read_only
 from examples.async_route import create_app
 from tests.concurrency import seed
@@ -55,16 +56,29 @@ def test_an_error_in_an_async_route_rolls_back_and_answers_in_the_one_shape(
     assert stored(engine, "SELECT id FROM session_runs") == []
 
 
-def test_the_async_units_share_the_run_apis_slots(engine: Engine) -> None:
+def test_the_async_units_share_the_run_apis_slots(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every write slot taken through ``app.aio``, a Run API request finds none."""
     from app.aio import slot_limiter
+    from app.errors import DatabaseBusyError
 
-    async def same() -> bool:
-        return all(
-            slot_limiter(engine, readonly=readonly) is _limiter(engine, readonly=readonly)
-            for readonly in (False, True)
-        )
+    monkeypatch.setenv("DB_POOL_TIMEOUT", "0.2")
 
-    assert asyncio.run(same())
+    async def request_while_the_slots_are_held() -> None:
+        limiter = slot_limiter(engine, readonly=False)
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        try:
+            with pytest.raises(DatabaseBusyError):
+                await run_in_slot(engine, False, lambda: None)
+        finally:
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert await run_in_slot(engine, False, lambda: "served") == "served"
+
+    asyncio.run(request_while_the_slots_are_held())
 
 
 def test_the_run_api_written_on_the_async_dependencies_answers_as_the_run_api(

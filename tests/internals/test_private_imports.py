@@ -25,7 +25,6 @@ CONTRACT_TESTS: dict[str, str] = {
     "tests/repositories/test_read_path.py": "checks the driver path's plans of the read path",
     "tests/migrations/test_migrations_live.py": "takes the runner's advisory lock to make it wait",
     "tests/migrations/test_migrations_checksums.py": "reads the runner's table of old checksums",
-    "tests/api/test_api_async_routes.py": "app.aio and the API share one set of request slots",
 }
 """Test files outside tests/internals/ allowed to import private code, with why."""
 
