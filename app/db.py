@@ -57,6 +57,7 @@ DEFAULT_DATABASE_URL = "sqlite:///./runs.db"
 DEFAULT_PING_AFTER_IDLE = 10.0
 DEFAULT_CONNECT_TIMEOUT = 10
 _IDLE_SINCE = "run_layer_idle_since"
+_LAYER_POOL_LISTENER = "_run_layer_pool_listener"
 POOLER_MODES = ("none", "transaction")
 """Values of ``DATABASE_POOLER`` (unset or empty: ``none``)."""
 _POOLED = "_run_layer_pooled"
@@ -203,6 +204,16 @@ def _configure_postgresql(engine: Engine, *, pooled: bool) -> None:
         except engine.dialect.loaded_dbapi.Error as exc:
             # The pool discards this connection and hands out a new one.
             raise DisconnectionError(f"pooled connection failed its ping: {exc}") from exc
+
+    for listener in (_on_checkin, _on_checkout):
+        setattr(listener, _LAYER_POOL_LISTENER, True)
+
+
+def is_layer_pool_listener(listener: Any) -> bool:
+    """Whether a pool listener is one of this module's: they take no proxy and keep no
+    state outside the connection's record (``app.repositories`` lends connections
+    without a proxy where every pool listener is the layer's)."""
+    return getattr(listener, _LAYER_POOL_LISTENER, False) is True
 
 
 def _split_options(options: str) -> list[str]:

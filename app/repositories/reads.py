@@ -89,6 +89,7 @@ from app.repositories._listings import (
     metadata_filter,
     metadata_matches,
 )
+from app.repositories._pool_loan import adopt, borrow, give_back, lender
 from app.repositories._run_statements import run_statements
 from app.repositories._sql import POSTGRESQL, RUN_EXISTS, SESSION_EXISTS
 from app.schemas import EventPage, EventResponse, RunPage, RunResponse, SessionResponse
@@ -369,8 +370,49 @@ class _Reader:
         return bool(options) and not options.keys() <= _OWN_OPTIONS
 
     def on_driver(self, plan: Plan, params: dict[str, Any]) -> list[Any]:
-        """The statement's driver rows (unconverted), in autocommit (module docstring)."""
+        """The statement's driver rows (unconverted), in autocommit (module docstring), on a
+        connection lent by the pool without a proxy where nothing could tell
+        (``_pool_loan``), else on ``engine.raw_connection()``."""
         arguments = plan.arguments(params)
+        engine = self._engine
+        pool = lender(engine)
+        try:
+            record = None if pool is None else borrow(pool)
+        except self._dbapi_error as exc:  # could not connect
+            Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)  # noqa: SLF001 SQLAlchemy private, docs/design.md
+            raise  # not reached: the call above raises
+        if record is None:
+            return self._on_proxy(plan, arguments, params)
+        assert pool is not None
+        driver: Any = record.driver_connection
+        postgresql = self._postgresql
+        try:
+            if postgresql:
+                driver.autocommit = True
+            cursor = driver.execute(plan.sql, arguments)
+            rows = cursor.fetchall() if plan.returns_rows else []
+            if postgresql:
+                driver.autocommit = False  # psycopg allows it only outside a transaction
+            idle = postgresql or not driver.in_transaction
+        except self._dbapi_error as exc:
+            connection = adopt(pool, record)
+            try:
+                proxied = Connection(engine, connection=connection)
+                self._raise(proxied, exc, plan.sql, arguments, params)
+            finally:
+                self._close(connection)
+        except BaseException:
+            # Not the driver's (an interrupt): the proxy's close resets the connection.
+            self._close(adopt(pool, record))
+            raise
+        if idle:
+            give_back(record)
+        else:  # a transaction to end: the proxy's close rolls it back
+            self._close(adopt(pool, record))
+        return rows
+
+    def _on_proxy(self, plan: Plan, arguments: Any, params: dict[str, Any]) -> list[Any]:
+        """``on_driver`` on ``engine.raw_connection()``."""
         engine = self._engine
         try:
             connection = engine.raw_connection()
@@ -397,13 +439,18 @@ class _Reader:
                 # tells it after its own transaction ended).
                 connection._close_special(transaction_reset=True)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             else:
-                if postgresql and connection.is_valid:
-                    try:
-                        driver.autocommit = False
-                    except self._dbapi_error:  # broken: not back into the pool as it is
-                        connection.invalidate()
-                connection.close()
+                self._close(connection)
         return rows
+
+    def _close(self, connection: Any) -> None:
+        """Back to the pool through the proxy: the pool resets it (a rollback); on
+        PostgreSQL autocommit off first, or the connection is invalidated."""
+        if self._postgresql and connection.is_valid:
+            try:
+                connection.driver_connection.autocommit = False
+            except self._dbapi_error:  # broken: not back into the pool as it is
+                connection.invalidate()
+        connection.close()
 
     def _raise(
         self,

@@ -25,6 +25,10 @@ module that depends on it, rather than as a slow or subtly wrong data layer.
 * ``app.repositories.reads``: ``Connection._handle_dbapi_exception_noconnection``,
   ``_ConnectionFairy._close_special``, ``Engine._should_log_info`` besides the
   driver path's (``tests/repositories/test_read_path.py`` checks what they do).
+* ``app.repositories._pool_loan``: ``Pool._do_get``, ``_pre_ping``, ``_should_log_debug``,
+  ``_ConnectionRecord.get_connection`` / ``_checkin_failed`` / ``checkin(_fairy_was_created)``
+  / ``fairy_ref``, and ``_ConnectionFairy(pool, connection, record, echo)`` with its
+  ``_counter`` (``tests/repositories/test_read_path_pool.py`` checks what they do).
 * ``app.types.TrackedJSONDict``: ``MutableBase._parents`` replaced by a lighter
   registry (``tests/internals/test_types.py`` checks how ``sqlalchemy.ext.mutable`` uses it).
 * ``tests/internals/test_db.py`` reads ``QueuePool._max_overflow``: the pool has no
@@ -179,3 +183,35 @@ def test_what_the_read_path_reads_of_sqlalchemy_is_there(engine: Engine) -> None
 def test_the_pool_keeps_its_max_overflow_where_the_tests_read_it() -> None:
     pool = QueuePool(lambda: None, pool_size=1, max_overflow=7)
     assert pool._max_overflow == 7, "QueuePool._max_overflow (private) changed: test_db.py"
+
+
+def test_what_the_pool_loan_uses_of_the_pool_is_there(engine: Engine) -> None:
+    """``app.repositories._pool_loan``: a record taken and given back as it does, and a
+    proxy made around a record as ``_ConnectionRecord.checkout`` makes one."""
+    from sqlalchemy.pool import base as pool_base
+
+    pool = engine.pool
+    assert pool._pre_ping is False, "Pool._pre_ping (private) changed: _pool_loan"
+    assert pool._should_log_debug() is False, "Pool._should_log_debug (private): _pool_loan"
+    before = pool.checkedout()  # type: ignore[attr-defined]
+    record = pool._do_get()
+    try:
+        assert record.get_connection() is record.dbapi_connection
+        assert record.fairy_ref is None
+        for name in ("_checkin_failed", "checkin"):
+            method = getattr(record, name, None)
+            assert callable(method), f"_ConnectionRecord.{name} is gone: _pool_loan"
+            assert "_fairy_was_created" in inspect.signature(method).parameters
+        assert pool.checkedout() == before + 1  # type: ignore[attr-defined]
+    finally:
+        record.checkin(_fairy_was_created=False)
+    assert pool.checkedout() == before  # type: ignore[attr-defined]
+    record = pool._do_get()
+    record.get_connection()
+    proxy = pool_base._ConnectionFairy(pool, record.dbapi_connection, record, False)
+    proxy._counter = 1
+    record.fairy_ref = weakref.ref(proxy, lambda _ref: None)
+    assert proxy.is_valid and proxy.dbapi_connection is record.dbapi_connection
+    proxy.close()
+    assert record.fairy_ref is None, "closing the proxy no longer checks the record in"
+    assert pool.checkedout() == before  # type: ignore[attr-defined]
