@@ -21,6 +21,7 @@ from pathlib import Path
 
 from benchmarks.batch import batch_section, measure_batches
 from benchmarks.environment import (
+    PLACEMENTS,
     ScratchDatabases,
     machine_facts,
     postgresql_reachable,
@@ -89,6 +90,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--backends", default=",".join(BACKENDS), help="sqlite,postgresql")
     parser.add_argument("--rounds", type=int, help="overhead: measured rounds")
     parser.add_argument("--batch", type=int, help="overhead: runs per side and round")
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="apart",
+        help="overhead on PostgreSQL: where the client and the server processes run "
+        "(benchmarks.environment.Placement)",
+    )
     parser.add_argument("--sizes", help="scaling: event counts, e.g. 10000,100000,1000000")
     parser.add_argument("--scaling-rounds", type=int)
     parser.add_argument("--scaling-batch", type=int, help="scaling: reads per page and round")
@@ -114,7 +122,11 @@ def _overhead(args: argparse.Namespace, databases: ScratchDatabases, backends: l
     return overhead_section(
         [
             measure_overhead(
-                backend, databases.url(backend, "overhead"), rounds=args.rounds, batch=args.batch
+                backend,
+                databases.url(backend, "overhead"),
+                rounds=args.rounds,
+                batch=args.batch,
+                placement=args.placement,
             )
             for backend in backends
         ]

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import psycopg
 import sqlalchemy
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
@@ -219,3 +219,81 @@ def _quoted(conn: Connection, name: str) -> str:
 
 def _drop_database(conn: Connection, name: str) -> None:
     conn.execute(text(f"DROP DATABASE IF EXISTS {_quoted(conn, name)} WITH (FORCE)"))
+
+
+# --------------------------------------------------------------------------
+# Where the client and the PostgreSQL server run
+
+PLACEMENTS = ("apart", "together", "free")
+"""``apart``: this process on the first CPU, the server processes of its PostgreSQL
+connections on the others (as when the database has cores, or a machine, of its own);
+``together``: all on the first CPU; ``free``: wherever the kernel puts them."""
+
+
+@dataclass
+class Placement:
+    """Pins this process and the server process of each PostgreSQL connection it opens.
+
+    On a virtual machine a round trip between two processes costs several times more
+    when they run on different CPUs than on one (a wake-up across CPUs): here 80 µs
+    against 18 µs for ``SELECT 1``. Left to the kernel, the two sides of one comparison
+    land either way from round to round, and a median picks whichever came up more often.
+    Pinning makes every side pay the same round trip. Only on this machine's own server
+    (a backend's pid is a local process) and where it may be pinned; otherwise, and with
+    one CPU, the placement is ``free`` and ``described`` says why.
+    """
+
+    asked: str
+    described: str = ""
+    _client: set[int] = field(default_factory=set)
+    _server: set[int] = field(default_factory=set)
+    _before: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self._before = set(cpus)
+        if self.asked == "free" or len(cpus) < 2:
+            why = "" if self.asked == "free" else f" ({len(cpus)} CPU)"
+            self.asked, self.described = "free", f"free: processes where the kernel puts them{why}"
+            return
+        self._client = {cpus[0]}
+        self._server = {cpus[0]} if self.asked == "together" else set(cpus[1:])
+        server = "the same CPU" if self.asked == "together" else f"CPUs {sorted(self._server)}"
+        self.described = (
+            f"{self.asked}: the client on CPU {cpus[0]}, "
+            f"its PostgreSQL server processes on {server}"
+        )
+
+    def pin_client(self) -> None:
+        if self._client:
+            os.sched_setaffinity(0, self._client)
+
+    def release_client(self) -> None:
+        if self._client:
+            os.sched_setaffinity(0, self._before)
+
+    def pin_server_of(self, engine: Engine) -> None:
+        """Pin the server process of every connection ``engine`` opens from now on."""
+        if not self._server or engine.dialect.name != "postgresql":
+            return
+
+        @event.listens_for(engine, "connect")
+        def _pin(dbapi_connection: psycopg.Connection, _record: object) -> None:
+            self.pin_server(dbapi_connection)
+
+    def pin_server(self, connection: psycopg.Connection) -> None:
+        if not self._server:
+            return
+        host = connection.info.host
+        if host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("/"):
+            self._unpinned(f"the server is not local ({host})")
+            return
+        try:
+            os.sched_setaffinity(connection.info.backend_pid, self._server)
+        except OSError as exc:
+            self._unpinned(f"could not pin a server process: {exc.strerror}")
+
+    def _unpinned(self, why: str) -> None:
+        self.release_client()
+        self._client, self._server = set(), set()
+        self.asked, self.described = "free", f"free: {why}"

@@ -74,6 +74,7 @@ from app.state_machine import RunEventType
 from app.types import StrEnumType, UTCDateTime, utc_now
 from benchmarks import peers
 from benchmarks.capture import Ids, Script, make_script
+from benchmarks.environment import Placement
 from benchmarks.peers import NaiveRun
 from benchmarks.stats import Samples
 from migrations import upgrade
@@ -710,11 +711,18 @@ class OverheadResult:
     scripts: dict[str, Script]
     rounds: int
     batch: int
+    placement: str = ""
 
 
-def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> OverheadResult:
-    """Run the lifecycles and reads ``rounds`` times (plus one warm-up), ``batch`` runs each."""
+def measure_overhead(
+    backend: str, url: str, *, rounds: int, batch: int, placement: str = "apart"
+) -> OverheadResult:
+    """Run the lifecycles and reads ``rounds`` times (plus one warm-up), ``batch`` runs each.
+    On PostgreSQL the client and the server processes are placed as ``placement`` says
+    (``benchmarks.environment.Placement``)."""
+    pinning = Placement(placement if backend == "postgresql" else "free")
     engine = create_db_engine(url)
+    pinning.pin_server_of(engine)
     upgrade(engine)
     repository = RepositorySide(engine)
     naive = RepositorySide(engine, NAIVE_OPERATIONS, name=NAIVE)
@@ -736,6 +744,7 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     # it has the same pragmas, SQL functions and session settings, and is then
     # used directly, without SQLAlchemy.
     raw_engine = create_db_engine(url, poolclass=NullPool)
+    pinning.pin_server_of(raw_engine)
     pooled = raw_engine.raw_connection()
     connection = pooled.driver_connection
     raw = RawSide(connection, scripts)
@@ -758,6 +767,7 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
     # the next lifecycle may start a run in the same session.
     sessions = {side.name: add_sessions(engine, batch) for side in sides}
     samples = Samples()
+    pinning.pin_client()
     try:
         for round_ in range(rounds + 1):
             gc.collect()
@@ -782,11 +792,13 @@ def measure_overhead(backend: str, url: str, *, rounds: int, batch: int) -> Over
                 _time_schema_builds(samples, builds, batch, round_)
         _check_sides_agree(engine, sessions)
     finally:
+        pinning.release_client()
         pooled_reader.close()
         pooled.close()
         raw_engine.dispose()
         engine.dispose()
-    return OverheadResult(backend, samples, scripts, rounds, batch)
+    described = pinning.described if backend == "postgresql" else ""
+    return OverheadResult(backend, samples, scripts, rounds, batch, described)
 
 
 def _check_sides_agree(engine: Engine, sessions: dict[str, list[str]]) -> None:

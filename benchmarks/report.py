@@ -107,6 +107,7 @@ def overhead_section(results: Sequence[OverheadResult]) -> str:
             "",
             f"### {BACKEND_NAMES[result.backend]} ({count} samples per operation and side)",
             "",
+            *([f"Placement: {result.placement}.", ""] if result.placement else []),
             table(header, rows, "lrrrl"),
             "",
             _read_bounds(result),
