@@ -92,7 +92,9 @@ def begin_immediate(driver: sqlite3.Connection, busy_timeout_ms: int | None) -> 
                 driver.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                # Any kind of busy: the extended codes (SQLITE_BUSY_RECOVERY while
+                # another connection recovers the WAL of a new or crashed file) too.
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
                 now = time.monotonic()
                 if deadline is None:
