@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,11 +27,10 @@ from sqlalchemy import Engine
 from app.models import RunStatus
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
+from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.slow  # uvicorn, the generator and mypy: about 30 s per backend
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 BIN = Path(sys.executable).parent
 
 SCRIPT = '''
@@ -176,46 +173,8 @@ if __name__ == "__main__":
 
 @pytest.fixture
 def server(engine: Engine, database_url: str) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "app.api.main:create_app",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "uvicorn exited"
-            assert time.monotonic() < deadline, "uvicorn not ready within 30 s"
-            try:
-                if httpx.get(f"{base_url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with uvicorn_server(database_url) as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _run(args: list[str], cwd: Path, timeout: float = 300) -> str:

@@ -7,53 +7,25 @@ and their commits interleave; the guarantees must come from the database.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from tests.concurrency import ROOT, seed
+from tests.concurrency import seed
 from tests.factories import SessionFactory
+from tests.servers import uvicorn_server
 
 pytestmark = pytest.mark.slow  # each test starts uvicorn with two worker processes
 
-HOST = "127.0.0.1"
 BURST = 24
 
 
 @pytest.fixture
 def server(engine: Engine, database_url: str) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app"]
-    command += ["--host", HOST, "--port", str(port), "--workers", "2", "--log-level", "warning"]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "DATABASE_URL": database_url})
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, f"uvicorn exited with {process.returncode}"
-            assert time.monotonic() < deadline, "uvicorn not ready within 30 s"
-            try:
-                if httpx.get(f"{base_url}/api/runs/ready-probe", timeout=1).status_code == 404:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with uvicorn_server(database_url, workers=2) as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def burst(base_url: str, requests: list[tuple[str, dict, dict]]) -> list[httpx.Response]:

@@ -5,14 +5,8 @@ pages read while runs are created and a session's live stream."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,9 +23,7 @@ from app.models import RunStatus
 from app.repositories import EventRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
-
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
+from tests.servers import uvicorn_server
 
 
 def app_on(engine: Engine) -> FastAPI:
@@ -344,46 +336,8 @@ def test_a_bad_last_event_id_is_a_400_before_the_stream(client: TestClient) -> N
 
 @pytest.fixture
 def server(engine: Engine, database_url: str) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "app.api.main:create_app",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    base_url = f"http://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, "uvicorn exited"
-            assert time.monotonic() < deadline, "uvicorn not ready within 30 s"
-            try:
-                if httpx.get(f"{base_url}/api/sessions/ready-probe", timeout=1).status_code == 404:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with uvicorn_server(database_url) as base_url:
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.mark.slow

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -46,9 +44,10 @@ from app.input_limits import DEFAULT_MAX_JSON_BYTES
 from app.models import RunStatus
 from app.repositories import RunRepository
 from migrations import MIGRATIONS, upgrade
-from tests.concurrency import ROOT, seed
+from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
+from tests.servers import HOST, free_port, start_uvicorn
 
 # --------------------------------------------------------------------------
 # 1. A refused commit and the pool (PostgreSQL)
@@ -294,28 +293,12 @@ def test_a_body_nested_too_deep_for_the_limit_is_named_once_in_words(
 # A real uvicorn on 127.0.0.1
 
 
-HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
 def _uvicorn(
     port: int, database_url: str, log: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app"]
-    command += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+    """The Run API's uvicorn on ``port``, its stderr appended to ``log``."""
     with log.open("ab") as stderr:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": database_url, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+        return start_uvicorn(database_url, port, env=env, stderr=stderr.fileno())
 
 
 @contextmanager
@@ -325,7 +308,7 @@ def serving(
     """``uvicorn --factory app.api.main:create_app`` (one process) on a free port, ready:
     its base URL, its process and the file its stderr goes to. The readiness probe
     (``/openapi.json``) touches no database."""
-    port, log = _free_port(), tmp_path / f"uvicorn-{uuid.uuid4().hex[:6]}.log"
+    port, log = free_port(), tmp_path / f"uvicorn-{uuid.uuid4().hex[:6]}.log"
     process = _uvicorn(port, database_url, log, env)
     base_url = f"http://{HOST}:{port}"
     try:
@@ -543,7 +526,7 @@ def test_the_body_limit_is_exact_and_configurable(
 def _refused_start(database_url: str, tmp_path: Path, **env: str) -> str:
     """Start the server and expect it to stop at start-up: its stderr. Before the fix
     it started and answered 500s, so waiting for its exit timed out."""
-    port, log = _free_port(), tmp_path / "refused.log"
+    port, log = free_port(), tmp_path / "refused.log"
     process = _uvicorn(port, database_url, log, env)
     try:
         code = process.wait(timeout=30)
@@ -598,7 +581,7 @@ def test_the_server_refuses_to_start_on_a_database_not_at_the_code_version(
 def test_the_server_refuses_to_start_when_postgresql_cannot_be_reached(
     tmp_path: Path, backend: str
 ) -> None:
-    closed = _free_port()  # bound a moment ago and released: nothing listens there
+    closed = free_port()  # bound a moment ago and released: nothing listens there
     line = _refused_start(f"postgresql://postgres@{HOST}:{closed}/test", tmp_path)
     assert f"cannot reach the database postgresql+psycopg://postgres@{HOST}:{closed}/test" in line
     assert "Connection refused" in line, line

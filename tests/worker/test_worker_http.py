@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -20,37 +18,18 @@ from sqlalchemy import Engine
 
 from app.db import unit_of_work
 from app.models import ChatSession
+from tests.servers import HOST, ROOT, free_port, start_uvicorn, stop, wait_until_ready
 
 pytest.importorskip("langgraph", reason="the langgraph extra is not installed")
 pytestmark = pytest.mark.slow  # uvicorn and a worker process per backend
 
-ROOT = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
-
 
 @pytest.fixture
 def processes(engine: Engine, database_url: str) -> Iterator[str]:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port = probe.getsockname()[1]
+    """The Run API under uvicorn and one run worker, both on ``database_url``."""
+    port = free_port()
+    server = start_uvicorn(database_url, port)
     env = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "app.api.main:create_app",
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
     worker = subprocess.Popen(
         [sys.executable, "-m", "app.worker", "examples.langgraph_agent:target", "--poll", "0.05"],
         cwd=ROOT,
@@ -58,24 +37,12 @@ def processes(engine: Engine, database_url: str) -> Iterator[str]:
     )
     base_url = f"http://{HOST}:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert server.poll() is None and worker.poll() is None
-            assert time.monotonic() < deadline, "uvicorn not ready within 30 s"
-            try:
-                if httpx.get(f"{base_url}/api/runs/ready-probe", timeout=1).status_code == 404:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_ready(server, base_url)
+        assert worker.poll() is None, f"the worker exited with {worker.returncode}"
         yield base_url
     finally:
         for process in (worker, server):
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def _status_becomes(base_url: str, run_id: str, status: str, timeout: float = 30) -> dict:
