@@ -98,6 +98,10 @@ def schema_problem(engine: Engine) -> str | None:
     return f"the database {url} is not at this code's schema version ({'; '.join(found)}); {todo}"
 
 
+class StartupRefused(RuntimeError):
+    """The app refused to start (the lifespan's ``startup.failed`` message)."""
+
+
 class StartupCheck:
     """Pure ASGI: at lifespan start-up, refuse to start (``lifespan.startup.failed``
     with one line, which the server logs before exiting) when a setting is wrong or
@@ -116,9 +120,13 @@ class StartupCheck:
         if first["type"] == "lifespan.startup":
             problem = self.settings_problem or await self._problem()
             if problem is not None:
-                failed = {"type": "lifespan.startup.failed", "message": f"{NOT_STARTED}: {problem}"}
-                await send(failed)
-                return
+                message = f"{NOT_STARTED}: {problem}"
+                await send({"type": "lifespan.startup.failed", "message": message})
+                # Raised as Starlette's router raises after a failed start-up: a server
+                # (uvicorn) has the message and exits; an in-process client (TestClient)
+                # learns it here, instead of serving and then waiting at shutdown for a
+                # lifespan that has ended.
+                raise StartupRefused(message)
         replayed = False
 
         async def receive_again() -> Message:
@@ -141,4 +149,4 @@ class StartupCheck:
         return await anyio.to_thread.run_sync(schema_problem, engine)
 
 
-__all__ = ["StartupCheck", "create_app", "schema_problem"]
+__all__ = ["StartupCheck", "StartupRefused", "create_app", "schema_problem"]

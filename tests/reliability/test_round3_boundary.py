@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -47,7 +49,7 @@ from migrations import MIGRATIONS, upgrade
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
-from tests.servers import HOST, free_port, start_uvicorn
+from tests.servers import HOST, ROOT, free_port, start_uvicorn
 
 # --------------------------------------------------------------------------
 # 1. A refused commit and the pool (PostgreSQL)
@@ -551,6 +553,48 @@ def test_the_server_refuses_to_start_without_its_sqlite_file_and_creates_none(
     assert f"no database at {path}" in line and "python -m migrations upgrade" in line
     assert not path.exists() and not list(tmp_path.glob("never-made.db*"))
     record("faults survived", 1, backend)
+
+
+@pytest.mark.parametrize("migrated", ["none", "all but the last"])
+def test_an_in_process_client_of_an_app_that_refuses_to_start_gets_the_line_at_once(
+    make_database_url: Callable[[], str],
+    backend: str,
+    migrated: str,
+) -> None:
+    """``TestClient(create_app())`` on a database not at the code's version raises the
+    start-up line. Before, the client served (503 for every request) and then waited at
+    exit, forever, for a lifespan that had already ended."""
+    url = make_database_url()
+    if backend == "sqlite":
+        sqlite3.connect(make_url(url).database).close()
+    if migrated != "none":
+        setup = create_db_engine(url, poolclass=NullPool)
+        try:
+            upgrade(setup, migrations=MIGRATIONS[:-1])
+        finally:
+            setup.dispose()
+    # In a process of its own: on the old code its exit would wait forever.
+    script = (
+        "from fastapi.testclient import TestClient\n"
+        "from app.api.main import StartupRefused, create_app\n"
+        "try:\n"
+        "    with TestClient(create_app()):\n"
+        "        print('started')\n"
+        "except StartupRefused as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert line.startswith("refused: Run API not started: "), line
+    assert "python -m migrations upgrade" in line, line
 
 
 @pytest.mark.slow
