@@ -384,16 +384,8 @@ class _Reader:
         if record is None:
             return self._on_proxy(plan, arguments, params)
         assert pool is not None
-        driver: Any = record.driver_connection
-        postgresql = self._postgresql
         try:
-            if postgresql:
-                driver.autocommit = True
-            cursor = driver.execute(plan.sql, arguments)
-            rows = cursor.fetchall() if plan.returns_rows else []
-            if postgresql:
-                driver.autocommit = False  # psycopg allows it only outside a transaction
-            idle = postgresql or not driver.in_transaction
+            rows, idle = self._run(record.driver_connection, plan, arguments)
         except self._dbapi_error as exc:
             connection = adopt(pool, record)
             try:
@@ -419,18 +411,9 @@ class _Reader:
         except self._dbapi_error as exc:
             Connection._handle_dbapi_exception_noconnection(exc, engine.dialect, engine)  # noqa: SLF001 SQLAlchemy private, docs/design.md
             raise  # not reached: the call above raises
-        driver: Any = connection.driver_connection
-        postgresql, idle = self._postgresql, False
+        idle = False
         try:
-            if postgresql:
-                driver.autocommit = True
-            cursor = driver.execute(plan.sql, arguments)
-            rows = cursor.fetchall() if plan.returns_rows else []
-            if postgresql:
-                driver.autocommit = False  # psycopg allows it only outside a transaction
-                idle = True
-            else:
-                idle = not driver.in_transaction
+            rows, idle = self._run(connection.driver_connection, plan, arguments)
         except self._dbapi_error as exc:
             self._raise(Connection(engine, connection=connection), exc, plan.sql, arguments, params)
         finally:
@@ -441,6 +424,19 @@ class _Reader:
             else:
                 self._close(connection)
         return rows
+
+    def _run(self, driver: Any, plan: Plan, arguments: Any) -> tuple[list[Any], bool]:
+        """The statement in autocommit on a driver connection: its rows, and whether the
+        connection is left with no transaction open (SQLite may open one: never in
+        autocommit, but the pool's reset is then needed)."""
+        if self._postgresql:
+            driver.autocommit = True
+            cursor = driver.execute(plan.sql, arguments)
+            rows = cursor.fetchall() if plan.returns_rows else []
+            driver.autocommit = False  # psycopg allows it only outside a transaction
+            return rows, True
+        cursor = driver.execute(plan.sql, arguments)
+        return (cursor.fetchall() if plan.returns_rows else []), not driver.in_transaction
 
     def _close(self, connection: Any) -> None:
         """Back to the pool through the proxy: the pool resets it (a rollback); on

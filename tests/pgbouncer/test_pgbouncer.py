@@ -33,6 +33,7 @@ from app.repositories.reads import RunReads
 from migrations import upgrade
 from migrations.steps import MigrationError
 from tests.pgbouncer.conftest import POSTGRESQL_ONLY, ROOT, PooledDatabase
+from tests.servers import stop
 
 pytestmark = POSTGRESQL_ONLY
 
@@ -318,12 +319,7 @@ def server(
                 time.sleep(0.2)
         yield base_url, request.param
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.mark.slow

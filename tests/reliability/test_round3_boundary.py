@@ -49,7 +49,7 @@ from migrations import MIGRATIONS, upgrade
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
-from tests.servers import HOST, ROOT, free_port, start_uvicorn
+from tests.servers import HOST, ROOT, free_port, start_uvicorn, stop
 
 # --------------------------------------------------------------------------
 # 1. A refused commit and the pool (PostgreSQL)
@@ -325,12 +325,7 @@ def serving(
                 time.sleep(0.1)
         yield base_url, process, log
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _port_of(base_url: str) -> int:

@@ -40,6 +40,7 @@ from app.schemas import RunCreate
 from tests.concurrency import ROOT, seed
 from tests.factories import SessionFactory
 from tests.replicas.conftest import Replica, wait_replayed
+from tests.servers import stop
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql"])  # replicas are PostgreSQL's
 
@@ -78,12 +79,7 @@ def serve(
                 time.sleep(0.2)
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def new_session(engine: Engine) -> str:
