@@ -1,37 +1,33 @@
 """A client generated from ``/openapi.json`` type-checks against real answers of every
 endpoint, errors included.
 
-uvicorn serves ``create_app`` on 127.0.0.1; ``openapi-python-client`` generates a
-client from the schema it serves; a script written against that client calls every
-run endpoint and the health check, success and error answers, with assertions on
-the typed values. mypy (strict) checks the script with the client, then the script
-runs against the server. Required fields, the per-endpoint error code enums and the
-body and error models are what make the script type-check: a field the schema left
-optional would be ``X | Unset`` and the assignment to ``X`` would fail. Both backends.
+``openapi-python-client`` generates a client from the schema ``create_app`` serves
+(``tests.api.generated_client``); a script written against that client calls every run
+endpoint and the health check, success and error answers, with assertions on the typed
+values. mypy (strict) checks the script with the client once (the schema is the same on
+both backends), then the script runs against ``create_app`` under uvicorn on 127.0.0.1,
+on each backend. Required fields, the per-endpoint error code enums and the body and
+error models are what make the script type-check: a field the schema left optional
+would be ``X | Unset`` and the assignment to ``X`` would fail.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 
 from app.models import RunStatus
+from tests.api.generated_client import run, type_check
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.servers import uvicorn_server
 
-pytestmark = pytest.mark.slow  # uvicorn, the generator and mypy: about 30 s per backend
-
-BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # uvicorn, the generator and mypy
 
 SCRIPT = '''
 """Every run endpoint and the health check through the generated client."""
@@ -177,59 +173,20 @@ def server(engine: Engine, database_url: str) -> Iterator[str]:
         yield base_url
 
 
-def _run(args: list[str], cwd: Path, timeout: float = 300) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert done.returncode == 0, f"{args[:3]} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
+def test_the_script_type_checks_against_the_generated_client(generated_client: Path) -> None:
+    """mypy --strict, once: the schema and so the client are the same on both backends."""
+    (generated_client / "check_api.py").write_text(textwrap.dedent(SCRIPT))
+    type_check(generated_client, "check_api.py")
 
 
-def test_a_generated_client_type_checks_against_every_endpoint(
-    engine: Engine, server: str, tmp_path: Path
+def test_the_generated_client_works_against_every_endpoint(
+    engine: Engine, server: str, generated_client: Path
 ) -> None:
-    generator = shutil.which("openapi-python-client", path=str(BIN))
-    assert generator is not None, "openapi-python-client (the test extra) is not installed"
-    (tmp_path / "openapi.json").write_bytes(httpx.get(f"{server}/openapi.json").content)
-    _run(
-        [
-            generator,
-            "generate",
-            "--path",
-            "openapi.json",
-            "--meta",
-            "none",
-            "--output-path",
-            "run_api_client",
-        ],
-        tmp_path,
-    )
-    (tmp_path / "check_api.py").write_text(textwrap.dedent(SCRIPT))
-    # The generator's own httpx wrapper (client.py, the same for every schema) trips
-    # mypy --strict over ``__exit__(*args)``; everything made from the schema is checked.
-    (tmp_path / "mypy.ini").write_text(
-        "[mypy]\nstrict = True\n\n[mypy-run_api_client.client]\nignore_errors = True\n"
-    )
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--config-file",
-            "mypy.ini",
-            "--no-incremental",
-            "--cache-dir",
-            os.devnull,
-            "check_api.py",
-            "run_api_client",
-        ],
-        tmp_path,
-    )
+    (generated_client / "check_api.py").write_text(textwrap.dedent(SCRIPT))
     session_id = seed(engine, lambda db: SessionFactory().id)
     waiting = seed(
         engine,
         lambda db: SessionRunFactory(status=RunStatus.WAITING_INPUT, waiting_reason="why").id,
     )
-    output = _run([sys.executable, "check_api.py", server, session_id, waiting], tmp_path)
+    output = run([sys.executable, "check_api.py", server, session_id, waiting], generated_client)
     assert output.strip() == "ok"

@@ -10,21 +10,19 @@ the stream itself.
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import textwrap
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import Engine
 
-from tests.api.test_api_generated_client import BIN, _run, server
+from tests.api.generated_client import run, type_check
+from tests.api.test_api_generated_client import server
 
 __all__ = ["server"]  # the fixture, shared with test_api_generated_client
 
-pytestmark = pytest.mark.slow  # uvicorn, the generator and mypy: about 30 s per backend
+pytestmark = pytest.mark.slow  # uvicorn, the generator and mypy
 
 SCRIPT = '''
 """The sessions endpoints and the run listing through the generated client."""
@@ -156,43 +154,17 @@ if __name__ == "__main__":
 '''
 
 
-def test_a_generated_client_type_checks_against_the_sessions_endpoints(
-    engine: Engine, server: str, tmp_path: Path
+def test_the_sessions_script_type_checks_against_the_generated_client(
+    generated_client: Path,
 ) -> None:
-    generator = shutil.which("openapi-python-client", path=str(BIN))
-    assert generator is not None, "openapi-python-client (the test extra) is not installed"
-    (tmp_path / "openapi.json").write_bytes(httpx.get(f"{server}/openapi.json").content)
-    _run(
-        [
-            generator,
-            "generate",
-            "--path",
-            "openapi.json",
-            "--meta",
-            "none",
-            "--output-path",
-            "run_api_client",
-        ],
-        tmp_path,
-    )
-    (tmp_path / "check_sessions.py").write_text(textwrap.dedent(SCRIPT))
-    (tmp_path / "mypy.ini").write_text(
-        "[mypy]\nstrict = True\n\n[mypy-run_api_client.client]\nignore_errors = True\n"
-    )
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--config-file",
-            "mypy.ini",
-            "--no-incremental",
-            "--cache-dir",
-            os.devnull,
-            "check_sessions.py",
-            "run_api_client",
-        ],
-        tmp_path,
-    )
-    output = _run([sys.executable, "check_sessions.py", server], tmp_path)
+    """mypy --strict, once: the schema and so the client are the same on both backends."""
+    (generated_client / "check_sessions.py").write_text(textwrap.dedent(SCRIPT))
+    type_check(generated_client, "check_sessions.py")
+
+
+def test_the_generated_client_works_against_the_sessions_endpoints(
+    engine: Engine, server: str, generated_client: Path
+) -> None:
+    (generated_client / "check_sessions.py").write_text(textwrap.dedent(SCRIPT))
+    output = run([sys.executable, "check_sessions.py", server], generated_client)
     assert output.strip() == "ok"
