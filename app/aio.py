@@ -539,10 +539,6 @@ class _RepositoryTwin(Generic[S]):
     async def _call(self, method: Callable[..., T], args: Any, kwargs: Any) -> T:
         return await self._db.run_sync(method, *args, **kwargs)
 
-    if TYPE_CHECKING:  # the twins are made at import time (``twin``)
-
-        def __getattr__(self, name: str) -> Any: ...
-
 
 class _ReadsTwin(Generic[S]):
     """every public method, as a coroutine: one read on a slot for readers and a
@@ -566,10 +562,6 @@ class _ReadsTwin(Generic[S]):
 
     async def _call(self, method: Callable[..., T], args: Any, kwargs: Any) -> T:
         return await run_in_thread(self.engine, True, method, *args, **kwargs)
-
-    if TYPE_CHECKING:
-
-        def __getattr__(self, name: str) -> Any: ...
 
 
 async def run_in_thread(
@@ -596,11 +588,13 @@ async def run_in_thread(
         limiter.release_on_behalf_of(borrower)
 
 
-if TYPE_CHECKING:
-    AsyncRunRepository = _RepositoryTwin[RunRepository]
-    AsyncEventRepository = _RepositoryTwin[EventRepository]
-    AsyncRunReads = _ReadsTwin[RunReads]
-    AsyncEventReads = _ReadsTwin[EventReads]
+if TYPE_CHECKING:  # each method typed as the sync one (generated: app/_async_twins.pyi)
+    from app._async_twins import (
+        AsyncEventReads,
+        AsyncEventRepository,
+        AsyncRunReads,
+        AsyncRunRepository,
+    )
 else:
     AsyncRunRepository = twin(RunRepository, "AsyncRunRepository", _RepositoryTwin)
     AsyncEventRepository = twin(EventRepository, "AsyncEventRepository", _RepositoryTwin)

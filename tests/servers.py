@@ -92,9 +92,7 @@ def uvicorn_server(
 ) -> Iterator[str]:
     """A ready uvicorn (``start_uvicorn``'s arguments) for the block: its base URL."""
     port = free_port()
-    process = start_uvicorn(
-        database_url, port, app=app, factory=factory, workers=workers, env=env
-    )
+    process = start_uvicorn(database_url, port, app=app, factory=factory, workers=workers, env=env)
     try:
         base_url = f"http://{HOST}:{port}"
         wait_until_ready(process, base_url, ready=ready)
