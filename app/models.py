@@ -176,6 +176,13 @@ class SessionRun(RunState, StoredModel, table=True):
         # Listings across sessions, newest first by (created_at, id) (migration 0016,
         # built online): keyset pages read only their rows.
         Index("idx_session_runs_created", "created_at", "id"),
+        # Metadata filters (jsonb @>) on PostgreSQL (migration 0017, built online).
+        Index(
+            "idx_session_runs_metadata",
+            "run_metadata",
+            postgresql_using="gin",
+            postgresql_ops={"run_metadata": "jsonb_path_ops"},
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True)

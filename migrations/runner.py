@@ -78,6 +78,7 @@ from migrations import (
     m0014_run_attempts,
     m0015_index_finished_runs_online,
     m0016_run_metadata,
+    m0017_index_run_metadata,
 )
 from migrations.steps import Migration, MigrationError, OnlineIndex
 
@@ -98,6 +99,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     m0014_run_attempts.MIGRATION,
     m0015_index_finished_runs_online.MIGRATION,
     m0016_run_metadata.MIGRATION,
+    m0017_index_run_metadata.MIGRATION,
 )
 
 logger = logging.getLogger("migrations")

@@ -17,7 +17,8 @@ given). ``RunReads`` (``app.repositories.reads``) runs them on the read path.
   before its first page (``created_at`` is the database's clock at insert), so
   paging to the end lists every run that existed at the start, once each.
 * **Metadata filter** (``{"key": scalar, ...}``): every key present with that value.
-  PostgreSQL: ``metadata @> :metadata`` (jsonb containment); SQLite: per key of the
+  PostgreSQL: ``metadata @> :metadata`` (jsonb containment, served by the GIN index
+  ``idx_session_runs_metadata`` of migration 0017 when it keeps few runs); SQLite: per key of the
   filter (``json_each``), the run's ``json_type`` and ``json_extract`` at ``$."key"``.
   Values are scalars (string, number, boolean, null), where the two agree: a number
   matches an equal number (``1`` and ``1.0``), never a string or a boolean. Keys are

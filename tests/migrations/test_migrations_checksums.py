@@ -48,6 +48,8 @@ PINNED = {
     (15, "postgresql"): "a9b39a180eb1424f53482833d4196e4298f6cef379df91e91639f0d7c3b1ed13",
     (16, "sqlite"): "568ea86927e6bf8748298cc15dcc3504f97f7d7ff46d48fa9b14fd3418266a5d",
     (16, "postgresql"): "4e13fc1040df2ecd8ffd3ec05171ce72fff2e8d949f47430906e2ffc1ffd86a1",
+    (17, "sqlite"): "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    (17, "postgresql"): "a0f7afff268485cd1eaefc5b072f4c83a712939a06ea666554503444d9a90cba",
 }
 
 
