@@ -15,12 +15,15 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
+from sqlalchemy import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -99,3 +102,31 @@ def uvicorn_server(
         yield base_url
     finally:
         stop(process)
+
+
+@contextmanager
+def run_api_in_thread(engine: Engine) -> Iterator[str]:
+    """The Run API on ``engine`` (``create_app`` with its engine dependency overridden)
+    under uvicorn in a thread of this process, on a free port of 127.0.0.1: its base URL.
+    For tests that patch the app's module settings (e.g. the SSE ping interval) or share
+    the engine's feed with the test. The feed is closed when the block ends."""
+    from app.api.deps import get_db_engine
+    from app.api.main import create_app
+    from app.feed import close_feed
+
+    api = create_app()
+    api.dependency_overrides[get_db_engine] = lambda: engine
+    server = uvicorn.Server(uvicorn.Config(api, host=HOST, port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + READY_WITHIN_S
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.05)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{HOST}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        close_feed(engine)

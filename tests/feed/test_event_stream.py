@@ -10,39 +10,22 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine
 
 import app.api.sse
-from app.api.deps import get_db_engine
-from app.api.main import create_app
 from app.db import unit_of_work
-from app.feed import close_feed
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory
+from tests.servers import run_api_in_thread
 
 pytestmark = pytest.mark.slow  # each test starts uvicorn
 
 
 @pytest.fixture
 def base_url(engine: Engine) -> Iterator[str]:
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        close_feed(engine)
+    with run_api_in_thread(engine) as url:
+        yield url
 
 
 def running_run(engine: Engine) -> tuple[str, str]:

@@ -25,20 +25,18 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from sqlalchemy import Engine, delete, text
 from sqlalchemy.engine import make_url
 
 import app.api.sse
-from app.api.deps import get_db_engine
-from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
 from app.errors import BadParameterError, RunNotFoundError
-from app.feed import EventFeed, close_feed, get_feed
+from app.feed import EventFeed, get_feed
 from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory
+from tests.servers import run_api_in_thread
 
 PING = 0.3
 """``SSE_PING_SECONDS`` in the stream tests: a line at least this often."""
@@ -53,25 +51,9 @@ Message = dict[str, Any]
 # Helpers: a server, runs, reading a stream against a deadline
 
 
-@contextlib.contextmanager
-def serve(engine: Engine) -> Iterator[str]:
+def serve(engine: Engine) -> contextlib.AbstractContextManager[str]:
     """The Run API on ``engine`` under uvicorn on 127.0.0.1 (a thread of this process)."""
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline and thread.is_alive():
-        time.sleep(0.05)
-    assert server.started
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        close_feed(engine)
+    return run_api_in_thread(engine)
 
 
 @pytest.fixture
