@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,11 +46,12 @@ def start_uvicorn(
     workers: int = 1,
     env: Mapping[str, str] | None = None,
     stderr: int | None = None,
+    options: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """``uvicorn [--factory] APP`` on ``port``, with ``DATABASE_URL`` and ``env``; not
-    waited for (``wait_until_ready``)."""
+    """``uvicorn [--factory] APP`` on ``port``, with ``DATABASE_URL`` and ``env`` (and
+    uvicorn's ``options``); not waited for (``wait_until_ready``)."""
     command = [sys.executable, "-m", "uvicorn", *(["--factory"] if factory else []), app]
-    command += ["--host", HOST, "--port", str(port), "--log-level", "warning"]
+    command += ["--host", HOST, "--port", str(port), "--log-level", "warning", *options]
     if workers != 1:
         command += ["--workers", str(workers)]
     environment = {**os.environ, "DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
@@ -58,14 +59,18 @@ def start_uvicorn(
 
 
 def wait_until_ready(
-    process: subprocess.Popen[bytes], base_url: str, *, ready: str = "/api/health"
+    process: subprocess.Popen[bytes],
+    base_url: str,
+    *,
+    ready: str = "/api/health",
+    within: float = READY_WITHIN_S,
 ) -> None:
     """Until ``GET ready`` answers 200 (``/api/health`` reads the database; pass
-    ``/openapi.json`` for a probe that touches none), at most ``READY_WITHIN_S``."""
-    deadline = time.monotonic() + READY_WITHIN_S
+    ``/openapi.json`` for a probe that touches none), at most ``within`` seconds."""
+    deadline = time.monotonic() + within
     while True:
         assert process.poll() is None, f"uvicorn exited with {process.returncode}"
-        assert time.monotonic() < deadline, f"uvicorn not ready within {READY_WITHIN_S:.0f} s"
+        assert time.monotonic() < deadline, f"uvicorn not ready within {within:.0f} s"
         try:
             if httpx.get(f"{base_url}{ready}", timeout=1).status_code == 200:
                 return

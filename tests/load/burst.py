@@ -23,10 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -41,8 +38,9 @@ from app.models import ChatSession
 from app.repositories import EventRepository, RunRepository
 from benchmarks.environment import on_each_backend
 from migrations import upgrade
+from tests.servers import HOST, free_port, start_uvicorn, stop, wait_until_ready
 
-HOST = "127.0.0.1"  # the only address this script ever talks to
+# HOST (127.0.0.1) is the only address this script ever talks to.
 
 
 @dataclass
@@ -120,47 +118,22 @@ def seed(url: str, *, sessions: int, waiting: int, queued: int, with_events: int
         engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 class Server:
     """``uvicorn --workers N`` on 127.0.0.1, serving ``url``; stopped on exit."""
 
     def __init__(self, url: str, workers: int) -> None:
         self.port = free_port()
-        env = {**os.environ, "DATABASE_URL": url}
-        command = [sys.executable, "-m", "uvicorn", "--factory", "app.api.main:create_app"]
-        command += ["--host", HOST, "--port", str(self.port), "--workers", str(workers)]
-        command += ["--log-level", "warning", "--no-access-log"]
-        # Longer than any idle gap in a burst: a keep-alive connection closed by the
-        # server just as the client reuses it would read as a failed request.
-        command += ["--timeout-keep-alive", "75"]
-        self.process = subprocess.Popen(command, env=env)
+        # Keep-alive longer than any idle gap in a burst: a keep-alive connection closed
+        # by the server just as the client reuses it would read as a failed request.
+        options = ["--no-access-log", "--timeout-keep-alive", "75"]
+        self.process = start_uvicorn(url, self.port, workers=workers, options=options)
         self.base_url = f"http://{HOST}:{self.port}"
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.base_url}/api/runs/ready-probe", timeout=1).status_code == 404:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"uvicorn not ready within {timeout} s")
+        wait_until_ready(self.process, self.base_url, within=timeout)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 def _client(base_url: str, connections: int) -> httpx.AsyncClient:
