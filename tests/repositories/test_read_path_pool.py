@@ -42,13 +42,22 @@ def test_many_threads_reading_on_a_small_pool_stay_within_it_and_give_every_conn
 ) -> None:
     session_id, ids = _runs(engine, 5)
     small = create_db_engine(database_url, pool_size=2, max_overflow=1, pool_timeout=30)
-    opened: list[int] = []
+    # Connections open at once (the pool closes an overflow connection it gets back when
+    # it is full, and opens another later: over the test more than 3 may be opened).
+    open_now, most_open = [0], [0]
     busiest = [0]
     lock = threading.Lock()
 
     @event.listens_for(small, "connect")
-    def _count(dbapi_connection: Any, _record: Any) -> None:
-        opened.append(id(dbapi_connection))
+    def _opened(_dbapi_connection: Any, _record: Any) -> None:
+        with lock:
+            open_now[0] += 1
+            most_open[0] = max(most_open[0], open_now[0])
+
+    @event.listens_for(small, "close")
+    def _closed(_dbapi_connection: Any, _record: Any) -> None:
+        with lock:
+            open_now[0] -= 1
 
     runs, events = RunReads.of(small), EventReads.of(small)
     expected = {run_id: runs.get(run_id) for run_id in ids}
@@ -71,7 +80,7 @@ def test_many_threads_reading_on_a_small_pool_stay_within_it_and_give_every_conn
             assert sum(pool.map(read, range(READERS))) == READERS * READS_EACH
         assert small.pool.checkedout() == 0  # type: ignore[attr-defined]
         assert busiest[0] <= 3
-        assert len(set(opened)) <= 3, "the pool opened more connections than it allows"
+        assert 1 <= most_open[0] <= 3, f"{most_open[0]} connections open at once"
     finally:
         small.dispose()
 
