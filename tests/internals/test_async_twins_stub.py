@@ -23,6 +23,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.aio import TWINS, public_methods
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +129,7 @@ def test_the_stub_declares_every_twin_as_the_sync_class_has_it() -> None:
     )
 
 
+@pytest.mark.slow  # runs mypy
 def test_a_type_checker_sees_the_twins_results_and_refuses_wrong_arguments(
     tmp_path: Path,
 ) -> None:

@@ -328,6 +328,7 @@ def test_with_the_fast_paths_off_every_statement_goes_through_sqlalchemy(
     assert sum(plan is not None for plan in _driver._plans(engine.dialect).values()) >= 18
 
 
+@pytest.mark.slow  # Python processes
 def test_the_switch_is_read_from_the_environment_once() -> None:
     def switch(value: str | None) -> str:
         env = {k: v for k, v in os.environ.items() if k != _driver.FAST_PATHS}

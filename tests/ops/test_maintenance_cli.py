@@ -6,6 +6,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import Session as DbSession
 
@@ -15,6 +16,9 @@ from tests.concurrency import ROOT, in_own_transaction, seed
 from tests.factories import SessionFactory, SessionRunFactory
 
 PAST = datetime.now(UTC) - timedelta(minutes=1)
+
+
+pytestmark = pytest.mark.slow  # each test runs the CLI in Python processes
 
 
 def maintenance(*args: str) -> subprocess.CompletedProcess[str]:

@@ -550,6 +550,7 @@ def test_the_server_refuses_to_start_without_its_sqlite_file_and_creates_none(
     record("faults survived", 1, backend)
 
 
+@pytest.mark.slow  # a Python process each
 @pytest.mark.parametrize("migrated", ["none", "all but the last"])
 def test_an_in_process_client_of_an_app_that_refuses_to_start_gets_the_line_at_once(
     make_database_url: Callable[[], str],
