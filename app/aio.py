@@ -118,6 +118,19 @@ def slot_limiter(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
     return limiter
 
 
+def slot_threads(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
+    """Threads for the Run API's requests that already hold one of ``slot_limiter``'s
+    slots: as many as there are slots (one set per engine and event loop, beside them),
+    so such a request never waits for a thread behind the host's own sync work."""
+    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
+    key = (id(engine), readonly and engine.dialect.name == "sqlite", "threads")
+    threads = per_loop.get(key)
+    if threads is None:
+        total = slot_limiter(engine, readonly=readonly).total_tokens
+        threads = per_loop[key] = anyio.CapacityLimiter(total)
+    return threads
+
+
 def slot_timeout() -> float:
     """``DB_POOL_TIMEOUT`` (seconds, default 30): the longest wait for a slot."""
     raw = os.environ.get("DB_POOL_TIMEOUT", "").strip()
@@ -622,6 +635,7 @@ __all__ = [
     "request_slots",
     "run_in_thread",
     "slot_limiter",
+    "slot_threads",
     "slot_timeout",
     "take_slot",
     "twin",

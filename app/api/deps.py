@@ -30,9 +30,7 @@ Tests and apps that serve another database override ``get_db_engine``:
 
 from __future__ import annotations
 
-import asyncio
 import json
-import weakref
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any, TypeVar
@@ -43,7 +41,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlmodel import Session as DbSession
 
-from app.aio import slot_limiter, take_slot
+from app.aio import slot_limiter, slot_threads, take_slot
 from app.api.errors import problem_in_words, unreadable_body
 from app.db import get_engine, unit_of_work
 from app.errors import BadParameterError
@@ -53,11 +51,6 @@ from app.schemas import RunResumeRequest
 
 T = TypeVar("T")
 
-_slots: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[int, bool, str], anyio.CapacityLimiter]
-] = weakref.WeakKeyDictionary()
-
-
 async def get_db_engine() -> Engine:
     """The engine requests use: the process-wide one for ``DATABASE_URL`` (async: no
     thread hop; an override may be a plain function). ``DATABASE_READ_URL``, when set,
@@ -66,18 +59,6 @@ async def get_db_engine() -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(get_db_engine)]
-
-
-def _threads(engine: Engine, *, readonly: bool) -> anyio.CapacityLimiter:
-    """Threads for requests that already hold a slot: as many as there are slots, so
-    such a request never waits for a thread behind the host's own sync work."""
-    per_loop = _slots.setdefault(asyncio.get_running_loop(), {})
-    key = (id(engine), readonly and engine.dialect.name == "sqlite", "threads")
-    threads = per_loop.get(key)
-    if threads is None:
-        total = slot_limiter(engine, readonly=readonly).total_tokens
-        threads = per_loop[key] = anyio.CapacityLimiter(total)
-    return threads
 
 
 async def run_in_slot(engine: Engine, readonly: bool, work: Callable[..., T], *args: Any) -> T:
@@ -95,7 +76,7 @@ async def run_in_slot(engine: Engine, readonly: bool, work: Callable[..., T], *a
         work = partial(_then_note_write, engine, work)  # the answer's consistency token
     try:
         return await anyio.to_thread.run_sync(
-            work, *args, limiter=_threads(engine, readonly=readonly)
+            work, *args, limiter=slot_threads(engine, readonly=readonly)
         )
     finally:
         limiter.release_on_behalf_of(borrower)
