@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 from sqlalchemy import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,19 +110,25 @@ def uvicorn_server(
         stop(process)
 
 
+def app_on(engine: Engine) -> FastAPI:
+    """``create_app()`` with its engine dependency overridden: the Run API on ``engine``."""
+    from app.api.deps import get_db_engine
+    from app.api.main import create_app
+
+    api = create_app()
+    api.dependency_overrides[get_db_engine] = lambda: engine
+    return api
+
+
 @contextmanager
 def run_api_in_thread(engine: Engine) -> Iterator[str]:
     """The Run API on ``engine`` (``create_app`` with its engine dependency overridden)
     under uvicorn in a thread of this process, on a free port of 127.0.0.1: its base URL.
     For tests that patch the app's module settings (e.g. the SSE ping interval) or share
     the engine's feed with the test. The feed is closed when the block ends."""
-    from app.api.deps import get_db_engine
-    from app.api.main import create_app
     from app.feed import close_feed
 
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    server = uvicorn.Server(uvicorn.Config(api, host=HOST, port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app_on(engine), host=HOST, port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + READY_WITHIN_S

@@ -20,19 +20,13 @@ from sqlalchemy import Engine, text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import RunReaderDep, RunRepositoryDep, get_db_engine
-from app.api.main import create_app
 from app.api.routes import router
 from app.models import RunStatus
 from app.repositories import RunRepository
 from app.state_machine import TERMINAL_STATUSES
 from tests.concurrency import in_own_transaction, seed
 from tests.factories import SessionFactory, SessionRunFactory
-
-
-def app_on(engine: Engine) -> FastAPI:
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    return api
+from tests.servers import app_on
 
 
 @pytest.fixture

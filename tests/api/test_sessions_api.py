@@ -16,20 +16,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from app.api.deps import get_db_engine
-from app.api.main import create_app
 from app.api.sessions import sessions_router
 from app.input_limits import MAX_JSON_DEPTH
 from app.models import RunStatus
 from app.repositories import EventRepository
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
-from tests.servers import uvicorn_server
-
-
-def app_on(engine: Engine) -> FastAPI:
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    return api
+from tests.servers import app_on, uvicorn_server
 
 
 @pytest.fixture

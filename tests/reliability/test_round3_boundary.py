@@ -29,7 +29,6 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from httpx import Response
 from sqlalchemy import Engine, text
@@ -37,9 +36,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session as DbSession
 
-from app.api.deps import SessionDep, get_db_engine
+from app.api.deps import SessionDep
 from app.api.limits import BODY_ENVELOPE_BYTES
-from app.api.main import create_app
 from app.db import create_db_engine, unit_of_work
 from app.errors import ActiveRunExistsError, TransactionAbortedError
 from app.input_limits import DEFAULT_MAX_JSON_BYTES
@@ -49,7 +47,7 @@ from migrations import MIGRATIONS, upgrade
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
 from tests.reliability.figures import record
-from tests.servers import HOST, ROOT, free_port, start_uvicorn, stop
+from tests.servers import HOST, ROOT, app_on, free_port, start_uvicorn, stop
 
 # --------------------------------------------------------------------------
 # 1. A refused commit and the pool (PostgreSQL)
@@ -177,15 +175,9 @@ def test_a_failed_statement_then_commit_and_close_leaves_the_pooled_connection_i
 # 5. JSON bodies nested deeper than the parser goes
 
 
-def _app_on(engine: Engine) -> FastAPI:
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    return api
-
-
 @pytest.fixture
 def client(engine: Engine) -> Iterator[TestClient]:
-    with TestClient(_app_on(engine), raise_server_exceptions=False) as test_client:
+    with TestClient(app_on(engine), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -507,7 +499,7 @@ def test_the_body_limit_is_exact_and_configurable(
     monkeypatch.setenv("RUN_DATA_MAX_JSON_BYTES", "2000")
     for setting, limit in (("5000", 5000), ("", 2000 + BODY_ENVELOPE_BYTES)):
         monkeypatch.setenv("RUN_API_MAX_BODY_BYTES", setting)
-        with TestClient(_app_on(engine), raise_server_exceptions=False) as test_client:
+        with TestClient(app_on(engine), raise_server_exceptions=False) as test_client:
             over = post(test_client, limit + 1)
             at = post(test_client, limit)
         assert over.status_code == 413 and over.json()["error"]["code"] == "too_large"
@@ -796,7 +788,7 @@ def test_an_unexpected_database_error_is_a_500_whose_log_names_the_cause_without
     by a route of the app's own): 500 ``internal_error``, and the log names the
     driver's error, its code and the stack frames, never the statement's parameters.
     Before the fix the log said only ``unhandled IntegrityError in POST /faulty``."""
-    api = _app_on(engine)
+    api = app_on(engine)
 
     @api.post("/faulty")
     def faulty(db: SessionDep) -> None:

@@ -11,12 +11,9 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from app.api.deps import get_db_engine
-from app.api.main import create_app
 from app.replicas import (
     CONSISTENCY_COOKIE,
     CONSISTENCY_HEADER,
@@ -28,14 +25,9 @@ from app.replicas import (
 from app.repositories.reads import RunReads
 from tests.concurrency import seed
 from tests.factories import SessionFactory, SessionRunFactory
+from tests.servers import app_on
 
 NOWHERE = "postgresql+psycopg://postgres@127.0.0.1:1/none"  # refused at once
-
-
-def app_on(engine: Engine) -> FastAPI:
-    api = create_app()
-    api.dependency_overrides[get_db_engine] = lambda: engine
-    return api
 
 
 @pytest.fixture
